@@ -1,0 +1,453 @@
+"""Datasets, splits, few-shot sampling, base/new subsampling and transforms for CLIP prompt tuning.
+
+What this file does
+  read_splits(root, dataset)   -> {"train", "val", "test"} lists of Item(path, label, classname)
+  few_shot(train, val, K, seed) -> the K-shot train set and min(K, 4)-shot val set
+  subsample(splits, "base")    -> first ceil(n/2) sorted labels (or "new": the rest), relabelled from 0
+  ImageDataset(items, transform, cache) -> (image tensor, label, index)
+
+Two on-disk layouts are read:
+  1. The CoOp layout of the 11 base-to-new datasets (`DATASETS` below): a `split_zhou_<Name>.json`
+     per dataset, FGVCAircraft's official txt files, and ImageNet's train/val folders plus
+     classnames.txt. This is the protocol of CoOp (Zhou et al., IJCV 2022) and CoCoOp (CVPR 2022)
+     as implemented on Dassl.pytorch (KaiyangZhou/Dassl.pytorch, `DatasetBase`), which MaPLe,
+     PromptSRC, PromptKD and DPC all reuse.
+  2. A plain ImageFolder tree `<root>/<dataset>/{train,val,test}/<class folder>/<image>` (val is
+     optional), with an optional `classnames.txt` of "<folder> <readable name>" lines. Use it for
+     your own data and for the synthetic tree the tests generate.
+
+Published base-to-new numbers are only comparable when the splits come from CoOp's split_zhou
+JSONs (and, for FGVCAircraft/ImageNet, the official lists): an ImageFolder tree of the same images
+with a different train/test split gives numbers that are not comparable to any published table.
+`few_shot` replays Dassl's `generate_fewshot_dataset` so that, given the same JSON and seed, the
+K-shot sets equal the published ones (Dassl caches them as split_fewshot/shot_K-seed_S.pkl).
+
+Usage:
+  splits = read_splits("/data", "eurosat")
+  train, val = few_shot(splits["train"], splits["val"], shots=16, seed=1)
+  base = subsample({"train": train, "val": val, "test": splits["test"]}, "base")
+  loader = DataLoader(ImageDataset(base["train"], train_transform(), cache=True), batch_size=32)
+"""
+
+import json
+import math
+import os
+import random
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SUBSAMPLE_CHOICES = ("base", "new", "all")
+
+
+class DataError(ValueError):
+    """A problem with the user's data on disk or a bad argument; the message says how to fix it."""
+
+
+class Item(NamedTuple):
+    path: str  # absolute or root-joined image path
+    label: int  # 0-based class index
+    classname: str  # human-readable name, "_" kept as stored (learners replace "_" with " ")
+
+
+class DatasetInfo(NamedTuple):
+    name: str  # CLI name (--dataset)
+    folder: str  # directory under --root
+    image_dir: str  # image root inside `folder` that split paths are relative to ("" = folder)
+    split_file: str | None  # CoOp split JSON inside `folder`; None for FGVCAircraft and ImageNet
+    template: str  # CoOp's hand-crafted zero-shot template (CUSTOM_TEMPLATES)
+    display_name: str  # Dassl's DATASET.NAME
+
+
+def _info(name, folder, image_dir, display_name, template, split=True):
+    split_file = f"split_zhou_{display_name}.json" if split else None
+    return DatasetInfo(name, folder, image_dir, split_file, template, display_name)
+
+
+# Folders, image roots and split files follow CoOp's DATASETS.md; templates are CoOp's CUSTOM_TEMPLATES.
+DATASETS: dict[str, DatasetInfo] = {
+    "imagenet": _info("imagenet", "imagenet", "images", "ImageNet", "a photo of a {}.", split=False),
+    "caltech101": _info("caltech101", "caltech-101", "101_ObjectCategories", "Caltech101",
+                        "a photo of a {}."),
+    "oxford_pets": _info("oxford_pets", "oxford_pets", "images", "OxfordPets",
+                         "a photo of a {}, a type of pet."),
+    "stanford_cars": _info("stanford_cars", "stanford_cars", "", "StanfordCars", "a photo of a {}."),
+    "oxford_flowers": _info("oxford_flowers", "oxford_flowers", "jpg", "OxfordFlowers",
+                            "a photo of a {}, a type of flower."),
+    "food101": _info("food101", "food-101", "images", "Food101", "a photo of {}, a type of food."),
+    "fgvc_aircraft": _info("fgvc_aircraft", "fgvc_aircraft", "images", "FGVCAircraft",
+                           "a photo of a {}, a type of aircraft.", split=False),
+    "sun397": _info("sun397", "sun397", "SUN397", "SUN397", "a photo of a {}."),
+    "dtd": _info("dtd", "dtd", "images", "DescribableTextures", "{} texture."),
+    "eurosat": _info("eurosat", "eurosat", "2750", "EuroSAT", "a centered satellite photo of {}."),
+    "ucf101": _info("ucf101", "ucf101", "UCF-101-midframes", "UCF101", "a photo of a person doing {}."),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading splits
+
+def read_splits(root: str, dataset: str) -> dict[str, list[Item]]:
+    """Read train/val/test for `dataset` under `root`; "val" may be empty (ImageNet, no val/ folder).
+
+    A known dataset is read from its CoOp layout when present, otherwise from an ImageFolder tree
+    in the same folder; any other name is read as an ImageFolder tree `<root>/<dataset>/`.
+    """
+    info = DATASETS.get(dataset)
+    folder = os.path.join(root, info.folder if info else dataset)
+    if not os.path.isdir(folder):
+        raise DataError(f"dataset folder {folder} not found: expected {_expected_layouts(root, dataset)}; "
+                        f"pass --root (known datasets: {', '.join(DATASETS)})")
+    if info and info.split_file and os.path.isfile(os.path.join(folder, info.split_file)):
+        splits = _read_split_json(os.path.join(folder, info.split_file), os.path.join(folder, info.image_dir))
+    elif info and info.name == "fgvc_aircraft" and os.path.isfile(os.path.join(folder, "variants.txt")):
+        splits = _read_aircraft(folder)
+    elif info and info.name == "imagenet" and os.path.isdir(os.path.join(folder, "images", "train")):
+        splits = _read_imagenet(folder)
+    elif os.path.isdir(os.path.join(folder, "train")):
+        val_dir = os.path.join(folder, "val")
+        splits = _read_tree({"train": os.path.join(folder, "train"), "test": os.path.join(folder, "test"),
+                             "val": val_dir if os.path.isdir(val_dir) else None},
+                            _read_classnames_txt(os.path.join(folder, "classnames.txt"), required=False))
+    else:
+        raise DataError(f"unknown layout in {folder}: expected {_expected_layouts(root, dataset)}")
+    _check_splits(splits, folder)
+    return splits
+
+
+def _expected_layouts(root: str, dataset: str) -> str:
+    """One phrase naming the layouts read_splits accepts for this dataset, for error messages."""
+    info = DATASETS.get(dataset)
+    folder = os.path.join(root, info.folder if info else dataset)
+    tree = f"an ImageFolder tree {folder}/{{train,test}}/<class>/"
+    if info is None:
+        return tree
+    if info.name == "fgvc_aircraft":
+        coop = f"{folder}/ with variants.txt + images_variant_{{train,val,test}}.txt + images/"
+    elif info.name == "imagenet":
+        coop = f"{folder}/ with classnames.txt + images/{{train,val}}/<wnid>/"
+    else:
+        coop = f"{folder}/ with {info.split_file} + {info.image_dir or 'its images'}/"
+    return f"{coop}, or {tree}"
+
+
+def _read_split_json(path: str, image_dir: str) -> dict[str, list[Item]]:
+    """CoOp's split_zhou JSON: {"train"|"val"|"test": [[relative_path, label, classname], ...]}."""
+    name = os.path.basename(path)
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot parse split file {path}: {e}; "
+                        f"re-download it from the links in CoOp's DATASETS.md") from e
+    if not isinstance(raw, dict) or any(not isinstance(raw.get(k), list) for k in ("train", "val", "test")):
+        raise DataError(f"split file {path} must be a JSON object with lists 'train', 'val' and 'test'")
+    splits = {}
+    for split in ("train", "val", "test"):
+        items = []
+        for i, entry in enumerate(raw[split]):
+            try:
+                rel_path, label, classname = entry
+                items.append(Item(os.path.join(image_dir, rel_path), int(label), str(classname)))
+            except (TypeError, ValueError) as e:
+                raise DataError(f"{name}: entry {i} of '{split}' is {entry!r}, "
+                                f"expected [path, int label, classname]") from e
+        # Checking one file per split catches a wrong image_dir without stat-ing 50k files.
+        if items and not os.path.isfile(items[0].path):
+            raise DataError(f"image {items[0].path} listed in {name} not found: expected the images under "
+                            f"{image_dir}; check --root and the dataset folder layout")
+        splits[split] = items
+    return splits
+
+
+def _read_aircraft(folder: str) -> dict[str, list[Item]]:
+    """FGVCAircraft from its official lists: label = line index in variants.txt (as in CoOp)."""
+    with open(os.path.join(folder, "variants.txt")) as f:
+        classnames = [line.strip() for line in f if line.strip()]
+    label_of = {c: i for i, c in enumerate(classnames)}
+    splits = {}
+    for split in ("train", "val", "test"):
+        path = os.path.join(folder, f"images_variant_{split}.txt")
+        if not os.path.isfile(path):
+            raise DataError(f"{path} not found: FGVCAircraft needs images_variant_{{train,val,test}}.txt "
+                            f"from fgvc-aircraft-2013b/data in {folder}")
+        items = []
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                image_id, _, classname = line.strip().partition(" ")
+                if classname not in label_of:
+                    raise DataError(f"{path}: variant {classname!r} is not in variants.txt; use the files "
+                                    f"from the same fgvc-aircraft release")
+                path_jpg = os.path.join(folder, "images", image_id + ".jpg")
+                items.append(Item(path_jpg, label_of[classname], classname))
+        splits[split] = items
+    return splits
+
+
+def _read_imagenet(folder: str) -> dict[str, list[Item]]:
+    """ImageNet as CoOp reads it: labels = sorted wnid folders, test = the official val set, no val.
+
+    Dassl lists images in os.listdir order; we sort them so runs are machine-independent. CoOp
+    ships no ImageNet split JSON, so its few-shot draws depend on that order either way.
+    """
+    images = os.path.join(folder, "images")
+    names = _read_classnames_txt(os.path.join(folder, "classnames.txt"), required=True)
+    return _read_tree({"train": os.path.join(images, "train"), "val": None,
+                       "test": os.path.join(images, "val")}, names)
+
+
+def _read_classnames_txt(path: str, required: bool) -> dict[str, str]:
+    """Lines "<folder> <readable name with spaces>" -> {folder: name} (ImageNet's classnames.txt format)."""
+    if not os.path.isfile(path):
+        if required:
+            raise DataError(f"{path} not found: it maps class folders to names, "
+                            f"one '<folder> <name>' per line")
+        return {}
+    names = {}
+    with open(path) as f:
+        for line in f:
+            folder, _, name = line.strip().partition(" ")
+            if folder:
+                names[folder] = name.strip() or folder
+    return names
+
+
+def _list_images(class_dir: str) -> list[str]:
+    """Sorted image files in one class folder (extension match is case-insensitive)."""
+    # scandir's is_file() needs no extra stat per file, which matters for ImageNet's 1.28M images.
+    files = sorted(e.name for e in os.scandir(class_dir) if not e.name.startswith(".")
+                   and e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
+    if not files:
+        raise DataError(f"class folder {class_dir} has no images ({'/'.join(IMAGE_EXTENSIONS)}); "
+                        f"add images or delete the folder")
+    return [os.path.join(class_dir, f) for f in files]
+
+
+def _class_folders(split_dir: str) -> list[str]:
+    """Sorted, non-hidden sub-folders of a split folder: sorted order defines the labels."""
+    if not os.path.isdir(split_dir):
+        raise DataError(f"split folder {split_dir} not found: an ImageFolder tree needs train/ and test/ "
+                        f"(val/ optional), each with one sub-folder per class")
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def _read_tree(split_dirs: dict[str, str | None], names: dict[str, str]) -> dict[str, list[Item]]:
+    """Read ImageFolder splits; labels come from train's sorted class folders, shared by val/test."""
+    train_classes = _class_folders(split_dirs["train"])
+    label_of = {c: i for i, c in enumerate(train_classes)}
+    if names:
+        missing = [c for c in train_classes if c not in names]
+        if missing:
+            raise DataError(f"classnames.txt has no line for class folder(s) {', '.join(missing[:5])}; "
+                            f"add '<folder> <name>' lines or delete the file")
+    splits = {}
+    for split in ("train", "val", "test"):
+        split_dir = split_dirs[split]
+        if split_dir is None:
+            splits[split] = []
+            continue
+        classes = _class_folders(split_dir)
+        extra = sorted(set(classes) - set(train_classes))
+        if extra or (split == "test" and set(classes) != set(train_classes)):
+            lacking = sorted(set(train_classes) - set(classes))
+            raise DataError(f"class folders of {split_dir} differ from train: extra {extra[:5]}, missing "
+                            f"{lacking[:5]}; {split} must use the train classes")
+        splits[split] = [Item(p, label_of[c], names.get(c, c))
+                         for c in classes for p in _list_images(os.path.join(split_dir, c))]
+    return splits
+
+
+def _check_splits(splits: dict[str, list[Item]], folder: str) -> None:
+    """Reject splits no classifier can be trained or evaluated on, whatever layout they came from."""
+    for split in ("train", "test"):
+        n = len({it.label for it in splits[split]})
+        if n < 2:
+            raise DataError(f"the {split} split of {folder} has {n} class(es); at least 2 are needed")
+    train_labels, test_labels = {it.label for it in splits["train"]}, {it.label for it in splits["test"]}
+    if train_labels != test_labels:
+        raise DataError(f"train and test of {folder} have different classes (train {len(train_labels)}, "
+                        f"test {len(test_labels)}, shared {len(train_labels & test_labels)}); fix the split")
+
+
+# ----------------------------------------------------------------------------------------------
+# Few-shot sampling and base/new subsampling (CoOp protocol)
+
+def _sample_per_label(items: list[Item], shots: int, rng: random.Random) -> list[Item]:
+    """One pass of Dassl's generate_fewshot_dataset (repeat=False) over one list."""
+    groups: dict[int, list[Item]] = {}  # insertion order = first appearance, like Dassl's defaultdict
+    for it in items:
+        groups.setdefault(it.label, []).append(it)
+    out = []
+    for group in groups.values():
+        out.extend(rng.sample(group, shots) if len(group) >= shots else group)
+    return out
+
+
+def few_shot(train: list[Item], val: list[Item], shots: int, seed: int) -> tuple[list[Item], list[Item]]:
+    """K images per class from train and min(K, 4) from val, over ALL classes (before subsample).
+
+    Replays Dassl: `random.seed(seed)` then `random.sample` per label, train first and val with the
+    same stream, so the sets equal the published split_fewshot/shot_K-seed_S.pkl for the same JSON
+    order. A fresh random.Random(seed) yields the same stream without touching global state.
+    shots <= 0 returns everything.
+    """
+    if shots <= 0:
+        return list(train), list(val)
+    rng = random.Random(seed)
+    return _sample_per_label(train, shots, rng), _sample_per_label(val, min(shots, 4), rng)
+
+
+def subsample(splits: dict[str, list[Item]], which: str) -> dict[str, list[Item]]:
+    """CoOp's subsample_classes: base = first ceil(n/2) sorted train labels, new = the rest.
+
+    Each split keeps only the chosen labels, relabelled from 0 (new label L -> L - m), so each group
+    is classified among its own classes. Run it after few_shot: the draw is over all classes.
+    """
+    if which not in SUBSAMPLE_CHOICES:
+        raise DataError(f"subsample must be one of {', '.join(SUBSAMPLE_CHOICES)}, got {which!r}")
+    if which == "all":
+        return {k: list(v) for k, v in splits.items()}
+    labels = sorted({it.label for it in splits["train"]})
+    m = math.ceil(len(labels) / 2)
+    chosen = labels[:m] if which == "base" else labels[m:]
+    relabel = {old: new for new, old in enumerate(chosen)}
+    return {k: [it._replace(label=relabel[it.label]) for it in v if it.label in relabel]
+            for k, v in splits.items()}
+
+
+def classnames_of(items: list[Item]) -> list[str]:
+    """Class names ordered by label; the prompt learner's class order must match the labels."""
+    names: dict[int, str] = {}
+    for it in items:
+        if names.setdefault(it.label, it.classname) != it.classname:
+            raise DataError(f"label {it.label} has two class names, {names[it.label]!r} and {it.classname!r}")
+    if sorted(names) != list(range(len(names))):
+        raise DataError(f"labels must be 0..n-1 without gaps, got {sorted(names)[:10]}...; "
+                        f"take class names from the train split after subsample()")
+    return [names[i] for i in range(len(names))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms and the torch Dataset
+
+def train_transform(size: int = 224) -> Callable:
+    """Dassl's random_resized_crop + random_flip + normalize (scale 0.08-1, bicubic, CLIP mean/std)."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
+
+
+def test_transform(size: int = 224) -> Callable:
+    """Resize the shorter side to `size` (bicubic), centre-crop, normalize: Dassl's and CLIP's test view."""
+    return T.Compose([
+        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
+
+
+test_transform.__test__ = False  # a test file that imports it would otherwise have pytest collect it
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """convert("RGB"), except integer images, which PIL would clip to 255 (a white image)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im).astype(np.int64)
+        # 16-bit data -> 8-bit by /256; an "I" image whose values already fit 8 bits is kept as is.
+        if im.mode != "I" or arr.max(initial=0) > 255:
+            arr = arr >> 8
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # avoids PIL's palette-transparency warning; alpha is then dropped
+    return im.convert("RGB")
+
+
+def load_image(path: str) -> Image.Image:
+    """Decode one image to 8-bit RGB, or raise DataError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _to_rgb(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}: {e}; remove or replace the file") from e
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items -> (transformed image, label, index); the index tells the caller which item was drawn.
+
+    cache=True decodes every image once here and keeps the PIL images in memory (the random
+    transform still runs per access): meant for few-shot train sets, where decoding would otherwise
+    dominate a step. Do not cache large test sets.
+    """
+
+    def __init__(self, items: list[Item], transform: Callable, cache: bool = False):
+        self.items = list(items)
+        self.transform = transform
+        self.images = [load_image(it.path) for it in self.items] if cache else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        item = self.items[index]
+        image = self.images[index] if self.images is not None else load_image(item.path)
+        return self.transform(image), item.label, index
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic ImageFolder for tests and smoke runs
+
+# Real colour names with their RGB values, so the class names even describe the images.
+_COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 220),
+            "yellow": (235, 215, 50), "purple": (130, 50, 160), "orange": (245, 140, 30),
+            "pink": (240, 130, 190), "brown": (120, 75, 40), "grey": (128, 128, 128),
+            "teal": (30, 140, 140), "olive": (128, 128, 30), "navy": (25, 25, 110),
+            "maroon": (120, 20, 40), "cyan": (60, 220, 230), "lime": (170, 235, 60),
+            "black": (20, 20, 20), "white": (235, 235, 235), "beige": (225, 205, 160),
+            "indigo": (75, 20, 130), "coral": (250, 120, 90)}
+
+
+def make_synthetic_imagefolder(root: str, name: str = "synthetic", n_classes: int = 10, n_train: int = 20,
+                               n_val: int = 4, n_test: int = 10, size: int = 32, seed: int = 0) -> str:
+    """Write a small deterministic tree `<root>/<name>/{train,val,test}/class_XX/*.png` + classnames.txt.
+
+    Class c is colour c % 20 with c // 20 + 1 stripes ("red stripes", ..., "red stripes 2"), plus
+    per-image noise, so a model can separate the classes. val/ (test/) is skipped when n_val
+    (n_test) is 0. Returns `<root>/<name>`.
+    """
+    rs = np.random.RandomState(seed)
+    out = os.path.join(root, name)
+    width = max(2, len(str(n_classes - 1)))  # zero-padded so sorted folders = label order
+    folders = [f"class_{i:0{width}d}" for i in range(n_classes)]
+    colours = list(_COLOURS)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "classnames.txt"), "w") as f:
+        for c, folder in enumerate(folders):
+            repeat = c // len(colours)
+            f.write(f"{folder} {colours[c % len(colours)]} stripes{f' {repeat + 1}' if repeat else ''}\n")
+    x = np.arange(size)[None, :, None]  # (1, W, 1): vertical stripes along the width
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        if n == 0:
+            continue
+        for c, folder in enumerate(folders):
+            mean = np.array(_COLOURS[colours[c % len(colours)]], dtype=np.float64)  # (3,)
+            stripes = 30 * np.sin(2 * np.pi * (1 + c // len(colours)) * x / size)  # (1, W, 1)
+            noise = rs.normal(0, 12, size=(n, size, size, 3))
+            images = np.clip(mean + stripes + noise, 0, 255).astype(np.uint8)  # (n, H, W, 3)
+            class_dir = os.path.join(out, split, folder)
+            os.makedirs(class_dir, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(images[i]).save(os.path.join(class_dir, f"{i}.png"), compress_level=1)
+    return out

@@ -1,0 +1,273 @@
+"""Tests for the pure DPC building blocks in train_dpc.py: feature filtering (Eq. 6-8), the
+hard-negative InfoNCE (Eq. 9-11), Weighting-Decoupling (Eq. 12-13), flag checks and the negative
+sampler (seeded property test). CPU only, no CLIP weights."""
+
+import io
+import math
+import random
+
+import pytest
+import torch
+
+from train_dpc import (DPCError, NegativeSampler, base_class_prompt, check_omegas, check_topk, decoupling,
+                       filter_features, hard_negative_loss, new_class_prompt, selection_matrix, weighting)
+
+
+def prompts(seed: int, scale: float = 0.02) -> dict:
+    """A prompt dict shaped like a learner's trainable tensors (CLIP token embeddings have std ~0.02)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"ctx": scale * torch.randn(4, 512, generator=g),
+            "deep.1": scale * torch.randn(4, 768, generator=g),
+            "proj.weight": scale * torch.randn(16, 8, generator=g)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature filtering (Eq. 6-8)
+
+def test_selection_matrix_is_one_hot_at_the_label():
+    labels = torch.tensor([3, 0, 4, 1])
+    q = selection_matrix(labels, 6)
+    assert q.shape == (4, 6) and q.dtype == torch.float32
+    assert torch.equal(q.sum(1), torch.ones(4))
+    assert torch.equal(q.argmax(1), labels)
+    assert set(q.unique().tolist()) == {0.0, 1.0}
+
+
+def test_filter_features_equals_row_indexing_of_unit_rows():
+    text = torch.randn(7, 32) * 5
+    labels = torch.tensor([6, 2, 0, 5])
+    out = filter_features(text, labels)
+    normalised = text / text.norm(dim=-1, keepdim=True)
+    assert out.shape == (4, 32)
+    assert torch.allclose(out, normalised[labels], atol=0, rtol=0)  # one-hot product is exact
+    assert torch.allclose(out.norm(dim=-1), torch.ones(4), atol=1e-6)
+
+
+def test_filter_features_passes_gradient_to_selected_rows_only():
+    text = torch.randn(5, 8, requires_grad=True)
+    filter_features(text, torch.tensor([1, 3])).sum().backward()
+    assert text.grad[[0, 2, 4]].abs().sum() == 0 and text.grad[[1, 3]].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Hard-negative loss (Eq. 9-11)
+
+def test_hard_negative_loss_matches_hand_computation():
+    img = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.6, 0.8]]) * 3.0  # normalised inside
+    txt = torch.tensor([[0.8, 0.6, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # unit rows
+    s = 10.0
+    img_n = [[v / math.sqrt(sum(x * x for x in row)) for v in row] for row in img.tolist()]
+    t = txt.tolist()
+    sim = [[s * sum(a * b for a, b in zip(img_n[i], t[j])) for j in range(3)] for i in range(3)]
+    # Eq. (10): image i against all texts; Eq. (11): text i against all images
+    log_p_img = [sim[i][i] - math.log(sum(math.exp(sim[i][j]) for j in range(3))) for i in range(3)]
+    log_p_txt = [sim[i][i] - math.log(sum(math.exp(sim[j][i]) for j in range(3))) for i in range(3)]
+    eq9 = -sum(a + b for a, b in zip(log_p_img, log_p_txt)) / 3
+    loss = hard_negative_loss(img, txt, s)
+    assert loss.item() == pytest.approx(eq9 / 2, rel=1e-6)  # ½ · Eq. (9), the released code's scale
+
+
+def test_hard_negative_loss_is_symmetric():
+    img = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    assert hard_negative_loss(img, txt, 100.0).item() == pytest.approx(
+        hard_negative_loss(txt, img, 100.0).item(), rel=1e-6)
+
+
+def test_hard_negative_loss_limits():
+    separated = torch.eye(5, 8)
+    assert hard_negative_loss(separated * 2, separated, 100.0).item() < 1e-6
+    same = torch.nn.functional.normalize(torch.ones(5, 8), dim=-1)
+    assert hard_negative_loss(same, same, 100.0).item() == pytest.approx(math.log(5), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weighting-Decoupling (Eq. 12-13)
+
+@pytest.mark.parametrize("omega_b", [0.2, 0.5, 1.0, 0.03])
+def test_decoupling_inverts_weighting(omega_b):
+    tuned, parallel = prompts(0), prompts(1)
+    back = decoupling(weighting(parallel, tuned, omega_b), tuned, omega_b)
+    for k in tuned:
+        assert torch.allclose(back[k], parallel[k], atol=1e-6, rtol=0), k
+
+
+def test_weighting_with_omega_b_one_is_parallel_exactly():
+    tuned, parallel = prompts(0, scale=1.0), prompts(1, scale=1.0)
+    mixed = weighting(parallel, tuned, 1.0)
+    assert all(torch.equal(mixed[k], parallel[k]) for k in tuned)
+
+
+def test_new_class_prompt_with_omega_n_zero_is_tuned_exactly():
+    tuned, mixed = prompts(0, scale=1.0), prompts(1, scale=3.0)
+    for omega_b in (0.2, 0.5, 1.0):
+        p_n = new_class_prompt(mixed, tuned, omega_b, 0.0)
+        assert all(torch.equal(p_n[k], tuned[k]) for k in tuned)
+    p_n = new_class_prompt(mixed, tuned, 0.2, 1e-6)
+    assert all(torch.allclose(p_n[k], tuned[k], atol=1e-4, rtol=0) for k in tuned)
+
+
+def test_decoupling_at_initialisation_returns_tuned():
+    tuned = prompts(0, scale=1.0)
+    mixed = {k: v.clone() for k, v in tuned.items()}  # DECISIONS #10: P̃_b starts at P
+    for omega_b in (0.2, 0.5, 1.0, 0.07):
+        p = decoupling(mixed, tuned, omega_b)
+        assert all(torch.equal(p[k], tuned[k]) for k in tuned)
+
+
+def test_gradient_through_decoupling_is_scaled_by_one_over_omega_b():
+    omega_b = 0.2
+    tuned = prompts(0)
+    w = prompts(5, scale=1.0)  # a fixed linear "loss" so both gradients are comparable
+    mixed = {k: v.clone().requires_grad_(True) for k, v in tuned.items()}
+    parallel = {k: v.clone().requires_grad_(True) for k, v in tuned.items()}
+    sum((decoupling(mixed, tuned, omega_b)[k] * w[k]).sum() for k in tuned).backward()
+    sum((parallel[k] * w[k]).sum() for k in tuned).backward()
+    for k in tuned:
+        assert mixed[k].grad is not None and tuned[k].grad is None
+        assert torch.allclose(mixed[k].grad, parallel[k].grad / omega_b, rtol=1e-6, atol=0)
+
+
+def test_base_class_prompt_modes():
+    tuned, mixed = prompts(0), prompts(1)
+    par = base_class_prompt(mixed, tuned, 0.2, "parallel")
+    ref = decoupling(mixed, tuned, 0.2)
+    assert all(torch.equal(par[k], ref[k]) for k in tuned)
+    mix = base_class_prompt(mixed, tuned, 0.2, "mixed")
+    assert all(mix[k] is mixed[k] for k in tuned)
+    with pytest.raises(DPCError, match="--base-inference"):
+        base_class_prompt(mixed, tuned, 0.2, "converse")
+
+
+def test_mismatched_prompt_dicts_are_refused():
+    tuned = prompts(0)
+    with pytest.raises(DPCError, match="missing"):
+        weighting({k: v for k, v in tuned.items() if k != "ctx"}, tuned, 0.2)
+    with pytest.raises(DPCError, match="shape"):
+        decoupling({**tuned, "ctx": torch.zeros(2, 512)}, tuned, 0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flag checks
+
+def test_check_omegas():
+    check_omegas(0.2, 1e-6)
+    check_omegas(1.0, 0.0)
+    check_omegas(1.0, 1.0)
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(DPCError, match=r"--omega-b must be in \(0, 1\]"):
+            check_omegas(bad, 0.0)
+    for bad in (-1e-6, 1.01, float("nan")):
+        with pytest.raises(DPCError, match=r"--omega-n must be in \[0, 1\]"):
+            check_omegas(0.2, bad)
+
+
+def test_check_topk(capsys):
+    assert check_topk(8, 50) == 8
+    assert check_topk(2, 2) == 2
+    assert capsys.readouterr().out == ""
+    assert check_topk(8, 5) == 5
+    out = capsys.readouterr().out
+    assert out == "warning: --topk 8 > 5 base classes; using K = 5\n"
+    for bad in (1, 0, -3):
+        with pytest.raises(DPCError, match="--topk must be at least 2"):
+            check_topk(bad, 50)
+    with pytest.raises(DPCError, match="at least 2 base classes"):
+        check_topk(2, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Negative sampler (§3.3, DECISIONS #11)
+
+def test_sampler_small_example():
+    # classes 0..4, two images each; batch of 3 with a repeated class
+    pool = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    sampler = NegativeSampler(pool, n_base=5, topk=3, seed=0)
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.7, 0.0],   # gt 0: top-3 = 0, 1, 3 -> negatives 1 (in batch), 3
+                           [0.1, 0.2, 0.3, 0.4, 0.5],   # gt 0 again: dropped as a positive
+                           [0.0, 0.5, 0.9, 0.1, 0.6]])  # gt 1: top-3 = 2, 4, 1 -> K-1 = 2: 2, 4
+    positives, pair_labels, negative_images = sampler.sample(scores, torch.tensor([0, 0, 1]))
+    assert positives == [0, 2]
+    assert pair_labels == [0, 1, 3, 2, 4]
+    assert [pool[j] for j in negative_images] == [3, 2, 4]
+
+
+def test_sampler_skips_classes_without_pool_images():
+    sampler = NegativeSampler([0, 2, 2], n_base=3, topk=3, seed=0)  # class 1 has no image
+    _, pair_labels, negative_images = sampler.sample(torch.tensor([[0.9, 0.8, 0.7]]), torch.tensor([0]))
+    assert pair_labels == [0, 2] and negative_images in ([1], [2])
+
+
+def test_sampler_refuses_bad_arguments():
+    with pytest.raises(DPCError, match="check_topk"):
+        NegativeSampler([0, 1], n_base=2, topk=3, seed=0)
+    with pytest.raises(DPCError, match="outside"):
+        NegativeSampler([0, 5], n_base=3, topk=2, seed=0)
+
+
+def random_case(rng: random.Random):
+    b, n = rng.randint(1, 8), rng.randint(2, 30)
+    k = min(rng.randint(2, 10), n)  # what check_topk returns (without printing in a loop)
+    pool = [c for c in range(n) for _ in range(rng.randint(1, 5))]
+    rng.shuffle(pool)
+    scores = torch.rand(b, n, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+    labels = torch.tensor([rng.randrange(n) for _ in range(b)])
+    return b, n, k, pool, scores, labels
+
+
+def test_sampler_properties_over_random_batches():
+    rng = random.Random(1234)
+    for case in range(500):
+        b, n, k, pool, scores, labels = random_case(rng)
+        assert check_topk(k, n) == k
+        sampler = NegativeSampler(pool, n_base=n, topk=k, seed=case)
+        positives, pair_labels, negative_images = sampler.sample(scores, labels)
+        gt = labels.tolist()
+        n_pos = len(positives)
+
+        assert all(0 <= c < n for c in pair_labels)
+        assert len(pair_labels) == n_pos + len(negative_images) <= b * k
+        assert len(set(pair_labels)) == len(pair_labels)  # internal filtering
+        # positives: the first image of each distinct ground-truth class, in batch order
+        assert positives == sorted({gt.index(c) for c in set(gt)})
+        assert pair_labels[:n_pos] == [gt[i] for i in positives]
+        # every negative image is a pool image of the class it is paired with
+        for c, j in zip(pair_labels[n_pos:], negative_images):
+            assert 0 <= j < len(pool) and pool[j] == c
+
+        # negatives come grouped by positive, in order; recover each group from its candidates
+        negatives = pair_labels[n_pos:]
+        seen, pos = set(pair_labels[:n_pos]), 0
+        for i in positives:
+            order = sorted(range(n), key=lambda c: (-scores[i, c].item(), c))[:k]  # top-K by score
+            candidates = [c for c in order if c != gt[i]][:k - 1]
+            expected = [c for c in candidates if c not in seen]  # every class has a pool image here
+            group = negatives[pos:pos + len(expected)]
+            assert group == expected  # from the top-K, in score order, ≤ K-1, maximal after filtering
+            assert gt[i] not in group and len(group) <= k - 1
+            seen.update(group)
+            pos += len(group)
+        assert pos == len(negatives)
+
+
+def test_sampler_is_deterministic_and_resumes_from_state_dict():
+    n, k = 12, 4
+    pool = [c for c in range(n) for _ in range(5)]
+    g = torch.Generator().manual_seed(0)
+    cases = [(torch.rand(4, n, generator=g), torch.randint(0, n, (4,), generator=g)) for _ in range(6)]
+
+    def run(sampler, batches):
+        return [sampler.sample(s, y) for s, y in batches]
+
+    a, b = NegativeSampler(pool, n, k, seed=3), NegativeSampler(pool, n, k, seed=3)
+    assert run(a, cases) == run(b, cases)
+    assert run(NegativeSampler(pool, n, k, seed=4), cases) != run(NegativeSampler(pool, n, k, seed=3), cases)
+
+    first = NegativeSampler(pool, n, k, seed=3)
+    run(first, cases[:3])
+    buf = io.BytesIO()
+    torch.save({"sampler": first.state_dict()}, buf)  # as a checkpoint would hold it
+    expected = run(first, cases[3:])
+    resumed = NegativeSampler(pool, n, k, seed=99)
+    resumed.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True)["sampler"])
+    assert run(resumed, cases[3:]) == expected

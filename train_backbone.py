@@ -1,0 +1,368 @@
+"""Stage 1 of DPC: tune a prompt learner (CoOp, MaPLe, PromptSRC, PromptKD) on the base classes.
+
+DPC paper §3.2: "we first execute moderate fine-tuning on the original prompt vector in prompt
+tuning backbone model, entirely adhering to the baseline settings to obtain the tuned prompt P".
+This script is that baseline: the learner's own loss and schedule, then base-to-new evaluation
+(base accuracy among base classes, new accuracy among new classes, HM) — the "backbone" row
+that "+ DPC" is compared with in Tab. 1.
+
+    python train_backbone.py --learner coop --data eurosat --root /data --seed 1
+    python train_backbone.py --learner coop --data synthetic --clip tiny --epochs 2   # offline smoke run
+
+The run folder (default output/<data>/<learner>/seed<seed>) holds args.json, log.txt,
+checkpoint.pt (trainable tensors + optimiser + class names + CLIP name, written atomically every
+epoch) and results.json. `--resume` continues an interrupted run from its last finished epoch.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import clip_model
+import data
+import prompts
+
+LAST_BACKBONE = os.path.join("output", "last_backbone.txt")  # where train_dpc.py finds the latest run
+
+
+class RunError(ValueError):
+    """A bad flag, run folder or checkpoint: one line saying what is wrong and how to fix it."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--learner", required=True, choices=list(prompts.LEARNERS), help="prompt learner (paper §4.1)")
+    p.add_argument("--data", required=True,
+                   help=f"dataset: one of {', '.join(data.DATASETS)}, a folder name under --root in the "
+                        f"ImageFolder layout, or 'synthetic' (generated under --root if missing)")
+    p.add_argument("--root", default="data", help="folder holding the datasets")
+    p.add_argument("--shots", type=int, default=None,
+                   help="images per class (16: base-to-new protocol; PromptKD: 0 = the full train split, all classes)")
+    p.add_argument("--seed", type=int, default=1, help="run seed (the protocol averages seeds 1, 2, 3)")
+    p.add_argument("--clip", default="ViT-B/16", help="CLIP weights: ViT-B/16 (~/.cache/clip), a .pt path, or 'tiny' (random, for smoke runs)")
+    p.add_argument("--epochs", type=int, default=None, help="default per learner: " + "; ".join(
+        f"{k} {v.DEFAULTS['epochs']}" for k, v in prompts.LEARNERS.items()))
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 for every learner (DPC paper §4.1)")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate; default per learner: " + "; ".join(
+        f"{k} {v.DEFAULTS['lr']} ({v.DEFAULTS['source']})" for k, v in prompts.LEARNERS.items()))
+    p.add_argument("--n-ctx", type=int, default=None, help="text context tokens (default: CoOp 4, MaPLe 2, PromptSRC 4)")
+    p.add_argument("--ctx-init", default=None, help="init phrase (default 'a photo of a'; '' = random init)")
+    p.add_argument("--teacher", default=None, help="PromptKD: run folder of a promptsrc backbone run (ViT-L/14 in the paper)")
+    p.add_argument("--kd-weight", type=float, default=None, help="PromptKD: 1000, or 200 for fgvc_aircraft, oxford_flowers, dtd")
+    p.add_argument("--gpa-mean", type=float, default=15.0, help="PromptSRC Gaussian prompt aggregation mean (epochs)")
+    p.add_argument("--gpa-std", type=float, default=1.0, help="PromptSRC Gaussian prompt aggregation std (epochs)")
+    p.add_argument("--output-dir", default=None, help="run folder (default output/<data>/<learner>/seed<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="start over even if --output-dir holds a run")
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes (0 = in the main process)")
+    p.add_argument("--print-every", type=int, default=20, help="iterations between progress lines")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    defaults = prompts.LEARNERS[args.learner].DEFAULTS
+    args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
+    args.batch_size = defaults["batch_size"] if args.batch_size is None else args.batch_size
+    args.lr = defaults["lr"] if args.lr is None else args.lr
+    if args.shots is None:
+        args.shots = 0 if args.learner == "promptkd" else 16
+    if args.kd_weight is None and args.learner == "promptkd":
+        args.kd_weight = 200.0 if args.data in prompts.KD_WEIGHT_200 else 1000.0
+    args.output_dir = args.output_dir or os.path.join("output", args.data, args.learner, f"seed{args.seed}")
+    check_positive(args, "epochs", "batch_size", "lr")
+    return args
+
+
+def check_positive(args, *names):
+    for name in names:
+        if not getattr(args, name) > 0:
+            raise RunError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Run folder, logging, checkpoints (shared with train_dpc.py and evaluate.py)
+# ------------------------------------------------------------------------------------------------
+
+def open_run(args):
+    """Create/check the run folder, dump args.json, tee prints to log.txt. Returns the checkpoint to
+    resume from (or None). A finished run is never overwritten without --overwrite."""
+    path = os.path.join(args.output_dir, "checkpoint.pt")
+    previous = None
+    if os.path.exists(path) and not args.overwrite:
+        previous = read_checkpoint(path)
+        if previous["finished"] and not args.resume:
+            raise RunError(f"{args.output_dir} already holds a finished run: pass --overwrite to train again "
+                           f"or another --output-dir")
+        if not previous["finished"] and not args.resume:
+            raise RunError(f"{args.output_dir} holds an unfinished run (epoch {previous['epoch']}/"
+                           f"{previous['args']['epochs']}): pass --resume to continue or --overwrite to start over")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    except OSError as e:
+        raise RunError(f"cannot write to {args.output_dir}: {e.strerror}; choose a writable --output-dir")
+    global _LOG
+    _LOG = open(os.path.join(args.output_dir, "log.txt"), "a")
+    log(f"{' '.join(sys.argv)}\npython {platform.python_version()}, torch {torch.__version__}, device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
+    return previous if args.resume else None
+
+
+_LOG = None
+
+
+def log(message: str):
+    print(message, flush=True)
+    if _LOG is not None:
+        _LOG.write(message + "\n")
+        _LOG.flush()
+
+
+def save_atomic(obj, path: str):
+    """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path: str):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RunError(f"cannot read checkpoint {path} ({type(e).__name__}): it is corrupted or truncated; "
+                       f"rerun with --overwrite") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIP, data, schedule, evaluation (shared with train_dpc.py and evaluate.py)
+# ------------------------------------------------------------------------------------------------
+
+def load_clip(name: str, device):
+    """'tiny' is a fixed random CLIP (seed 0) so every stage of a smoke run sees the same weights."""
+    model = clip_model.random_clip("tiny", seed=0) if name == "tiny" else clip_model.load(name)
+    return model.to(device)
+
+
+def load_splits(dataset: str, root: str, shots: int, seed: int) -> dict:
+    """Few-shot sets drawn over all classes (Dassl order), then the base/new views (DECISIONS #3).
+
+    Returns {"all": splits, "base": splits, "new": splits}, each {"train", "val", "test"}."""
+    if dataset == "synthetic" and not os.path.isdir(os.path.join(root, "synthetic")):
+        data.make_synthetic_imagefolder(root, "synthetic")
+    splits = data.read_splits(root, dataset)
+    train, val = data.few_shot(splits["train"], splits["val"], shots, seed) if shots > 0 else (splits["train"], splits["val"])
+    full = dict(splits, train=train, val=val)
+    return {"all": full, "base": data.subsample(full, "base"), "new": data.subsample(full, "new"),
+            "full_base_train": data.subsample(splits, "base")["train"]}
+
+
+def lr_at(epoch: int, base_lr: float, epochs: int) -> float:
+    """Dassl's schedule, stepped per epoch (DECISIONS #5; epochs counted from 1):
+    1. epoch 1 warms up at a constant 1e-5;
+    2. epoch k >= 2 follows a cosine over all E epochs, offset by one: epoch 2 runs at the full lr;
+    3. so the last epoch does not reach 0 (e.g. E = 5, lr 0.0035: 1e-5, .0035, .003166, .002291, .001209).
+    """
+    if epoch == 1:
+        return 1e-5
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - 2) / epochs))
+
+
+def autocast(device: str):
+    """bf16 autocast on GPU (fp16 where bf16 is missing), plain fp32 on CPU (DECISIONS #1)."""
+    if not device.startswith("cuda"):
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def make_loader(items, transform, batch_size, shuffle, workers, seed=0, drop_last=False):
+    """Small sets are decoded once and kept in memory, so decoding never dominates a step."""
+    dataset = data.ImageDataset(items, transform, cache=shuffle and len(items) <= 20000)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                       drop_last=drop_last and len(items) >= batch_size, generator=generator,
+                                       persistent_workers=False, pin_memory=False)
+
+
+@torch.no_grad()
+def accuracy(learner, items, classnames, device, workers=0, prompt=None, batch_size=100) -> float:
+    """Top-1 accuracy (%) on `items` among `classnames`; text features are computed once.
+
+    `prompt` (optional) replaces the learner's prompt tensors (DPC's base or new prompt)."""
+    correct = 0
+    loader = make_loader(items, data.test_transform(learner.clip.visual.input_resolution), batch_size, False, workers)
+    with prompts.substitute(learner, prompt or {}), autocast(device):
+        text = learner.encode_text(classnames)                                  # (C, E)
+        for images, labels, _ in loader:
+            logits = prompts.cosine_logits(learner.encode_image(images.to(device)), text, 1.0)   # (B, C)
+            correct += (logits.argmax(dim=-1).cpu() == labels).sum().item()
+    return 100.0 * correct / max(len(items), 1)
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+def base_to_new(learner, splits, device, workers=0, base_prompt=None, new_prompt=None) -> dict:
+    """Base accuracy: base test images among base classes (with base_prompt); new likewise."""
+    base = accuracy(learner, splits["base"]["test"], data.classnames_of(splits["base"]["test"]), device, workers, base_prompt)
+    new = accuracy(learner, splits["new"]["test"], data.classnames_of(splits["new"]["test"]), device, workers, new_prompt)
+    return dict(base=base, new=new, hm=harmonic_mean(base, new))
+
+
+def log_results(results: dict, title: str):
+    """Dassl's result block per split (parse_test_res.py greps '* accuracy: X%'), then one summary line."""
+    for split in ("base", "new"):
+        log(f"=> result ({title}, {split} classes)\n* accuracy: {results[split]:.2f}%")
+    log(f"{title}: base {results['base']:.2f}  new {results['new']:.2f}  HM {results['hm']:.2f}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading a finished backbone run (used for the PromptKD teacher, train_dpc.py and evaluate.py)
+# ------------------------------------------------------------------------------------------------
+
+def load_backbone(run_dir: str, device):
+    """The learner of a finished train_backbone.py run, its checkpoint dict and its CLIP."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise RunError(f"no backbone run in {run_dir} (checkpoint.pt missing): train one with train_backbone.py")
+    ckpt = read_checkpoint(path)
+    if ckpt.get("kind") != "backbone" or not ckpt.get("finished"):
+        raise RunError(f"{run_dir} does not hold a finished backbone run: finish it with "
+                       f"`train_backbone.py --resume --output-dir {run_dir}`")
+    clip = load_clip(ckpt["clip"], device)
+    teacher = None
+    if ckpt["learner"] == "promptkd":
+        teacher, _, _ = load_backbone(ckpt["args"]["teacher"], device)
+    a = ckpt["args"]
+    learner = prompts.build_learner(ckpt["learner"], clip, teacher, a.get("n_ctx"), a.get("ctx_init"), a.get("kd_weight"))
+    prompts.load_learner_state(learner, ckpt["state"])
+    return learner.to(device).eval(), ckpt, clip
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+def main(args):
+    previous = open_run(args)
+    torch.manual_seed(args.seed)
+    clip = load_clip(args.clip, args.device)
+    image_size = clip.visual.input_resolution
+    splits = load_splits(args.data, args.root, args.shots, args.seed)
+
+    # PromptKD distils on unlabeled images of all classes; the others train on the base classes.
+    train_items = splits["all" if args.learner == "promptkd" else "base"]["train"]
+    classnames = data.classnames_of(train_items)
+    teacher = None
+    if args.learner == "promptkd":
+        if not args.teacher:
+            raise RunError("--learner promptkd needs --teacher RUN_DIR (a promptsrc run of this project)")
+        teacher, teacher_ckpt, _ = load_backbone(args.teacher, args.device)
+        if teacher_ckpt["learner"] != "promptsrc":
+            raise RunError(f"--teacher {args.teacher} is a {teacher_ckpt['learner']} run; PromptKD needs a promptsrc run")
+    torch.manual_seed(args.seed)  # prompt initialisation does not depend on the teacher being loaded
+    learner = prompts.build_learner(args.learner, clip, teacher, args.n_ctx, args.ctx_init, args.kd_weight).to(args.device)
+    params = prompts.trainable_parameters(learner)
+    log(f"learner {args.learner}: {sum(p.numel() for p in params.values()):,} trainable values in "
+        f"{len(params)} tensors; {len(train_items)} train images, {len(classnames)} classes")
+    # Dassl: SGD momentum 0.9, weight decay 5e-4 on every trainable tensor (DECISIONS #5).
+    optimizer = torch.optim.SGD(params.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(enabled=args.device.startswith("cuda") and not torch.cuda.is_bf16_supported())
+    gpa = prompts.gpa_weights(args.epochs, args.gpa_mean, args.gpa_std) if args.learner == "promptsrc" else None
+    gpa_sum, start_epoch = None, 1
+    if previous is not None and not previous["finished"]:
+        prompts.load_learner_state(learner, previous["state"])
+        optimizer.load_state_dict(previous["optimizer"])
+        gpa_sum, start_epoch = previous["gpa_sum"], previous["epoch"] + 1
+        log(f"resuming after epoch {previous['epoch']}")
+
+    transform = data.train_transform(image_size)
+    steps_per_epoch = len(train_items) // args.batch_size if len(train_items) >= args.batch_size else 1
+    for epoch in range(start_epoch, args.epochs + 1):
+        # Every epoch is seeded by (seed, epoch): a resumed run replays exactly what it would have done.
+        torch.manual_seed(args.seed * 1000 + epoch)
+        loader = make_loader(train_items, transform, args.batch_size, True, args.workers,
+                             seed=args.seed * 1000 + epoch, drop_last=True)
+        lr = lr_at(epoch, args.lr, args.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        learner.train()
+        t_epoch, t_wait, t_last = time.time(), 0.0, time.time()
+        for it, (images, labels, _) in enumerate(loader, 1):
+            t_wait += time.time() - t_last
+            images, labels = images.to(args.device, non_blocking=True), labels.to(args.device)
+            with autocast(args.device):
+                out = learner.training_loss(images, labels, classnames)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise RunError(f"loss is {loss.item()} at epoch {epoch} iteration {it}: lower --lr; the last "
+                               f"good checkpoint (epoch {epoch - 1}) is kept")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            t_last = time.time()
+            if it % args.print_every == 0 or it == len(loader):
+                elapsed = time.time() - t_epoch
+                left = (args.epochs - epoch) * steps_per_epoch + len(loader) - it
+                log(f"epoch {epoch}/{args.epochs} it {it}/{len(loader)} loss {loss.item():.4f} lr {lr:.2e} "
+                    f"{it * args.batch_size / elapsed:.1f} img/s data-wait {100 * t_wait / elapsed:.0f}% "
+                    f"eta {left * elapsed / it / 60:.1f} min")
+        if gpa is not None:  # PromptSRC §3.3: Gaussian-weighted sum of the end-of-epoch prompts
+            snapshot = {n: p.detach().float() * gpa[epoch - 1] for n, p in params.items()}
+            gpa_sum = snapshot if gpa_sum is None else {n: gpa_sum[n] + snapshot[n] for n in snapshot}
+        save_atomic(checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, finished=False),
+                    os.path.join(args.output_dir, "checkpoint.pt"))
+
+    if gpa_sum is not None and start_epoch <= args.epochs:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(gpa_sum[n])
+    learner.eval()
+    results = base_to_new(learner, splits, args.device, args.workers)
+    log_results(results, f"{args.learner} backbone")
+    save_atomic(checkpoint(args, learner, classnames, args.epochs, optimizer, gpa_sum, finished=True),
+                os.path.join(args.output_dir, "checkpoint.pt"))
+    write_json_atomic(dict(results, kind="backbone", learner=args.learner, data=args.data, seed=args.seed,
+                           shots=args.shots, epochs=args.epochs), os.path.join(args.output_dir, "results.json"))
+    os.makedirs(os.path.dirname(LAST_BACKBONE), exist_ok=True)
+    with open(LAST_BACKBONE, "w") as f:
+        f.write(os.path.abspath(args.output_dir) + "\n")
+    return results
+
+
+def checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, finished):
+    """Small and self-describing: the learner's own tensors, never the frozen CLIP."""
+    return dict(kind="backbone", learner=args.learner, clip=args.clip, data=args.data, classnames=classnames,
+                state=prompts.learner_state(learner), epoch=epoch, finished=finished, args=vars(args),
+                optimizer=optimizer.state_dict(), gpa_sum=gpa_sum)
+
+
+def run(argv=None):
+    """Entry point: every expected failure ends in one line on stderr and exit code 2."""
+    try:
+        return main(get_args(argv))
+    except (RunError, data.DataError, clip_model.CLIPLoadError, prompts.LearnerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()
