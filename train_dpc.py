@@ -19,15 +19,30 @@ Shape letters: B batch (the paper's b), n base classes, L pairs in the hard-nega
 (L <= B·K), E embedding width, K top-K.
 
 Usage:
-  python train_dpc.py --topk 8
+  python train_dpc.py --topk 8                       # after train_backbone.py: picks up its last run
+  python train_dpc.py --backbone output/eurosat/coop/seed1 --omega-b 0.2 --omega-n 1e-6
+  python train_dpc.py --backbone /old/dassl/run --data eurosat --root /data   # a Dassl stage-1 folder
+
+The run folder (default output/<data>/<learner>_dpc/seed<seed>) holds args.json, log.txt,
+checkpoint.pt (P, P̃_b, optimiser, written atomically every epoch) and results.json.
 """
 
+import argparse
+import glob
+import os
 import random
+import sys
+import time
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+import clip_model
+import data
+import prompts
+import train_backbone as tb
 
 
 class DPCError(ValueError):
@@ -54,7 +69,7 @@ def check_topk(topk: int, n_base: int) -> int:
     if topk < 2:
         raise DPCError(f"--topk must be at least 2 (the ground truth plus one hard negative); got {topk}")
     if topk > n_base:
-        print(f"warning: --topk {topk} > {n_base} base classes; using K = {n_base}")
+        tb.log(f"warning: --topk {topk} > {n_base} base classes; using K = {n_base}")
         return n_base
     return topk
 
@@ -241,4 +256,246 @@ class NegativeSampler:
         self.rng.setstate((version, tuple(internal), gauss))  # tuple(): also accepts a JSON round trip
 
 
-# ---- training loop (added later) ----
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage-1 run: ours, or a Dassl folder of the original code
+
+def find_backbone(backbone: str) -> str:
+    """--backbone, or the run train_backbone.py wrote last (said aloud, so nobody is surprised)."""
+    if backbone:
+        return backbone
+    if not os.path.isfile(tb.LAST_BACKBONE):
+        raise DPCError(f"no --backbone given and no {tb.LAST_BACKBONE}: run train_backbone.py first "
+                       f"or pass --backbone RUN_DIR")
+    with open(tb.LAST_BACKBONE) as f:
+        backbone = f.read().strip()
+    print(f"using the last backbone run: {backbone}")
+    return backbone
+
+
+# Dassl folder name -> our learner; key renames of PromptSRC's whole-model checkpoints.
+DASSL_FOLDERS = {"prompt_learner": "coop", "MultiModalPromptLearner": "maple", "VLPromptLearner": "promptsrc"}
+
+
+def dassl_state(name: str, state: dict) -> dict:
+    """Rename a Dassl stage-1 state dict to our learner's names (backbones.md §5.2, §6.2); the
+    token prefix/suffix buffers and PromptSRC's frozen CLIP copies are dropped."""
+    out = {}
+    for key, value in state.items():
+        if name == "promptsrc":
+            parts = key.split(".")
+            if key == "prompt_learner.ctx":
+                key = "ctx"
+            elif key == "image_encoder.VPT":
+                key = "visual_prompt"
+            elif key.endswith(".VPT_shallow") and parts[0] in ("image_encoder", "text_encoder"):
+                key = f"{'visual' if parts[0] == 'image_encoder' else 'text'}_deep.{int(parts[3]) - 1}"
+            else:
+                continue
+        elif key.startswith("token_"):
+            continue
+        out[key] = value.float()
+    return out
+
+
+def load_dassl_backbone(run_dir: str, args):
+    """A stage-1 folder of the original code: <run>/<name>/model.pth.tar-N (newest N) or model-best."""
+    for folder, name in DASSL_FOLDERS.items():
+        files = sorted(glob.glob(os.path.join(run_dir, folder, "model.pth.tar-*")),
+                       key=lambda p: int(p.rsplit("-", 1)[1]))
+        files = files or glob.glob(os.path.join(run_dir, folder, "model-best.pth.tar"))
+        if files:
+            break
+    else:
+        raise DPCError(f"no finished backbone run in {run_dir}: expected checkpoint.pt (train_backbone.py) "
+                       f"or a Dassl folder with {'/ '.join(DASSL_FOLDERS)}/model.pth.tar-N")
+    if not args.data:
+        raise DPCError(f"{run_dir} is a Dassl run: pass --data (and --root, --clip) for it")
+    state = tb.read_checkpoint(files[-1])["state_dict"]
+    if name == "promptsrc" and any("VPT_image_trans" in k for k in state):
+        raise DPCError("Dassl PromptKD checkpoints are not supported yet: retrain the backbone with train_backbone.py")
+    clip = tb.load_clip(args.clip, args.device)
+    learner = prompts.build_learner(name, clip, n_ctx=2 if name == "maple" else None)
+    prompts.load_learner_state(learner, dassl_state(name, state))
+    print(f"loaded Dassl {name} backbone {files[-1]}")
+    return learner.to(args.device).eval(), dict(learner=name, clip=args.clip, data=args.data,
+                                                args=dict(seed=args.seed or 1, root=args.root))
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="DPC stage 2 (paper §3.2-3.4)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--backbone", default=None, help="stage-1 run folder (default: the last train_backbone.py run)")
+    p.add_argument("--topk", type=int, default=8, help="K of the Negative Sampler (paper §4.1: K = 8)")
+    p.add_argument("--batch-size", type=int, default=4, help="b (paper §4.1: 4, so b·K = 32 as the backbone's batch)")
+    p.add_argument("--epochs", type=int, default=20, help="DPC epochs (paper §4.1: the backbone's settings; Tab. 5 halves both)")
+    p.add_argument("--lr", type=float, default=0.002, help="SGD lr on P̃_b (released DPC configs), same schedule as the backbone")
+    p.add_argument("--omega-b", type=float, default=None, help="ω_b in (0, 1] (paper §4.1: 0.2; MaPLe 1.0)")
+    p.add_argument("--omega-n", type=float, default=1e-6, help="ω_n in [0, 1] (paper §4.1: 1e-6)")
+    p.add_argument("--base-inference", default="parallel", choices=BASE_INFERENCE_CHOICES,
+                   help="base classes use P' (parallel: the released code and the paper's numbers) or "
+                        "P̃_b = ω_b P' + (1-ω_b) P (mixed: literal Eq. 12); DECISIONS #10")
+    p.add_argument("--negative-pool", default="fewshot", choices=("fewshot", "full"),
+                   help="where negative images come from: the few-shot base train set, or the full base train split")
+    p.add_argument("--shots", type=int, default=16, help="few-shot base train set (also for a PromptKD backbone, paper §4.1)")
+    p.add_argument("--seed", type=int, default=None, help="default: the backbone's seed")
+    p.add_argument("--data", default=None, help="dataset (default: the backbone's; required for a Dassl folder)")
+    p.add_argument("--root", default=None, help="dataset root (default: the backbone's)")
+    p.add_argument("--clip", default="ViT-B/16", help="CLIP of a Dassl backbone (ours record their own)")
+    p.add_argument("--output-dir", default=None, help="run folder (default output/<data>/<learner>_dpc/seed<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="start over even if --output-dir holds a run")
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes (0 = in the main process)")
+    p.add_argument("--print-every", type=int, default=20, help="iterations between progress lines")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    tb.check_positive(args, "epochs", "batch_size", "lr")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop (Fig. 3)
+
+def main(args):
+    args.backbone = find_backbone(args.backbone)
+    if os.path.isfile(os.path.join(args.backbone, "checkpoint.pt")):
+        learner, backbone, clip = tb.load_backbone(args.backbone, args.device)
+    else:
+        learner, backbone = load_dassl_backbone(args.backbone, args)
+    args.learner = backbone["learner"]
+    args.data = args.data or backbone["data"]
+    args.root = args.root or backbone["args"]["root"]
+    args.seed = backbone["args"]["seed"] if args.seed is None else args.seed
+    args.omega_b = (1.0 if args.learner == "maple" else 0.2) if args.omega_b is None else args.omega_b
+    check_omegas(args.omega_b, args.omega_n)
+    args.output_dir = args.output_dir or os.path.join("output", args.data, f"{args.learner}_dpc", f"seed{args.seed}")
+    previous = tb.open_run(args)
+    splits = tb.load_splits(args.data, args.root, args.shots, args.seed)
+    train_items = splits["base"]["train"]
+    classnames = data.classnames_of(train_items)                      # the n base classes
+    topk = check_topk(args.topk, len(classnames))
+    pool = train_items if args.negative_pool == "fewshot" else splits["full_base_train"]
+    sampler = NegativeSampler([item.label for item in pool], len(classnames), topk, args.seed)
+    image_size = learner.clip.visual.input_resolution
+    pool_images = data.ImageDataset(pool, data.train_transform(image_size), cache=len(pool) <= 20000)
+    logit_scale = learner.clip.logit_scale.exp().item()               # s = 1/τ = 100, frozen
+    learner.eval()  # BN statistics of P stay P's (PromptKD's projector); CLIP has no dropout
+
+    # 1. Dual prompt initialisation. Eq. (5): P' := P, with P frozen.
+    tuned_prompt = {n: t.detach().clone().requires_grad_(False) for n, t in prompts.prompt_tensors(learner).items()}
+    # 2. Weighting-Decoupling: the trainable tensor is the mixed prompt; Eq. (12) at P' = P gives P̃_b = P.
+    mixed_prompt = {n: nn.Parameter(t) for n, t in weighting(tuned_prompt, tuned_prompt, args.omega_b).items()}
+    optimizer = torch.optim.SGD(mixed_prompt.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    start_epoch = 1
+    if previous is not None and not previous["finished"]:
+        with torch.no_grad():
+            for n, p in mixed_prompt.items():
+                p.copy_(previous["mixed_prompt"][n])
+        optimizer.load_state_dict(previous["optimizer"])
+        start_epoch = previous["epoch"] + 1
+    log_start(args, tuned_prompt, train_items, pool, topk)
+
+    # The sampler's frozen text features of P over all base classes never change: computed once.
+    with torch.no_grad(), prompts.substitute(learner, tuned_prompt), tb.autocast(args.device):
+        tuned_text = F.normalize(learner.encode_text(classnames).float(), dim=-1)   # (n, E)
+
+    for epoch in range(start_epoch, args.epochs + 1):
+        torch.manual_seed(args.seed * 1000 + epoch)     # a resumed run replays exactly this epoch
+        sampler.rng.seed(args.seed * 1000 + epoch)
+        loader = tb.make_loader(train_items, data.train_transform(image_size), args.batch_size, True,
+                                args.workers, seed=args.seed * 1000 + epoch, drop_last=True)
+        lr = tb.lr_at(epoch, args.lr, args.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t_epoch, t_wait, t_sampler, t_last, pairs = time.time(), 0.0, 0.0, time.time(), 0
+        for it, (images, labels, _) in enumerate(loader, 1):
+            t_wait += time.time() - t_last
+            images = images.to(args.device, non_blocking=True)                     # (B, 3, H, W)
+
+            # 3. Negative Sampler: the frozen backbone (P) ranks all base classes for each image.
+            t0 = time.time()
+            with torch.no_grad(), prompts.substitute(learner, tuned_prompt), tb.autocast(args.device):
+                tuned_image = F.normalize(learner.encode_image(images).float(), dim=-1)  # (B, E)
+            picked = sampler.sample(tuned_image @ tuned_text.t(), labels)              # scores (B, n)
+            negatives = [pool_images[j][0] for j in picked.negative_images]
+            pair_images = torch.cat([images[picked.positives]] +
+                                    ([torch.stack(negatives).to(args.device)] if negatives else []))  # (L, 3, H, W)
+            pair_labels = torch.tensor(picked.pair_labels, device=args.device)          # (L,)
+            t_sampler += time.time() - t0
+
+            # 2. Decoupling: every forward uses P' = F⁻¹(P̃_b), so gradients reach P̃_b through it.
+            parallel_prompt = decoupling(mixed_prompt, tuned_prompt, args.omega_b)
+            with prompts.substitute(learner, parallel_prompt), tb.autocast(args.device):
+                image_features = learner.encode_image(pair_images)                   # (L, E)
+                text_features = learner.encode_text(classnames)                      # (n, E)
+            # 4. Feature Filtering, Eq. (6)-(8): ĝ(C) of all n base classes, then g(C') = Q · ĝ(C).
+            pair_text = filter_features(text_features, pair_labels)                  # (L, E)
+            # 5. Hard Negative Optimizing, Eq. (9)-(11): the only loss of this stage.
+            loss = hard_negative_loss(image_features, pair_text, logit_scale)
+            if not torch.isfinite(loss):
+                raise DPCError(f"loss is {loss.item()} at epoch {epoch} iteration {it}: lower --lr or raise "
+                               f"--omega-b; the last good checkpoint (epoch {epoch - 1}) is kept")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            pairs += len(pair_labels)
+            t_last = time.time()
+            if it % args.print_every == 0 or it == len(loader):
+                elapsed = time.time() - t_epoch
+                left = (args.epochs - epoch) * len(loader) + len(loader) - it
+                tb.log(f"epoch {epoch}/{args.epochs} it {it}/{len(loader)} loss {loss.item():.4f} lr {lr:.2e} "
+                       f"L {pairs / it:.1f} {pairs / elapsed:.1f} pairs/s sampler {100 * t_sampler / elapsed:.0f}% "
+                       f"data-wait {100 * t_wait / elapsed:.0f}% eta {left * elapsed / it / 60:.1f} min")
+        tb.save_atomic(checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, epoch, optimizer, False),
+                       os.path.join(args.output_dir, "checkpoint.pt"))
+
+    results = evaluate_dpc(learner, splits, tuned_prompt, mixed_prompt, args)
+    tb.log_results(results, f"{args.learner} + DPC")
+    tb.save_atomic(checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, args.epochs, optimizer, True),
+                   os.path.join(args.output_dir, "checkpoint.pt"))
+    tb.write_json_atomic(dict(results, kind="dpc", learner=args.learner, data=args.data, seed=args.seed,
+                              omega_b=args.omega_b, omega_n=args.omega_n, base_inference=args.base_inference,
+                              topk=topk, epochs=args.epochs, backbone=os.path.abspath(args.backbone)),
+                         os.path.join(args.output_dir, "results.json"))
+    return results
+
+
+def evaluate_dpc(learner, splits, tuned_prompt, mixed_prompt, args) -> dict:
+    """Weighting-Decoupling at inference (Fig. 4): base classes with P' (or P̃_b), new with P̃_n."""
+    with torch.no_grad():
+        base_prompt = base_class_prompt(mixed_prompt, tuned_prompt, args.omega_b, args.base_inference)
+        new_prompt = new_class_prompt(mixed_prompt, tuned_prompt, args.omega_b, args.omega_n)   # Eq. (13)
+    return tb.base_to_new(learner, splits, args.device, args.workers, base_prompt, new_prompt)
+
+
+def checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, epoch, optimizer, finished):
+    """Small and self-describing: P and P̃_b (the learner's tensors only), never the frozen CLIP."""
+    return dict(kind="dpc", learner=args.learner, clip=backbone["clip"], data=args.data, classnames=classnames,
+                backbone=os.path.abspath(args.backbone), epoch=epoch, finished=finished, args=vars(args),
+                tuned_prompt={n: t.detach().cpu() for n, t in tuned_prompt.items()},
+                mixed_prompt={n: t.detach().cpu() for n, t in mixed_prompt.items()},
+                optimizer=optimizer.state_dict())
+
+
+def log_start(args, tuned_prompt, train_items, pool, topk):
+    tb.log(f"DPC on {args.learner} backbone {args.backbone}: P = {len(tuned_prompt)} tensors, "
+           f"{sum(t.numel() for t in tuned_prompt.values()):,} values; b = {args.batch_size}, K = {topk}, "
+           f"ω_b = {args.omega_b}, ω_n = {args.omega_n}, base inference {args.base_inference}; "
+           f"{len(train_items)} train images, negatives from {len(pool)} ({args.negative_pool})")
+
+
+def run(argv=None):
+    """Entry point: every expected failure ends in one line on stderr and exit code 2."""
+    try:
+        return main(get_args(argv))
+    except (DPCError, tb.RunError, data.DataError, clip_model.CLIPLoadError, prompts.LearnerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

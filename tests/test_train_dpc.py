@@ -1,0 +1,177 @@
+"""DPC stage end to end: Weighting-Decoupling on real learners, the training loop, the run folder."""
+import json
+import os
+
+import pytest
+import torch
+
+import clip_model
+import prompts
+import train_backbone as tb
+import train_dpc
+from train_dpc import base_class_prompt, new_class_prompt
+
+CLASSES = ["red stripes", "green stripes", "blue stripes"]
+
+
+def make_learner(name):
+    clip = clip_model.random_clip("tiny", seed=0)
+    teacher = prompts.PromptSRC(clip_model.random_clip("tiny", seed=1)) if name == "promptkd" else None
+    torch.manual_seed(0)
+    return prompts.build_learner(name, clip, teacher).eval()
+
+
+def logits(learner, images, prompt):
+    with torch.no_grad(), prompts.substitute(learner, prompt):
+        return learner(images, CLASSES)
+
+
+@pytest.mark.parametrize("name", list(prompts.LEARNERS))
+def test_weighting_decoupling_on_learner_logits(name):
+    learner = make_learner(name)
+    images = torch.randn(3, 3, 32, 32)
+    tuned = {n: t.detach().clone() for n, t in prompts.prompt_tensors(learner).items()}
+    backbone = logits(learner, images, {})
+    # at the start of training P̃_b = P: the DPC model's base logits are the backbone's
+    assert torch.equal(logits(learner, images, base_class_prompt(tuned, tuned, 0.2, "parallel")), backbone)
+    # after some training P̃_b != P
+    torch.manual_seed(1)
+    mixed = {n: t + 0.05 * torch.randn_like(t) for n, t in tuned.items()}
+    assert not torch.allclose(logits(learner, images, base_class_prompt(mixed, tuned, 0.2, "parallel")), backbone)
+    # ω_n = 0 reproduces the backbone's new-class logits exactly; 1e-6 within 1e-4
+    assert torch.equal(logits(learner, images, new_class_prompt(mixed, tuned, 0.2, 0.0)), backbone)
+    close = logits(learner, images, new_class_prompt(mixed, tuned, 0.2, 1e-6))
+    assert (close - backbone).abs().max() < 1e-4
+    # `mixed` with ω_b = 1 equals `parallel`
+    torch.testing.assert_close(logits(learner, images, base_class_prompt(mixed, tuned, 1.0, "mixed")),
+                               logits(learner, images, base_class_prompt(mixed, tuned, 1.0, "parallel")))
+
+
+def test_promptkd_prompt_covers_teacher_text():
+    names = set(prompts.prompt_tensors(make_learner("promptkd")))
+    assert {"teacher.ctx", "teacher.text_deep.0", "visual_prompt", "projector.0.weight"} <= names
+    assert not any(n.startswith(("clip.", "teacher.clip.", "teacher.visual")) for n in names)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One coop backbone (1 epoch) and its DPC run (1 epoch) on synthetic data."""
+    base = tmp_path_factory.mktemp("dpc")
+    cwd = os.getcwd()
+    os.chdir(base)
+    try:
+        common = ["--data", "synthetic", "--root", str(base / "data"), "--clip", "tiny", "--workers", "0"]
+        tb.main(tb.get_args(["--learner", "coop", "--epochs", "1", "--batch-size", "8", "--shots", "4"] + common))
+        backbone_dir = os.path.join("output", "synthetic", "coop", "seed1")
+        results = train_dpc.main(train_dpc.get_args(["--topk", "8", "--epochs", "2", "--workers", "0", "--shots", "4"]))
+        yield dict(base=base, backbone=base / backbone_dir, dpc=base / "output" / "synthetic" / "coop_dpc" / "seed1",
+                   results=results)
+    finally:
+        os.chdir(cwd)
+
+
+def test_dpc_run_folder_and_results(runs):
+    dpc = runs["dpc"]
+    for f in ("args.json", "log.txt", "checkpoint.pt", "results.json"):
+        assert (dpc / f).is_file()
+    log = (dpc / "log.txt").read_text()
+    assert "warning: --topk 8 > 5 base classes; using K = 5" in log and "* accuracy:" in log
+    res = json.loads((dpc / "results.json").read_text())
+    backbone = json.loads((runs["backbone"] / "results.json").read_text())
+    assert res["kind"] == "dpc" and 0 <= res["base"] <= 100
+    assert res["new"] == backbone["new"]  # ω_n = 1e-6: new-class accuracy is the backbone's
+
+
+def test_only_the_mixed_prompt_trains(runs):
+    ckpt = torch.load(runs["dpc"] / "checkpoint.pt", weights_only=False)
+    backbone = torch.load(runs["backbone"] / "checkpoint.pt", weights_only=False)
+    assert ckpt["finished"] and set(ckpt["tuned_prompt"]) == {"ctx"}
+    assert torch.equal(ckpt["tuned_prompt"]["ctx"], backbone["state"]["ctx"])   # P did not move
+    assert not torch.equal(ckpt["mixed_prompt"]["ctx"], backbone["state"]["ctx"])  # P̃_b did
+    assert os.path.getsize(runs["dpc"] / "checkpoint.pt") < 100_000                # no CLIP inside
+
+
+def test_finished_dpc_run_is_not_overwritten(runs, capsys):
+    before = (runs["dpc"] / "checkpoint.pt").read_bytes()
+    cwd = os.getcwd()
+    os.chdir(runs["base"])
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            train_dpc.run(["--backbone", str(runs["backbone"]), "--workers", "0", "--shots", "4"])
+    finally:
+        os.chdir(cwd)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--overwrite" in err[0]
+    assert (runs["dpc"] / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--topk", "1"], "--topk must be at least 2"),
+    (["--omega-b", "0"], "--omega-b must be in (0, 1]"),
+    (["--omega-n", "1.5"], "--omega-n must be in [0, 1]"),
+    (["--epochs", "0"], "--epochs must be positive"),
+])
+def test_bad_dpc_flags_give_one_line(runs, capsys, flags, message, tmp_path):
+    cwd = os.getcwd()
+    os.chdir(runs["base"])
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            train_dpc.run(["--backbone", str(runs["backbone"]), "--workers", "0", "--shots", "4",
+                           "--output-dir", str(tmp_path / "x")] + flags)
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_backbone_folder_without_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_dpc.run(["--backbone", str(tmp_path), "--workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no finished backbone run" in err[0]
+
+
+def test_dassl_checkpoint_renames():
+    state = {"prompt_learner.ctx": torch.zeros(4, 8).half(), "image_encoder.VPT": torch.zeros(4, 16),
+             "image_encoder.transformer.resblocks.1.VPT_shallow": torch.ones(4, 16),
+             "text_encoder.transformer.resblocks.8.VPT_shallow": torch.ones(4, 8),
+             "image_encoder.conv1.weight": torch.zeros(1), "prompt_learner.token_prefix": torch.zeros(1)}
+    out = train_dpc.dassl_state("promptsrc", state)
+    assert set(out) == {"ctx", "visual_prompt", "visual_deep.0", "text_deep.7"}
+    assert out["ctx"].dtype == torch.float32
+    assert set(train_dpc.dassl_state("coop", {"ctx": torch.zeros(4, 8), "token_prefix": torch.zeros(1)})) == {"ctx"}
+
+
+def test_dassl_coop_folder_is_accepted(tmp_path, runs):
+    learner = make_learner("coop")
+    folder = tmp_path / "dassl" / "prompt_learner"
+    folder.mkdir(parents=True)
+    torch.save({"state_dict": {"ctx": learner.ctx.detach().half(), "token_prefix": torch.zeros(1)}, "epoch": 20},
+               folder / "model.pth.tar-20")
+    cwd = os.getcwd()
+    os.chdir(runs["base"])
+    try:
+        res = train_dpc.main(train_dpc.get_args(["--backbone", str(tmp_path / "dassl"), "--data", "synthetic",
+                                                 "--root", str(runs["base"] / "data"), "--clip", "tiny", "--epochs", "1",
+                                                 "--workers", "0", "--shots", "4", "--output-dir", str(tmp_path / "out")]))
+    finally:
+        os.chdir(cwd)
+    assert 0 <= res["base"] <= 100 and 0 <= res["new"] <= 100
+
+
+@pytest.mark.parametrize("name", ["maple", "promptsrc", "promptkd"])
+def test_end_to_end_other_learners(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--data", "synthetic", "--root", str(tmp_path / "data"), "--clip", "tiny", "--workers", "0"]
+    extra = []
+    if name == "promptkd":
+        tb.main(tb.get_args(["--learner", "promptsrc", "--epochs", "1", "--batch-size", "8", "--shots", "2",
+                             "--output-dir", "teacher"] + common))
+        extra = ["--teacher", "teacher", "--shots", "2"]
+    else:
+        extra = ["--shots", "2"]
+    tb.main(tb.get_args(["--learner", name, "--epochs", "1", "--batch-size", "8"] + extra + common))
+    res = train_dpc.main(train_dpc.get_args(["--epochs", "1", "--workers", "0", "--shots", "2"]))
+    backbone = json.loads(open(os.path.join("output", "synthetic", name, "seed1", "results.json")).read())
+    assert abs(res["new"] - backbone["new"]) < 1e-9 and 0 <= res["base"] <= 100
