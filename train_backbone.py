@@ -63,11 +63,7 @@ def get_args(argv=None):
     p.add_argument("--gpa-mean", type=float, default=15.0, help="PromptSRC Gaussian prompt aggregation mean (epochs)")
     p.add_argument("--gpa-std", type=float, default=1.0, help="PromptSRC Gaussian prompt aggregation std (epochs)")
     p.add_argument("--output-dir", default=None, help="run folder (default output/<data>/<learner>/seed<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output-dir")
-    p.add_argument("--overwrite", action="store_true", help="start over even if --output-dir holds a run")
-    p.add_argument("--workers", type=int, default=4, help="data-loading processes (0 = in the main process)")
-    p.add_argument("--print-every", type=int, default=20, help="iterations between progress lines")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_run_flags(p)
     args = p.parse_args(argv)
     defaults = prompts.LEARNERS[args.learner].DEFAULTS
     args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
@@ -80,6 +76,15 @@ def get_args(argv=None):
     args.output_dir = args.output_dir or os.path.join("output", args.data, args.learner, f"seed{args.seed}")
     check_positive(args, "epochs", "batch_size", "lr")
     return args
+
+
+def add_run_flags(p):
+    """Flags every training script shares: run-folder handling, data loading, device."""
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="start over even if --output-dir holds a run")
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes (0 = in the main process)")
+    p.add_argument("--print-every", type=int, default=20, help="iterations between progress lines")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_positive(args, *names):

@@ -347,11 +347,7 @@ def get_args(argv=None):
     p.add_argument("--root", default=None, help="dataset root (default: the backbone's)")
     p.add_argument("--clip", default="ViT-B/16", help="CLIP of a Dassl backbone (ours record their own)")
     p.add_argument("--output-dir", default=None, help="run folder (default output/<data>/<learner>_dpc/seed<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output-dir")
-    p.add_argument("--overwrite", action="store_true", help="start over even if --output-dir holds a run")
-    p.add_argument("--workers", type=int, default=4, help="data-loading processes (0 = in the main process)")
-    p.add_argument("--print-every", type=int, default=20, help="iterations between progress lines")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    tb.add_run_flags(p)
     args = p.parse_args(argv)
     tb.check_positive(args, "epochs", "batch_size", "lr")
     return args

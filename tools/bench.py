@@ -1,0 +1,169 @@
+"""Speed benchmark: step times of every stage as ratios to the frozen encoders' own cost, in one run.
+
+A script, not a test. Random weights (speed does not depend on them) and random tensors in place
+of images, so data loading is excluded here (the training scripts print their data-wait share).
+
+    python tools/bench.py --arch ViT-B/16 --batch 4 --classes 10          # CPU figures in README
+    python tools/bench.py --arch ViT-B/16 --batch 32 --classes 50 --device cuda
+
+Prints a table and writes bench.json:
+  text_eot   text encoder over C class prompts, EOT-truncated vs full 77 tokens (speedup, max rel diff)
+  <learner>  training step (forward + backward + SGD) at --batch, and its floor: the frozen image
+             encoder forward on the batch + the text encoder forward and backward over the C prompts
+  dpc        one DPC step (b = 4, K = 8 -> L <= 32 pairs: sampler scores + L image forwards + text
+             forward/backward) against a CoOp backbone step on 32 images, and the sampler's share
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import clip_model  # noqa: E402
+import prompts  # noqa: E402
+import train_dpc  # noqa: E402
+
+
+def timed(fn, repeats, device):
+    fn()  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="ViT-B/16", choices=list(clip_model.ARCHS))
+    p.add_argument("--batch", type=int, default=4, help="backbone batch for the per-learner step")
+    p.add_argument("--classes", type=int, default=10, help="base classes (EuroSAT 5, ImageNet 500)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--learners", default="coop,maple,promptsrc,promptkd")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="bench.json")
+    args = p.parse_args()
+    dev, r = args.device, args.repeats
+    torch.manual_seed(0)
+    clip = clip_model.random_clip(args.arch).to(dev)
+    size = clip.visual.input_resolution
+    names = [f"class number {i} of the benchmark" for i in range(args.classes)]
+    out = dict(machine=f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {dev}"
+               + (f" {torch.cuda.get_device_name()}" if dev == "cuda" else ""), arch=args.arch, batch=args.batch,
+               classes=args.classes, threads=torch.get_num_threads())
+
+    # (e) text encoder: EOT truncation
+    tokens = clip_model.tokenize([f"a photo of a {n}." for n in names]).to(dev)
+    emb = clip.token_embeddings(tokens)
+    with torch.no_grad(), autocast(dev):
+        full = timed(lambda: clip.encode_text_embeddings(emb, tokens, truncate=False), r, dev)
+        short = timed(lambda: clip.encode_text_embeddings(emb, tokens, truncate=True), r, dev)
+        a = clip.encode_text_embeddings(emb, tokens, truncate=False).float()
+        b = clip.encode_text_embeddings(emb, tokens, truncate=True).float()
+    out["text_eot"] = dict(full_s=full, truncated_s=short, speedup=full / short,
+                           max_rel_diff=((a - b).abs().max() / a.abs().max()).item())
+
+    # floor of a training step: frozen image forward + text forward/backward through a prompt
+    images = torch.randn(args.batch, 3, size, size, device=dev)
+    labels = torch.arange(args.batch, device=dev) % args.classes
+    coop = prompts.CoOp(clip).to(dev)
+
+    def floor_step(x):
+        with torch.no_grad(), autocast(dev):
+            clip.encode_image(x)
+        with autocast(dev):
+            coop.encode_text(names).float().sum().backward()
+
+    floor = timed(lambda: floor_step(images), r, dev)
+    out["floor_s"] = floor
+    for name in args.learners.split(","):
+        teacher = prompts.PromptSRC(clip).to(dev) if name == "promptkd" else None
+        learner = prompts.build_learner(name, clip, teacher).to(dev).train()
+        opt = torch.optim.SGD(prompts.trainable_parameters(learner).values(), lr=1e-3, momentum=0.9)
+
+        def step():
+            with autocast(dev):
+                loss = learner.training_loss(images, labels, names)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        t = timed(step, r, dev)
+        out[name] = dict(step_s=t, step_over_floor=t / floor, images_per_s=args.batch / t)
+
+    # (c), (d): DPC step at b = 4, K = 8 vs a CoOp backbone step on 32 images
+    b, k = 4, min(8, args.classes)
+    coop_images = torch.randn(32, 3, size, size, device=dev)
+    coop_labels = torch.arange(32, device=dev) % args.classes
+    opt = torch.optim.SGD([coop.ctx], lr=1e-3, momentum=0.9)
+
+    def coop_step():
+        with autocast(dev):
+            loss = coop.training_loss(coop_images, coop_labels, names)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    tuned = {n: t.detach().clone() for n, t in prompts.prompt_tensors(coop).items()}
+    mixed = {n: torch.nn.Parameter(t.clone()) for n, t in tuned.items()}
+    dpc_opt = torch.optim.SGD(mixed.values(), lr=1e-3, momentum=0.9)
+    sampler = train_dpc.NegativeSampler([i % args.classes for i in range(16 * args.classes)], args.classes, k, 0)
+    pool = torch.randn(64, 3, size, size, device=dev)
+    with torch.no_grad(), autocast(dev):
+        tuned_text = F.normalize(coop.encode_text(names).float(), dim=-1)
+    sampler_time = [0.0]
+
+    def dpc_step():
+        t0 = time.perf_counter()
+        x, y = coop_images[:b], coop_labels[:b]
+        with torch.no_grad(), prompts.substitute(coop, tuned), autocast(dev):
+            scores = F.normalize(coop.encode_image(x).float(), dim=-1) @ tuned_text.t()
+        picked = sampler.sample(scores, y.cpu())
+        pair_images = torch.cat([x[picked.positives], pool[[j % 64 for j in picked.negative_images]]])
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        sampler_time[0] += time.perf_counter() - t0
+        with prompts.substitute(coop, train_dpc.decoupling(mixed, tuned, 0.2)), autocast(dev):
+            img, txt = coop.encode_image(pair_images), coop.encode_text(names)
+        loss = train_dpc.hard_negative_loss(img, train_dpc.filter_features(txt, torch.tensor(picked.pair_labels, device=dev)), 100.0)
+        dpc_opt.zero_grad()
+        loss.backward()
+        dpc_opt.step()
+
+    coop32 = timed(coop_step, r, dev)
+    sampler_time[0] = 0.0
+    dpc = timed(dpc_step, r, dev)
+    out["dpc"] = dict(step_s=dpc, coop_step_32_s=coop32, dpc_over_coop32=dpc / coop32,
+                      sampler_share=sampler_time[0] / (r + 1) / dpc)
+    out["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda"
+                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+    print(f"machine: {out['machine']}, {args.arch}, {args.classes} classes, {out['threads']} threads")
+    t = out["text_eot"]
+    print(f"text encoder EOT truncation: {t['speedup']:.2f}x faster, max rel diff {t['max_rel_diff']:.1e}")
+    print(f"step floor (frozen image fwd on {args.batch} + text fwd/bwd): {floor:.3f} s")
+    for name in args.learners.split(","):
+        print(f"{name:10s} step {out[name]['step_s']:.3f} s = {out[name]['step_over_floor']:.2f} x floor")
+    d = out["dpc"]
+    print(f"DPC step (b=4, K={k}) = {d['dpc_over_coop32']:.2f} x CoOp step on 32 images; sampler share "
+          f"{100 * d['sampler_share']:.1f}%")
+    print(f"peak memory {out['peak_memory_mb']:.0f} MB")
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
