@@ -147,7 +147,8 @@ class MaPLe(nn.Module):
         super().__init__()
         self.clip = clip
         d_text, d_vision = clip.ln_final.weight.shape[0], clip.visual.conv1.weight.shape[0]
-        self.ctx, self.prefix = init_context(clip, n_ctx, ctx_init)
+        # MaPLe's rule: the phrase initialises the context only when n_ctx <= 4, else N(0, 0.02²)
+        self.ctx, self.prefix = init_context(clip, n_ctx, ctx_init if n_ctx <= 4 else "")
         self.proj = nn.Linear(d_text, d_vision)
         self.compound_prompts_text = deep_prompts(depth - 1, n_ctx, d_text)
         coupling = nn.Linear(d_text, d_vision)  # one fresh init, copied: the maps start identical
@@ -237,11 +238,15 @@ class PromptSRC(nn.Module):
 
     @torch.no_grad()
     def fixed_text_features(self, classnames):
-        """Frozen CLIP's text target: mean of the UNNORMALISED features over the 60 templates (C, E)."""
+        """Frozen CLIP's text target: mean of the UNNORMALISED features over the 60 templates (C, E).
+
+        fp32 even when first asked for under autocast: PromptSRC builds it with a separate fp32 CLIP,
+        and this cached target then serves the whole run."""
         key = tuple(classnames)
         if key not in self.fixed_cache:
-            per_template = [self.clip.encode_text(tokenize([t.format(c.replace("_", " ")) for c in classnames])
-                                                  .to(self.ctx.device)) for t in PROMPTSRC_TEMPLATES]
+            with torch.autocast(self.ctx.device.type, enabled=False):
+                per_template = [self.clip.encode_text(tokenize([t.format(c.replace("_", " ")) for c in classnames])
+                                                      .to(self.ctx.device)) for t in PROMPTSRC_TEMPLATES]
             self.fixed_cache[key] = torch.stack(per_template).float().mean(dim=0)    # (C, E)
         return self.fixed_cache[key]
 
@@ -264,8 +269,15 @@ class PromptSRC(nn.Module):
 
 
 def gpa_weights(epochs: int, mean: float = 15.0, std: float = 1.0) -> list:
-    """Gaussian prompt aggregation: weight of the end-of-epoch prompts of epochs 1..E (sum 1)."""
-    pdf = [math.exp(-0.5 * ((e - mean) / std) ** 2) for e in range(1, epochs + 1)]
+    """Gaussian prompt aggregation: weight of the end-of-epoch prompts of epochs 1..E (sum 1).
+
+    Normalised in log space: a short run far from the mean (e.g. 1 epoch, mean 15, std 0.3) has
+    pdf values that all underflow to 0, and a plain pdf / sum(pdf) would divide by zero."""
+    if not std > 0:
+        raise LearnerError(f"--gpa-std must be positive, got {std}")
+    log_pdf = [-0.5 * ((e - mean) / std) ** 2 for e in range(1, epochs + 1)]
+    top = max(log_pdf)
+    pdf = [math.exp(v - top) for v in log_pdf]
     return [w / sum(pdf) for w in pdf]
 
 

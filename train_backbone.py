@@ -74,6 +74,8 @@ def get_args(argv=None):
     if args.kd_weight is None and args.learner == "promptkd":
         args.kd_weight = 200.0 if args.data in prompts.KD_WEIGHT_200 else 1000.0
     args.output_dir = args.output_dir or os.path.join("output", args.data, args.learner, f"seed{args.seed}")
+    args.root = os.path.abspath(args.root)  # runs are re-evaluated from other folders
+    args.teacher = args.teacher and os.path.abspath(args.teacher)
     check_positive(args, "epochs", "batch_size", "lr")
     return args
 
@@ -97,19 +99,24 @@ def check_positive(args, *names):
 # Run folder, logging, checkpoints (shared with train_dpc.py and evaluate.py)
 # ------------------------------------------------------------------------------------------------
 
-def open_run(args):
-    """Create/check the run folder, dump args.json, tee prints to log.txt. Returns the checkpoint to
-    resume from (or None). A finished run is never overwritten without --overwrite."""
+def check_run_folder(args):
+    """Before anything is written: the unfinished checkpoint to resume from, or None.
+    A finished run is never touched without --overwrite."""
     path = os.path.join(args.output_dir, "checkpoint.pt")
-    previous = None
-    if os.path.exists(path) and not args.overwrite:
-        previous = read_checkpoint(path)
-        if previous["finished"] and not args.resume:
-            raise RunError(f"{args.output_dir} already holds a finished run: pass --overwrite to train again "
-                           f"or another --output-dir")
-        if not previous["finished"] and not args.resume:
-            raise RunError(f"{args.output_dir} holds an unfinished run (epoch {previous['epoch']}/"
-                           f"{previous['args']['epochs']}): pass --resume to continue or --overwrite to start over")
+    if not os.path.exists(path) or args.overwrite:
+        return None
+    previous = read_checkpoint(path)
+    if previous["finished"]:
+        raise RunError(f"{args.output_dir} already holds a finished run: re-evaluate it with evaluate.py, "
+                       f"or pass --overwrite to train again (or another --output-dir)")
+    if not args.resume:
+        raise RunError(f"{args.output_dir} holds an unfinished run (epoch {previous['epoch']}/"
+                       f"{previous['args']['epochs']}): pass --resume to continue or --overwrite to start over")
+    return previous
+
+
+def start_run(args):
+    """Create the run folder, dump args.json, tee log() to log.txt (after every input was checked)."""
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -117,10 +124,12 @@ def open_run(args):
     except OSError as e:
         raise RunError(f"cannot write to {args.output_dir}: {e.strerror}; choose a writable --output-dir")
     global _LOG
+    if _LOG is not None:  # a previous run in this process (tests, evaluate.py)
+        _LOG.close()
     _LOG = open(os.path.join(args.output_dir, "log.txt"), "a")
-    log(f"{' '.join(sys.argv)}\npython {platform.python_version()}, torch {torch.__version__}, device {args.device}"
+    log(f"{os.path.basename(sys.argv[0])} {json.dumps(vars(args))}\npython {platform.python_version()}, "
+        f"torch {torch.__version__}, device {args.device}"
         + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
-    return previous if args.resume else None
 
 
 _LOG = None
@@ -266,7 +275,7 @@ def load_backbone(run_dir: str, device):
 # ------------------------------------------------------------------------------------------------
 
 def main(args):
-    previous = open_run(args)
+    previous = check_run_folder(args)
     torch.manual_seed(args.seed)
     clip = load_clip(args.clip, args.device)
     image_size = clip.visual.input_resolution
@@ -282,6 +291,7 @@ def main(args):
         teacher, teacher_ckpt, _ = load_backbone(args.teacher, args.device)
         if teacher_ckpt["learner"] != "promptsrc":
             raise RunError(f"--teacher {args.teacher} is a {teacher_ckpt['learner']} run; PromptKD needs a promptsrc run")
+    start_run(args)
     torch.manual_seed(args.seed)  # prompt initialisation does not depend on the teacher being loaded
     learner = prompts.build_learner(args.learner, clip, teacher, args.n_ctx, args.ctx_init, args.kd_weight).to(args.device)
     params = prompts.trainable_parameters(learner)
@@ -292,7 +302,7 @@ def main(args):
     scaler = torch.amp.GradScaler(enabled=args.device.startswith("cuda") and not torch.cuda.is_bf16_supported())
     gpa = prompts.gpa_weights(args.epochs, args.gpa_mean, args.gpa_std) if args.learner == "promptsrc" else None
     gpa_sum, start_epoch = None, 1
-    if previous is not None and not previous["finished"]:
+    if previous is not None:
         prompts.load_learner_state(learner, previous["state"])
         optimizer.load_state_dict(previous["optimizer"])
         gpa_sum, start_epoch = previous["gpa_sum"], previous["epoch"] + 1
@@ -336,7 +346,7 @@ def main(args):
         save_atomic(checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, finished=False),
                     os.path.join(args.output_dir, "checkpoint.pt"))
 
-    if gpa_sum is not None and start_epoch <= args.epochs:
+    if gpa_sum is not None:  # checkpoints hold the last epoch's prompts, never the aggregate
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(gpa_sum[n])

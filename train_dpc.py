@@ -350,6 +350,7 @@ def get_args(argv=None):
     tb.add_run_flags(p)
     args = p.parse_args(argv)
     tb.check_positive(args, "epochs", "batch_size", "lr")
+    check_topk(args.topk, max(args.topk, 2))  # K < 2 fails before anything is loaded or written
     return args
 
 
@@ -364,15 +365,16 @@ def main(args):
         learner, backbone = load_dassl_backbone(args.backbone, args)
     args.learner = backbone["learner"]
     args.data = args.data or backbone["data"]
-    args.root = args.root or backbone["args"]["root"]
+    args.root = os.path.abspath(args.root or backbone["args"]["root"])
     args.seed = backbone["args"]["seed"] if args.seed is None else args.seed
     args.omega_b = (1.0 if args.learner == "maple" else 0.2) if args.omega_b is None else args.omega_b
     check_omegas(args.omega_b, args.omega_n)
     args.output_dir = args.output_dir or os.path.join("output", args.data, f"{args.learner}_dpc", f"seed{args.seed}")
-    previous = tb.open_run(args)
+    previous = tb.check_run_folder(args)
     splits = tb.load_splits(args.data, args.root, args.shots, args.seed)
     train_items = splits["base"]["train"]
     classnames = data.classnames_of(train_items)                      # the n base classes
+    tb.start_run(args)
     topk = check_topk(args.topk, len(classnames))
     pool = train_items if args.negative_pool == "fewshot" else splits["full_base_train"]
     sampler = NegativeSampler([item.label for item in pool], len(classnames), topk, args.seed)
@@ -387,7 +389,7 @@ def main(args):
     mixed_prompt = {n: nn.Parameter(t) for n, t in weighting(tuned_prompt, tuned_prompt, args.omega_b).items()}
     optimizer = torch.optim.SGD(mixed_prompt.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     start_epoch = 1
-    if previous is not None and not previous["finished"]:
+    if previous is not None:
         with torch.no_grad():
             for n, p in mixed_prompt.items():
                 p.copy_(previous["mixed_prompt"][n])

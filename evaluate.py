@@ -1,0 +1,440 @@
+"""Evaluate finished runs of train_backbone.py / train_dpc.py and lay them out like the paper's Tab. 1.
+
+DPC paper §4.2 (Tab. 1 base-to-new, Tab. 2 cross-dataset/-domain) and §4.3 (Fig. 6 collaboration
+weights, Tab. 4 top-K, Tab. 5 fewer epochs). Base/new accuracies come from each run's results.json,
+or are recomputed from checkpoint.pt with the training scripts' own evaluation functions
+(train_backbone.base_to_new, train_dpc.evaluate_dpc). Per (learner, row, dataset) the seeds are
+averaged, H is the harmonic mean of the averaged base and new (the CoCoOp/MaPLe convention, also
+used for the average over datasets), and each number is printed beside the paper's.
+
+Tab. 1 (seeds 1-3 of each dataset, then one table; --out gets results.json and table.md):
+    python train_backbone.py --learner coop --data eurosat --root /data --seed 1
+    python train_dpc.py --backbone output/eurosat/coop/seed1
+    python evaluate.py output/                          # every finished run below output/
+    python evaluate.py output/eurosat/coop_dpc/seed1 --omega-n 0     # recomputes: new classes with P only
+Fig. 6 (evaluation only, no retraining; --out gets sweep.json):
+    python evaluate.py output/eurosat/coop_dpc --sweep omega_n --values 0,1e-6,0.01,0.05,0.1,0.2
+    python evaluate.py output/eurosat/coop_dpc --sweep omega_b --values 0.1,0.2,0.5,1.0 --base-inference mixed
+Tab. 2 (a run on a source dataset, tested on other datasets' full test split; transfer.json):
+    python evaluate.py output/imagenet/coop_dpc --target caltech101,oxford_pets,dtd --target-root /data
+Ablations that retrain (evaluate one setting's folder at a time: runs are grouped by learner,
+row and dataset only, so two settings in one call would be averaged together):
+  Tab. 4, top-K against batch size at b·K = 32 (per dataset and seed; K = 8 is the default run):
+    python train_dpc.py --backbone output/eurosat/coop/seed1 --topk 4 --batch-size 8 --output-dir tab4/k4/eurosat/s1
+    python train_dpc.py --backbone output/eurosat/coop/seed1 --topk 2 --batch-size 16 --output-dir tab4/k2/eurosat/s1
+    python evaluate.py tab4/k4
+  Tab. 5, half the epochs in both stages (10 + 10 instead of 20 + 20):
+    python train_backbone.py --learner coop --data eurosat --root /data --epochs 10 --output-dir tab5/eurosat/coop/s1
+    python train_dpc.py --backbone tab5/eurosat/coop/s1 --epochs 10 --output-dir tab5/eurosat/coop_dpc/s1
+    python evaluate.py tab5
+"""
+import argparse
+import json
+import os
+import sys
+from argparse import Namespace
+
+import torch
+
+import clip_model
+import data
+import prompts
+import train_backbone as tb
+import train_dpc as td
+
+EPILOG = __doc__[__doc__.index("Tab. 1 ("):]  # the commands, also shown by --help
+
+# ------------------------------------------------------------------------------------------------
+# The paper's numbers (Tab. 1, ViT-B/16; = spec/dpc_official_code.md §8). H is computed, not stored:
+# HM of the rounded averages can differ from the printed H by 0.01 (PromptSRC 78.88 vs 78.87).
+# ------------------------------------------------------------------------------------------------
+
+PAPER_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                  "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")  # Tab. 1 column order
+_BASE = {  # learner: (backbone base, + DPC base), in PAPER_DATASETS order
+    "coop": ((76.41, 97.55, 95.06, 75.69, 96.96, 90.49, 37.33, 80.99, 80.09, 87.60, 83.66),
+             (77.72, 98.58, 95.80, 81.13, 98.86, 91.15, 45.56, 82.81, 84.61, 93.40, 87.02)),
+    "maple": ((76.91, 97.98, 95.23, 77.63, 97.03, 89.85, 40.82, 81.54, 82.18, 94.96, 84.55),
+              (77.94, 98.64, 95.82, 79.56, 98.20, 91.35, 49.78, 82.02, 85.48, 98.33, 88.14)),
+    "promptsrc": ((77.28, 97.93, 95.41, 76.34, 97.06, 90.83, 39.20, 82.28, 83.45, 92.84, 85.28),
+                  (78.48, 98.90, 96.13, 82.28, 97.44, 91.40, 46.74, 83.63, 86.88, 96.25, 88.99)),
+    "promptkd": ((80.82, 98.90, 96.44, 82.41, 99.24, 92.59, 48.80, 83.53, 85.42, 97.20, 90.12),
+                 (80.25, 98.77, 96.07, 84.17, 98.96, 92.41, 52.94, 83.28, 87.73, 98.29, 90.18)),
+}
+_NEW = {  # new accuracy, the same for the backbone and + DPC in every cell (ω_n ≈ 0)
+    "coop": (68.85, 94.65, 97.60, 70.14, 68.37, 91.47, 24.24, 74.10, 49.88, 51.62, 66.31),
+    "maple": (67.96, 94.50, 97.67, 71.21, 72.67, 90.47, 34.01, 75.93, 55.63, 72.19, 74.15),
+    "promptsrc": (70.72, 94.21, 97.30, 74.98, 73.19, 91.58, 35.33, 78.08, 54.31, 74.73, 78.13),
+    "promptkd": (74.66, 96.29, 97.99, 82.80, 82.91, 93.73, 41.75, 81.07, 71.01, 82.35, 81.50),
+}
+_AVERAGE = {"coop": (81.98, 85.15, 68.84), "maple": (83.52, 85.93, 73.31),  # base, + DPC base, new
+            "promptsrc": (83.45, 86.10, 74.78), "promptkd": (86.86, 87.55, 80.55)}
+PAPER = {(learner, row): {**{d: (_BASE[learner][i][k], _NEW[learner][k]) for k, d in enumerate(PAPER_DATASETS)},
+                          "average": (_AVERAGE[learner][i], _AVERAGE[learner][2])}
+         for learner in _BASE for i, row in enumerate(("backbone", "dpc"))}
+# Fig. 6, CoOp, average over 11 datasets; values with ~ are read off the plot (poster, spec §8).
+PAPER_FIG6 = {"omega_b": {0: 81.98, 0.1: 84.7, 0.2: 85.15, 0.3: 85.1, 0.5: 84.85, 1.0: 84.28},
+              "omega_n": {0: 68.84, 0.01: 68.73, 0.02: 68.65, 0.05: 68.18, 0.1: 67.35, 0.2: 65.88}}
+NAMES = {"coop": "CoOp", "maple": "MaPLe", "promptsrc": "PromptSRC", "promptkd": "PromptKD"}
+ERRORS = (tb.RunError, td.DPCError, data.DataError, clip_model.CLIPLoadError, prompts.LearnerError)
+
+
+def method(learner: str, kind: str) -> str:
+    return NAMES.get(learner, learner) + (" + DPC" if kind == "dpc" else "")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders (holding checkpoint.pt) or folders above them")
+    p.add_argument("--recompute", action="store_true", help="recompute from checkpoint.pt, not results.json")
+    # The three DPC overrides imply --recompute; each defaults to the run's own value.
+    p.add_argument("--omega-b", type=float, default=None,
+                   help="ω_b in (0, 1] at inference: moves the base prompt ω_b P' + (1-ω_b) P of "
+                        "--base-inference mixed; P' is the trained one whatever ω_b (see dpc_prompts)")
+    p.add_argument("--omega-n", type=float, default=None, help="ω_n in [0, 1] (0: new classes use P alone)")
+    p.add_argument("--base-inference", default=None, choices=td.BASE_INFERENCE_CHOICES,
+                   help="base classes use P' (parallel) or ω_b P' + (1-ω_b) P (mixed); DECISIONS #10")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--sweep", default=None, choices=("omega_b", "omega_n"),
+                      help="Fig. 6: base (ω_b) or new (ω_n) accuracy of DPC runs at each of --values")
+    mode.add_argument("--target", default=None,
+                      help="Tab. 2: comma-separated datasets to test on (full test split, all classes)")
+    p.add_argument("--values", default="0,0.1,0.2,0.5,1.0", help="comma-separated values for --sweep")
+    p.add_argument("--target-root", default=None, help="dataset root of --target (default: --root, else the run's)")
+    p.add_argument("--root", default=None, help="dataset root (default: the one stored in each run)")
+    p.add_argument("--out", default="evaluation", help="where results.json + table.md, sweep.json or transfer.json go")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs: finding them, reading them, recomputing them
+# ------------------------------------------------------------------------------------------------
+
+def find_runs(paths) -> list[tuple[str, dict]]:
+    """(run folder, checkpoint) of every finished run. A folder named directly must hold a finished
+    run; below a folder named directly, unfinished runs are skipped with a note."""
+    runs = {}
+    for path in paths:
+        named = os.path.isfile(os.path.join(path, "checkpoint.pt"))
+        if not named and not os.path.isdir(path):
+            raise tb.RunError(f"{path} is not a folder: pass run folders (with checkpoint.pt) or folders above them")
+        found = [path] if named else sorted(d for d, _, files in os.walk(path) if "checkpoint.pt" in files)
+        if not found:
+            raise tb.RunError(f"no run in {path}: no checkpoint.pt below it; train one with train_backbone.py")
+        for run in found:
+            ckpt = tb.read_checkpoint(os.path.join(run, "checkpoint.pt"))
+            if not isinstance(ckpt, dict) or ckpt.get("kind") not in ("backbone", "dpc"):
+                raise tb.RunError(f"{run}/checkpoint.pt was not written by train_backbone.py or train_dpc.py")
+            if ckpt.get("finished"):
+                runs[os.path.abspath(run)] = ckpt
+                continue
+            script = "train_backbone.py" if ckpt["kind"] == "backbone" else "train_dpc.py"
+            message = (f"{run} is an unfinished run (epoch {ckpt['epoch']}/{ckpt['args']['epochs']}): "
+                       f"finish it with `{script} --resume --output-dir {run}`")
+            if named:
+                raise tb.RunError(message)
+            print(f"skipping: {message}", file=sys.stderr)
+    if not runs:
+        raise tb.RunError(f"no finished run in {', '.join(paths)}")
+    return sorted(runs.items(), key=lambda r: (r[1]["learner"], r[1]["kind"], r[1]["data"], r[1]["args"]["seed"]))
+
+
+def read_results(run: str) -> dict | None:
+    path = os.path.join(run, "results.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        return dict(base=float(results["base"]), new=float(results["new"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise tb.RunError(f"cannot read {path} ({type(e).__name__}: {e}); pass --recompute") from None
+
+
+def dpc_settings(ckpt: dict, opts) -> Namespace:
+    """ω_b, ω_n, base inference of a DPC run, overridden by the flags; what evaluate_dpc reads."""
+    a = ckpt["args"]
+    s = Namespace(omega_b=a["omega_b"] if opts.omega_b is None else opts.omega_b,
+                  omega_n=a["omega_n"] if opts.omega_n is None else opts.omega_n,
+                  base_inference=opts.base_inference or a["base_inference"],
+                  device=opts.device, workers=opts.workers)
+    td.check_omegas(s.omega_b, s.omega_n)
+    return s
+
+
+def dpc_prompts(ckpt: dict, omega_b: float, device) -> tuple[dict, dict]:
+    """P and P̃_b for an inference ω_b. The stored P̃_b was mixed with the training ω_b, so for another
+    ω_b we first recover P' = F⁻¹(P̃_b) with the training value, then re-mix (Eq. 12). P' never
+    changes: ω_b then only moves the "mixed" base prompt ω_b P' + (1-ω_b) P."""
+    tuned = {n: t.to(device) for n, t in ckpt["tuned_prompt"].items()}
+    mixed = {n: t.to(device) for n, t in ckpt["mixed_prompt"].items()}
+    trained = ckpt["args"]["omega_b"]
+    if omega_b != trained:  # equal: keep the stored tensors, so recomputing is bitwise what training did
+        mixed = td.weighting(td.decoupling(mixed, tuned, trained), tuned, omega_b)
+    return tuned, mixed
+
+
+def load_learner(run: str, ckpt: dict, root: str, device):
+    """The learner a run evaluates with: its own (backbone) or its stage-1 run's (DPC), ours or Dassl's."""
+    if ckpt["kind"] == "backbone":
+        return tb.load_backbone(run, device)[0]
+    if os.path.isfile(os.path.join(ckpt["backbone"], "checkpoint.pt")):
+        return tb.load_backbone(ckpt["backbone"], device)[0]
+    dassl = Namespace(data=ckpt["data"], clip=ckpt["clip"], device=device, seed=ckpt["args"]["seed"], root=root)
+    return td.load_dassl_backbone(ckpt["backbone"], dassl)[0]
+
+
+def evaluate_run(run: str, ckpt: dict, opts) -> dict:
+    """One row: base/new/HM from results.json, or recomputed from the checkpoint."""
+    a, dpc = ckpt["args"], ckpt["kind"] == "dpc"
+    row = dict(run=run, kind=ckpt["kind"], learner=ckpt["learner"], data=ckpt["data"], seed=a["seed"],
+               shots=a.get("shots"), epochs=a.get("epochs"))
+    overrides = opts.omega_b is not None or opts.omega_n is not None or opts.base_inference is not None
+    results = None if opts.recompute or (dpc and overrides) else read_results(run)
+    row["source"] = "results.json" if results else "recomputed"
+    if dpc:
+        s = dpc_settings(ckpt, opts)
+        row.update(omega_b=s.omega_b, omega_n=s.omega_n, base_inference=s.base_inference, topk=a.get("topk"))
+    if results is None:
+        root = opts.root or a["root"]
+        learner = load_learner(run, ckpt, root, opts.device)
+        splits = tb.load_splits(ckpt["data"], root, a["shots"], a["seed"])
+        if dpc:
+            results = td.evaluate_dpc(learner, splits, *dpc_prompts(ckpt, s.omega_b, opts.device), s)
+        else:
+            results = tb.base_to_new(learner, splits, opts.device, opts.workers)
+    row.update(base=results["base"], new=results["new"], hm=tb.harmonic_mean(results["base"], results["new"]))
+    tb.log_results(row, f"{method(row['learner'], row['kind'])} {row['data']} seed {row['seed']} "
+                        f"[{row['source']}] {run}")
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeds -> datasets -> Tab. 1
+# ------------------------------------------------------------------------------------------------
+
+def mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+def aggregate(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Groups (learner, row, dataset): mean base and mean new over seeds, H = HM of the two means (the
+    CoCoOp/MaPLe convention, not the mean of per-seed H). Averages: the same over the datasets present."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["learner"], r["kind"], r["data"]), []).append(r)
+    cells = []
+    for (learner, kind, name), rs in groups.items():
+        seeds = [r["seed"] for r in rs]
+        settings = {tuple(r.get(k) for k in ("shots", "epochs", "omega_b", "omega_n", "base_inference", "topk"))
+                    for r in rs}
+        if len(set(seeds)) < len(seeds) or len(settings) > 1:  # e.g. two Tab. 4 settings in one call
+            print(f"warning: {learner} {kind} {name} averages runs of seeds {seeds} with {len(settings)} "
+                  f"different settings: evaluate each setting's folder separately", file=sys.stderr)
+        base, new = mean([r["base"] for r in rs]), mean([r["new"] for r in rs])
+        cells.append(dict(learner=learner, kind=kind, data=name, seeds=seeds, base=base, new=new,
+                          hm=tb.harmonic_mean(base, new)))
+    averages = []
+    for learner, kind in dict.fromkeys((c["learner"], c["kind"]) for c in cells):
+        cs = [c for c in cells if (c["learner"], c["kind"]) == (learner, kind)]
+        base, new = mean([c["base"] for c in cs]), mean([c["new"] for c in cs])
+        averages.append(dict(learner=learner, kind=kind, data="average", datasets=[c["data"] for c in cs],
+                             base=base, new=new, hm=tb.harmonic_mean(base, new)))
+    return cells, averages
+
+
+def paper_cell(learner: str, kind: str, name: str, datasets=None):
+    """(base, new, H) the paper reports, or None. The average is the paper's when we cover its 11
+    datasets, else the mean of its numbers over the same datasets (None if one has no paper number)."""
+    table = PAPER.get((learner, kind), {})
+    if name == "average" and set(datasets) != set(PAPER_DATASETS):
+        if not all(d in table for d in datasets):
+            return None
+        base, new = mean([table[d][0] for d in datasets]), mean([table[d][1] for d in datasets])
+    elif name in table:
+        base, new = table[name]
+    else:
+        return None
+    return base, new, tb.harmonic_mean(base, new)
+
+
+def format_table(cells: list[dict], averages: list[dict], markdown=False, blocks_per_line=3) -> str:
+    """Tab. 1's layout: a (Base, New, H) block for the average and per dataset, a row per learner and a
+    "+ DPC" row; each of our numbers is followed by the paper's, or "–" where it has none."""
+    by_key = {(c["learner"], c["kind"], c["data"]): c for c in cells + averages}
+    order = {d: i for i, d in enumerate(PAPER_DATASETS)}
+    names = sorted({c["data"] for c in cells}, key=lambda d: (order.get(d, len(order)), d))
+    n = max(len(a["datasets"]) for a in averages)
+    titles = {"average": f"Avg over {n} dataset{'s' * (n > 1)}",
+              **{d: data.DATASETS[d].display_name if d in data.DATASETS else d for d in names}}
+    learners = {name: i for i, name in enumerate(prompts.LEARNERS)}
+    rows = sorted({(a["learner"], a["kind"]) for a in averages}, key=lambda r: (learners.get(r[0], 99), r))
+    columns, lines = ["average"] + names, []
+    for start in range(0, len(columns), blocks_per_line):
+        chunk = columns[start:start + blocks_per_line]
+        table = [["Method"] + [t for d in chunk for t in (titles[d], "", "")],
+                 [""] + ["Base", "New", "H"] * len(chunk)]
+        for learner, kind in rows:
+            # "+ DPC" under its backbone's row, as in Tab. 1; the full name when that row is missing
+            row = ["+ DPC" if kind == "dpc" and (learner, "backbone") in rows else method(learner, kind)]
+            for d in chunk:
+                ours = by_key.get((learner, kind, d))
+                paper = paper_cell(learner, kind, d, by_key[learner, kind, "average"]["datasets"])
+                row += [("–" if ours is None else f"{ours[m]:.2f}") + " (paper " +
+                        ("–" if paper is None else f"{paper[i]:.2f}") + ")"
+                        for i, m in enumerate(("base", "new", "hm"))]
+            table.append(row)
+        if markdown:  # one header row: "<dataset> Base | New | H"
+            header = ["Method"] + [f"{titles[d]} Base" if m == "Base" else m
+                                   for d in chunk for m in ("Base", "New", "H")]
+            lines += ["| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header)] + table[2:]] + [""]
+        else:
+            widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+            lines += ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in table] + [""]
+    lines += [f"note: the {method(a['learner'], a['kind'])} average is over {', '.join(a['datasets'])} only"
+              for a in averages if len(a["datasets"]) != n]
+    if any(set(a["datasets"]) != set(PAPER_DATASETS) for a in averages):
+        lines.append("note: a paper average beside ours is the paper's mean over the same datasets")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Fig. 6 sweep and Tab. 2 transfer (evaluation only)
+# ------------------------------------------------------------------------------------------------
+
+def parse_values(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise tb.RunError(f"--values must be comma-separated numbers, got {text!r}")
+    return values
+
+
+def sweep(runs, opts) -> dict:
+    """Base accuracy per ω_b (Fig. 6a) or new accuracy per ω_n (Fig. 6b) of every DPC run."""
+    values, split = parse_values(opts.values), "base" if opts.sweep == "omega_b" else "new"
+    for v in values:  # refuse a bad value before any evaluation (ω_b = 0: Decoupling divides by it)
+        td.check_omegas(*((v, 0.0) if opts.sweep == "omega_b" else (1.0, v)))
+    runs = [(run, ckpt) for run, ckpt in runs if ckpt["kind"] == "dpc"]
+    if not runs:
+        raise tb.RunError("--sweep needs DPC runs (train_dpc.py); only backbone runs were given")
+    rows = []
+    for run, ckpt in runs:
+        a = ckpt["args"]
+        root = opts.root or a["root"]
+        learner = load_learner(run, ckpt, root, opts.device)
+        items = tb.load_splits(ckpt["data"], root, a["shots"], a["seed"])[split]["test"]
+        accuracies = []
+        for v in values:
+            s = dpc_settings(ckpt, Namespace(**{**vars(opts), opts.sweep: v}))
+            tuned, mixed = dpc_prompts(ckpt, s.omega_b, opts.device)
+            prompt = (td.base_class_prompt(mixed, tuned, s.omega_b, s.base_inference) if split == "base"
+                      else td.new_class_prompt(mixed, tuned, s.omega_b, s.omega_n))
+            accuracies.append(tb.accuracy(learner, items, data.classnames_of(items), opts.device, opts.workers,
+                                          prompt))
+        rows.append(dict(run=run, learner=ckpt["learner"], data=ckpt["data"], seed=a["seed"],
+                         base_inference=s.base_inference, accuracies=accuracies))
+        print(f"{method(ckpt['learner'], 'dpc')} {ckpt['data']} seed {a['seed']} {split} accuracy: " +
+              "  ".join(f"{opts.sweep}={v:g}: {x:.2f}" for v, x in zip(values, accuracies)))
+    if split == "base" and any(r["base_inference"] == "parallel" for r in rows):
+        print("note: with base inference 'parallel' (the released code) base classes use P' for every ω_b, so "
+              "the sweep is flat; pass --base-inference mixed for ω_b P' + (1-ω_b) P (Eq. 12). The paper's "
+              "Fig. 6a retrained per ω_b (spec §2.5)")
+    means = {}
+    for r in rows:
+        means.setdefault(f"{r['learner']}/{r['data']}", []).append(r["accuracies"])
+    means = {k: [mean(col) for col in zip(*v)] for k, v in means.items()}
+    for k, v in means.items():
+        print(f"mean over seeds {k}: " + "  ".join(f"{x:.2f}" for x in v))
+    print(f"paper Fig. 6 (CoOp, avg over 11 datasets, read off the plot): " +
+          "  ".join(f"{v:g}: {x:.2f}" for v, x in PAPER_FIG6[opts.sweep].items()))
+    return dict(parameter=opts.sweep, split=split, values=values, runs=rows, mean_over_seeds=means,
+                paper_fig6_coop_average=PAPER_FIG6[opts.sweep])
+
+
+def transfer(runs, opts) -> dict:
+    """Tab. 2: test each run on other datasets' full test split among all their classes. DPC runs
+    use the new-class prompt P̃_n (≈ P, paper §4.2; spec §2.2) on targets and the base prompt on
+    their own dataset (the source column); backbone runs use their learner as it is."""
+    targets = [t.strip() for t in opts.target.split(",") if t.strip()]
+    cache, rows = {}, []
+    for run, ckpt in runs:
+        a, dpc = ckpt["args"], ckpt["kind"] == "dpc"
+        learner = load_learner(run, ckpt, opts.root or a["root"], opts.device)
+        if dpc:
+            s = dpc_settings(ckpt, opts)
+            tuned, mixed = dpc_prompts(ckpt, s.omega_b, opts.device)
+        for target in targets:
+            if target not in cache:
+                items = data.read_splits(opts.target_root or opts.root or a["root"], target)["test"]
+                cache[target] = (items, data.classnames_of(items))
+            items, classnames = cache[target]
+            prompt = None
+            if dpc and target == ckpt["data"]:  # the source column of Tab. 2
+                prompt = td.base_class_prompt(mixed, tuned, s.omega_b, s.base_inference)
+            elif dpc:
+                prompt = td.new_class_prompt(mixed, tuned, s.omega_b, s.omega_n)
+            acc = tb.accuracy(learner, items, classnames, opts.device, opts.workers, prompt)
+            tb.log(f"=> result ({method(ckpt['learner'], ckpt['kind'])} {ckpt['data']} -> {target}, "
+                   f"all {len(classnames)} classes, seed {a['seed']} {run})\n* accuracy: {acc:.2f}%")
+            rows.append(dict(run=run, kind=ckpt["kind"], learner=ckpt["learner"], source=ckpt["data"],
+                             target=target, seed=a["seed"], accuracy=acc))
+    means = {}
+    for r in rows:
+        key = (r["learner"], r["kind"], r["source"])
+        means.setdefault(key, {}).setdefault(r["target"], []).append(r["accuracy"])
+    summary = []
+    for (learner, kind, source), per_target in means.items():
+        accs = {t: mean(v) for t, v in per_target.items()}
+        others = [x for t, x in accs.items() if t != source]
+        summary.append(dict(learner=learner, kind=kind, source=source, accuracy=accs,
+                            average_of_targets=mean(others) if others else None))
+        print(f"{method(learner, kind)} {source}: " +
+              "  ".join(f"{t} {x:.2f}" for t, x in accs.items()) +
+              (f"  | avg over {len(others)} target(s) {mean(others):.2f}" if others else ""))
+    return dict(runs=rows, mean_over_seeds=summary)
+
+
+# ------------------------------------------------------------------------------------------------
+
+def main(args):
+    runs = find_runs(args.runs)
+    os.makedirs(args.out, exist_ok=True)
+    if args.sweep:
+        out = sweep(runs, args)
+        tb.write_json_atomic(out, os.path.join(args.out, "sweep.json"))
+    elif args.target:
+        out = transfer(runs, args)
+        tb.write_json_atomic(out, os.path.join(args.out, "transfer.json"))
+    else:
+        rows = [evaluate_run(run, ckpt, args) for run, ckpt in runs]
+        cells, averages = aggregate(rows)
+        for c in cells:
+            print(f"{c['learner']} {c['kind']} {c['data']}: seeds {c['seeds']}  base {c['base']:.2f}  "
+                  f"new {c['new']:.2f}  HM {c['hm']:.2f}")
+        print("\n" + format_table(cells, averages))
+        out = dict(runs=rows, groups=cells, averages=averages,
+                   convention="mean over seeds of base and new; H = harmonic mean of those means")
+        tb.write_json_atomic(out, os.path.join(args.out, "results.json"))
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(format_table(cells, averages, markdown=True, blocks_per_line=4))
+    print(f"wrote {os.path.abspath(args.out)}")
+    return out
+
+
+def run(argv=None):
+    """Entry point: every expected failure ends in one line on stderr and exit code 2."""
+    try:
+        return main(get_args(argv))
+    except ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()
