@@ -183,8 +183,8 @@ def load_learner(run: str, ckpt: dict, root: str, device):
         return tb.load_backbone(run, device)[0]
     if os.path.isfile(os.path.join(ckpt["backbone"], "checkpoint.pt")):
         return tb.load_backbone(ckpt["backbone"], device)[0]
-    dassl = Namespace(data=ckpt["data"], clip=ckpt["clip"], device=device, seed=ckpt["args"]["seed"], root=root)
-    return td.load_dassl_backbone(ckpt["backbone"], dassl)[0]
+    a = ckpt["args"]
+    return td.dassl_learner(ckpt["backbone"], ckpt["clip"], device, a.get("teacher"), a.get("teacher_clip"))[0]
 
 
 def evaluate_run(run: str, ckpt: dict, opts) -> dict:

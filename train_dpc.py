@@ -274,33 +274,40 @@ def find_backbone(backbone: str) -> str:
     return backbone
 
 
-# Dassl folder name -> our learner; key renames of PromptSRC's whole-model checkpoints.
+# Dassl folder name -> our learner (VLPromptLearner holds PromptSRC or, with a projector, PromptKD).
 DASSL_FOLDERS = {"prompt_learner": "coop", "MultiModalPromptLearner": "maple", "VLPromptLearner": "promptsrc"}
 
 
 def dassl_state(name: str, state: dict) -> dict:
-    """Rename a Dassl stage-1 state dict to our learner's names (backbones.md §5.2, §6.2); the
-    token prefix/suffix buffers and PromptSRC's frozen CLIP copies are dropped."""
+    """Rename a Dassl stage-1 state dict to our learner's names (backbones.md §5.2, §6.2, §7.3); the
+    token prefix/suffix buffers and the frozen CLIP copies of whole-model checkpoints are dropped.
+    PromptKD's projector is 1x1 convolutions there (`VPT_image_trans.conv1.{0,1,3}`), Linear here."""
     out = {}
     for key, value in state.items():
-        if name == "promptsrc":
-            parts = key.split(".")
-            if key == "prompt_learner.ctx":
+        parts = key.split(".")
+        if name in ("promptsrc", "promptkd"):
+            if key == "prompt_learner.ctx" and name == "promptsrc":
                 key = "ctx"
             elif key == "image_encoder.VPT":
                 key = "visual_prompt"
-            elif key.endswith(".VPT_shallow") and parts[0] in ("image_encoder", "text_encoder"):
-                key = f"{'visual' if parts[0] == 'image_encoder' else 'text'}_deep.{int(parts[3]) - 1}"
+            elif key.endswith(".VPT_shallow") and parts[0] == "image_encoder":
+                key = f"visual_deep.{int(parts[3]) - 1}"
+            elif key.endswith(".VPT_shallow") and parts[0] == "text_encoder" and name == "promptsrc":
+                key = f"text_deep.{int(parts[3]) - 1}"
+            elif key.startswith("VPT_image_trans.conv1.") and name == "promptkd":
+                key = f"projector.{parts[2]}.{parts[3]}"
+                value = value.flatten(1) if value.dim() == 4 else value   # (out, in, 1, 1) -> (out, in)
             else:
                 continue
         elif key.startswith("token_"):
             continue
-        out[key] = value.float()
+        out[key] = value.float() if value.is_floating_point() else value
     return out
 
 
-def load_dassl_backbone(run_dir: str, args):
-    """A stage-1 folder of the original code: <run>/<name>/model.pth.tar-N (newest N) or model-best."""
+def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None, teacher_clip: str = None):
+    """The learner of a stage-1 folder of the original code: <run>/<name>/model.pth.tar-N (newest N)
+    or model-best.pth.tar. A PromptKD student also needs its Dassl PromptSRC teacher folder."""
     for folder, name in DASSL_FOLDERS.items():
         files = sorted(glob.glob(os.path.join(run_dir, folder, "model.pth.tar-*")),
                        key=lambda p: int(p.rsplit("-", 1)[1]))
@@ -310,17 +317,26 @@ def load_dassl_backbone(run_dir: str, args):
     else:
         raise DPCError(f"no finished backbone run in {run_dir}: expected checkpoint.pt (train_backbone.py) "
                        f"or a Dassl folder with {'/ '.join(DASSL_FOLDERS)}/model.pth.tar-N")
-    if not args.data:
-        raise DPCError(f"{run_dir} is a Dassl run: pass --data (and --root, --clip) for it")
     state = tb.read_checkpoint(files[-1])["state_dict"]
-    if name == "promptsrc" and any("VPT_image_trans" in k for k in state):
-        raise DPCError("Dassl PromptKD checkpoints are not supported yet: retrain the backbone with train_backbone.py")
-    clip = tb.load_clip(args.clip, args.device)
-    learner = prompts.build_learner(name, clip, n_ctx=2 if name == "maple" else None)
+    teacher = None
+    if any(k.startswith("VPT_image_trans") for k in state):
+        name = "promptkd"
+        if not teacher_dir:
+            raise DPCError(f"{run_dir} is a Dassl PromptKD run: pass --teacher with its Dassl PromptSRC teacher "
+                           f"folder (teacher_model/<Dataset>) and --teacher-clip")
+        teacher, _ = dassl_learner(teacher_dir, teacher_clip, device)
+    clip = tb.load_clip(clip_name, device)
+    learner = prompts.build_learner(name, clip, teacher, n_ctx=2 if name == "maple" else None)
     prompts.load_learner_state(learner, dassl_state(name, state))
     print(f"loaded Dassl {name} backbone {files[-1]}")
-    return learner.to(args.device).eval(), dict(learner=name, clip=args.clip, data=args.data,
-                                                args=dict(seed=args.seed or 1, root=args.root))
+    return learner.to(device).eval(), name
+
+
+def load_dassl_backbone(run_dir: str, args):
+    if not args.data:
+        raise DPCError(f"{run_dir} is not a train_backbone.py run: for a Dassl folder pass --data (and --root, --clip)")
+    learner, name = dassl_learner(run_dir, args.clip, args.device, args.teacher, args.teacher_clip)
+    return learner, dict(learner=name, clip=args.clip, data=args.data, args=dict(seed=args.seed or 1, root=args.root))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +362,8 @@ def get_args(argv=None):
     p.add_argument("--data", default=None, help="dataset (default: the backbone's; required for a Dassl folder)")
     p.add_argument("--root", default=None, help="dataset root (default: the backbone's)")
     p.add_argument("--clip", default="ViT-B/16", help="CLIP of a Dassl backbone (ours record their own)")
+    p.add_argument("--teacher", default=None, help="Dassl PromptKD backbone: its Dassl PromptSRC teacher folder")
+    p.add_argument("--teacher-clip", default="ViT-L/14", help="CLIP of that Dassl teacher")
     p.add_argument("--output-dir", default=None, help="run folder (default output/<data>/<learner>_dpc/seed<seed>)")
     tb.add_run_flags(p)
     args = p.parse_args(argv)
