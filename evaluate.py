@@ -149,6 +149,8 @@ def read_results(run: str) -> dict | None:
     try:
         with open(path) as f:
             results = json.load(f)
+        if "all" in results:  # a run trained on all classes (Tab. 2 source)
+            return dict(all=float(results["all"]))
         return dict(base=float(results["base"]), new=float(results["new"]))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise tb.RunError(f"cannot read {path} ({type(e).__name__}: {e}); pass --recompute") from None
@@ -205,8 +207,11 @@ def evaluate_run(run: str, ckpt: dict, opts) -> dict:
         if dpc:
             results = td.evaluate_dpc(learner, splits, *dpc_prompts(ckpt, s.omega_b, opts.device), s)
         else:
-            results = tb.base_to_new(learner, splits, opts.device, opts.workers)
-    row.update(base=results["base"], new=results["new"], hm=tb.harmonic_mean(results["base"], results["new"]))
+            results = tb.base_to_new(learner, splits, opts.device, opts.workers, subsample=a.get("subsample", "base"))
+    if "all" in results:
+        row.update(all=results["all"])
+    else:
+        row.update(base=results["base"], new=results["new"], hm=tb.harmonic_mean(results["base"], results["new"]))
     tb.log_results(row, f"{method(row['learner'], row['kind'])} {row['data']} seed {row['seed']} "
                         f"[{row['source']}] {run}")
     return row
@@ -413,7 +418,10 @@ def main(args):
         tb.write_json_atomic(out, os.path.join(args.out, "transfer.json"))
     else:
         rows = [evaluate_run(run, ckpt, args) for run, ckpt in runs]
-        cells, averages = aggregate(rows)
+        if not any("base" in r for r in rows):
+            raise tb.RunError("only runs trained on all classes (Tab. 2 sources) were found: test them on other "
+                              "datasets with --target")
+        cells, averages = aggregate([r for r in rows if "base" in r])  # Tab. 2 sources have no base/new
         for c in cells:
             print(f"{c['learner']} {c['kind']} {c['data']}: seeds {c['seeds']}  base {c['base']:.2f}  "
                   f"new {c['new']:.2f}  HM {c['hm']:.2f}")

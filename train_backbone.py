@@ -50,6 +50,8 @@ def get_args(argv=None):
     p.add_argument("--shots", type=int, default=None,
                    help="images per class (16: base-to-new protocol; PromptKD: 0 = the full train split, all classes)")
     p.add_argument("--seed", type=int, default=1, help="run seed (the protocol averages seeds 1, 2, 3)")
+    p.add_argument("--subsample", default="base", choices=("base", "all"),
+                   help="train on the base classes (base-to-new, Tab. 1) or all classes (cross-dataset source, Tab. 2)")
     p.add_argument("--clip", default="ViT-B/16", help="CLIP weights: ViT-B/16 (~/.cache/clip), a .pt path, or 'tiny' (random, for smoke runs)")
     p.add_argument("--epochs", type=int, default=None, help="default per learner: " + "; ".join(
         f"{k} {v.DEFAULTS['epochs']}" for k, v in prompts.LEARNERS.items()))
@@ -177,14 +179,14 @@ def load_clip(name: str, device):
 def load_splits(dataset: str, root: str, shots: int, seed: int) -> dict:
     """Few-shot sets drawn over all classes (Dassl order), then the base/new views (DECISIONS #3).
 
-    Returns {"all": splits, "base": splits, "new": splits}, each {"train", "val", "test"}."""
+    Returns {"all", "base", "new", "full"}, each {"train", "val", "test"}; "full" before few-shot sampling."""
     if dataset == "synthetic" and not os.path.isdir(os.path.join(root, "synthetic")):
         data.make_synthetic_imagefolder(root, "synthetic")
     splits = data.read_splits(root, dataset)
     train, val = data.few_shot(splits["train"], splits["val"], shots, seed) if shots > 0 else (splits["train"], splits["val"])
     full = dict(splits, train=train, val=val)
     return {"all": full, "base": data.subsample(full, "base"), "new": data.subsample(full, "new"),
-            "full_base_train": data.subsample(splits, "base")["train"]}
+            "full": splits}
 
 
 def lr_at(epoch: int, base_lr: float, epochs: int) -> float:
@@ -233,8 +235,12 @@ def harmonic_mean(base: float, new: float) -> float:
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
-def base_to_new(learner, splits, device, workers=0, base_prompt=None, new_prompt=None) -> dict:
-    """Base accuracy: base test images among base classes (with base_prompt); new likewise."""
+def base_to_new(learner, splits, device, workers=0, base_prompt=None, new_prompt=None, subsample="base") -> dict:
+    """Base accuracy: base test images among base classes (with base_prompt); new likewise.
+    A run trained on all classes (Tab. 2's source) has one accuracy: all test images, all classes."""
+    if subsample == "all":
+        return dict(all=accuracy(learner, splits["all"]["test"], data.classnames_of(splits["all"]["test"]),
+                                 device, workers, base_prompt))
     base = accuracy(learner, splits["base"]["test"], data.classnames_of(splits["base"]["test"]), device, workers, base_prompt)
     new = accuracy(learner, splits["new"]["test"], data.classnames_of(splits["new"]["test"]), device, workers, new_prompt)
     return dict(base=base, new=new, hm=harmonic_mean(base, new))
@@ -242,9 +248,13 @@ def base_to_new(learner, splits, device, workers=0, base_prompt=None, new_prompt
 
 def log_results(results: dict, title: str):
     """Dassl's result block per split (parse_test_res.py greps '* accuracy: X%'), then one summary line."""
-    for split in ("base", "new"):
-        log(f"=> result ({title}, {split} classes)\n* accuracy: {results[split]:.2f}%")
-    log(f"{title}: base {results['base']:.2f}  new {results['new']:.2f}  HM {results['hm']:.2f}")
+    for split in ("base", "new", "all"):
+        if split in results:
+            log(f"=> result ({title}, {split} classes)\n* accuracy: {results[split]:.2f}%")
+    if "all" in results:
+        log(f"{title}: all classes {results['all']:.2f}")
+    else:
+        log(f"{title}: base {results['base']:.2f}  new {results['new']:.2f}  HM {results['hm']:.2f}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,8 +291,9 @@ def main(args):
     image_size = clip.visual.input_resolution
     splits = load_splits(args.data, args.root, args.shots, args.seed)
 
-    # PromptKD distils on unlabeled images of all classes; the others train on the base classes.
-    train_items = splits["all" if args.learner == "promptkd" else "base"]["train"]
+    # PromptKD distils on unlabeled images of all classes; the others train on the base classes
+    # (or on all of them for the cross-dataset protocol).
+    train_items = splits["all" if args.learner == "promptkd" else args.subsample]["train"]
     classnames = data.classnames_of(train_items)
     teacher = None
     if args.learner == "promptkd":
@@ -351,7 +362,7 @@ def main(args):
             for n, p in params.items():
                 p.copy_(gpa_sum[n])
     learner.eval()
-    results = base_to_new(learner, splits, args.device, args.workers)
+    results = base_to_new(learner, splits, args.device, args.workers, subsample=args.subsample)
     log_results(results, f"{args.learner} backbone")
     save_atomic(checkpoint(args, learner, classnames, args.epochs, optimizer, gpa_sum, finished=True),
                 os.path.join(args.output_dir, "checkpoint.pt"))

@@ -333,9 +333,9 @@ def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None,
 
 
 def load_dassl_backbone(run_dir: str, args):
-    if not args.data:
-        raise DPCError(f"{run_dir} is not a train_backbone.py run: for a Dassl folder pass --data (and --root, --clip)")
     learner, name = dassl_learner(run_dir, args.clip, args.device, args.teacher, args.teacher_clip)
+    if not args.data:
+        raise DPCError(f"{run_dir} is a Dassl run: pass --data (and --root, --clip) for it")
     return learner, dict(learner=name, clip=args.clip, data=args.data, args=dict(seed=args.seed or 1, root=args.root))
 
 
@@ -390,11 +390,12 @@ def main(args):
     args.output_dir = args.output_dir or os.path.join("output", args.data, f"{args.learner}_dpc", f"seed{args.seed}")
     previous = tb.check_run_folder(args)
     splits = tb.load_splits(args.data, args.root, args.shots, args.seed)
-    train_items = splits["base"]["train"]
+    args.subsample = backbone["args"].get("subsample", "base")          # Tab. 2 sources train on all classes
+    train_items = splits[args.subsample]["train"]
     classnames = data.classnames_of(train_items)                      # the n base classes
     tb.start_run(args)
     topk = check_topk(args.topk, len(classnames))
-    pool = train_items if args.negative_pool == "fewshot" else splits["full_base_train"]
+    pool = train_items if args.negative_pool == "fewshot" else data.subsample(splits["full"], args.subsample)["train"]
     sampler = NegativeSampler([item.label for item in pool], len(classnames), topk, args.seed)
     image_size = learner.clip.visual.input_resolution
     pool_images = data.ImageDataset(pool, data.train_transform(image_size), cache=len(pool) <= 20000)
@@ -485,7 +486,8 @@ def evaluate_dpc(learner, splits, tuned_prompt, mixed_prompt, args) -> dict:
     with torch.no_grad():
         base_prompt = base_class_prompt(mixed_prompt, tuned_prompt, args.omega_b, args.base_inference)
         new_prompt = new_class_prompt(mixed_prompt, tuned_prompt, args.omega_b, args.omega_n)   # Eq. (13)
-    return tb.base_to_new(learner, splits, args.device, args.workers, base_prompt, new_prompt)
+    return tb.base_to_new(learner, splits, args.device, args.workers, base_prompt, new_prompt,
+                          getattr(args, "subsample", "base"))
 
 
 def checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, epoch, optimizer, finished):

@@ -172,9 +172,12 @@ def test_end_to_end_other_learners(name, tmp_path, monkeypatch):
     else:
         extra = ["--shots", "2"]
     tb.main(tb.get_args(["--learner", name, "--epochs", "1", "--batch-size", "8"] + extra + common))
-    res = train_dpc.main(train_dpc.get_args(["--epochs", "1", "--workers", "0", "--shots", "2"]))
+    pool = ["--negative-pool", "full"] if name == "maple" else []   # negatives from the full base train split
+    res = train_dpc.main(train_dpc.get_args(["--epochs", "1", "--workers", "0", "--shots", "2"] + pool))
     backbone = json.loads(open(os.path.join("output", "synthetic", name, "seed1", "results.json")).read())
     assert abs(res["new"] - backbone["new"]) < 1e-9 and 0 <= res["base"] <= 100
+    if pool:  # 5 base classes x 20 train images of the synthetic set, not the 2-shot set
+        assert "negatives from 100 (full)" in open(os.path.join("output", "synthetic", "maple_dpc", "seed1", "log.txt")).read()
 
 
 def to_dassl(name, learner):
@@ -217,3 +220,19 @@ def test_dassl_promptkd_student_and_teacher_are_accepted(tmp_path):
     torch.testing.assert_close(logits(loaded, images, {}), logits(student.eval(), images, {}), atol=0.05, rtol=0.01)
     with pytest.raises(train_dpc.DPCError, match="--teacher"):
         train_dpc.dassl_learner(str(tmp_path / "student"), "tiny", "cpu")
+
+
+def test_cross_dataset_source_trains_on_all_classes(tmp_path, monkeypatch):
+    """Tab. 2: a source run on all classes, its DPC run, and both tested on another class list."""
+    monkeypatch.chdir(tmp_path)
+    common = ["--data", "synthetic", "--root", str(tmp_path / "data"), "--clip", "tiny", "--workers", "0"]
+    res = tb.main(tb.get_args(["--learner", "coop", "--epochs", "1", "--batch-size", "8", "--shots", "2",
+                               "--subsample", "all"] + common))
+    assert set(res) == {"all"} and 0 <= res["all"] <= 100
+    ckpt = torch.load(os.path.join("output", "synthetic", "coop", "seed1", "checkpoint.pt"), weights_only=False)
+    assert len(ckpt["classnames"]) == 10   # all classes of the synthetic set
+    dpc = train_dpc.main(train_dpc.get_args(["--epochs", "1", "--workers", "0", "--shots", "2"]))
+    assert set(dpc) == {"all"}
+    import evaluate
+    out = evaluate.main(evaluate.get_args(["output", "--target", "synthetic", "--out", "ev"]))
+    assert out and os.path.isfile(os.path.join("ev", "transfer.json"))

@@ -124,14 +124,17 @@ def main():
     pool = torch.randn(64, 3, size, size, device=dev)
     with torch.no_grad(), autocast(dev):
         tuned_text = F.normalize(coop.encode_text(names).float(), dim=-1)
-    sampler_time = [0.0]
+    sampler_time, pairs = [0.0], []
 
     def dpc_step():
         t0 = time.perf_counter()
         x, y = coop_images[:b], coop_labels[:b]
         with torch.no_grad(), prompts.substitute(coop, tuned), autocast(dev):
             scores = F.normalize(coop.encode_image(x).float(), dim=-1) @ tuned_text.t()
-        picked = sampler.sample(scores, y.cpu())
+        # A random CLIP ranks every image alike, so its top-K sets coincide and dedupe shrinks L;
+        # random scores give the L ~ b*K of a trained backbone (the model's scores are still computed).
+        picked = sampler.sample(scores + 100 * torch.randn_like(scores), y.cpu())
+        pairs.append(len(picked.pair_labels))
         pair_images = torch.cat([x[picked.positives], pool[[j % 64 for j in picked.negative_images]]])
         if dev == "cuda":
             torch.cuda.synchronize()
@@ -147,7 +150,7 @@ def main():
     sampler_time[0] = 0.0
     dpc = timed(dpc_step, r, dev)
     out["dpc"] = dict(step_s=dpc, coop_step_32_s=coop32, dpc_over_coop32=dpc / coop32,
-                      sampler_share=sampler_time[0] / (r + 1) / dpc)
+                      sampler_share=sampler_time[0] / (r + 1) / dpc, mean_pairs_L=sum(pairs) / len(pairs))
     out["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda"
                              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
@@ -158,7 +161,7 @@ def main():
     for name in args.learners.split(","):
         print(f"{name:10s} step {out[name]['step_s']:.3f} s = {out[name]['step_over_floor']:.2f} x floor")
     d = out["dpc"]
-    print(f"DPC step (b=4, K={k}) = {d['dpc_over_coop32']:.2f} x CoOp step on 32 images; sampler share "
+    print(f"DPC step (b=4, K={k}, mean L {d['mean_pairs_L']:.1f}) = {d['dpc_over_coop32']:.2f} x CoOp step on 32 images; sampler share "
           f"{100 * d['sampler_share']:.1f}%")
     print(f"peak memory {out['peak_memory_mb']:.0f} MB")
     with open(args.out, "w") as f:
