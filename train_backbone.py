@@ -62,6 +62,9 @@ def get_args(argv=None):
     p.add_argument("--ctx-init", default=None, help="init phrase (default 'a photo of a'; '' = random init)")
     p.add_argument("--teacher", default=None, help="PromptKD: run folder of a promptsrc backbone run (ViT-L/14 in the paper)")
     p.add_argument("--kd-weight", type=float, default=None, help="PromptKD: 1000, or 200 for fgvc_aircraft, oxford_flowers, dtd")
+    p.add_argument("--select-best-on-base-test", action="store_true",
+                   help="keep the epoch with the best base TEST accuracy (PromptKD's original selection; "
+                        "test-set selection, so off by default: the last epoch is reported, DECISIONS #8)")
     p.add_argument("--gpa-mean", type=float, default=15.0, help="PromptSRC Gaussian prompt aggregation mean (epochs)")
     p.add_argument("--gpa-std", type=float, default=1.0, help="PromptSRC Gaussian prompt aggregation std (epochs)")
     p.add_argument("--output-dir", default=None, help="run folder (default output/<data>/<learner>/seed<seed>)")
@@ -312,11 +315,11 @@ def main(args):
     optimizer = torch.optim.SGD(params.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(enabled=args.device.startswith("cuda") and not torch.cuda.is_bf16_supported())
     gpa = prompts.gpa_weights(args.epochs, args.gpa_mean, args.gpa_std) if args.learner == "promptsrc" else None
-    gpa_sum, start_epoch = None, 1
+    gpa_sum, best, start_epoch = None, None, 1   # best: (base test accuracy, learner state)
     if previous is not None:
         prompts.load_learner_state(learner, previous["state"])
         optimizer.load_state_dict(previous["optimizer"])
-        gpa_sum, start_epoch = previous["gpa_sum"], previous["epoch"] + 1
+        gpa_sum, best, start_epoch = previous["gpa_sum"], previous.get("best"), previous["epoch"] + 1
         log(f"resuming after epoch {previous['epoch']}")
 
     transform = data.train_transform(image_size)
@@ -354,17 +357,25 @@ def main(args):
         if gpa is not None:  # PromptSRC §3.3: Gaussian-weighted sum of the end-of-epoch prompts
             snapshot = {n: p.detach().float() * gpa[epoch - 1] for n, p in params.items()}
             gpa_sum = snapshot if gpa_sum is None else {n: gpa_sum[n] + snapshot[n] for n in snapshot}
-        save_atomic(checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, finished=False),
+        if args.select_best_on_base_test:  # PromptKD's original selection: on the base TEST split
+            learner.eval()
+            acc = accuracy(learner, splits["base"]["test"], data.classnames_of(splits["base"]["test"]),
+                           args.device, args.workers)
+            best = (acc, prompts.learner_state(learner)) if best is None or acc > best[0] else best
+            log(f"epoch {epoch}: base test accuracy {acc:.2f} (best {best[0]:.2f})")
+        save_atomic(checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, best, finished=False),
                     os.path.join(args.output_dir, "checkpoint.pt"))
 
     if gpa_sum is not None:  # checkpoints hold the last epoch's prompts, never the aggregate
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(gpa_sum[n])
+    if best is not None:
+        prompts.load_learner_state(learner, best[1])
     learner.eval()
     results = base_to_new(learner, splits, args.device, args.workers, subsample=args.subsample)
     log_results(results, f"{args.learner} backbone")
-    save_atomic(checkpoint(args, learner, classnames, args.epochs, optimizer, gpa_sum, finished=True),
+    save_atomic(checkpoint(args, learner, classnames, args.epochs, optimizer, gpa_sum, best, finished=True),
                 os.path.join(args.output_dir, "checkpoint.pt"))
     write_json_atomic(dict(results, kind="backbone", learner=args.learner, data=args.data, seed=args.seed,
                            shots=args.shots, epochs=args.epochs), os.path.join(args.output_dir, "results.json"))
@@ -374,11 +385,11 @@ def main(args):
     return results
 
 
-def checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, finished):
+def checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, best, finished):
     """Small and self-describing: the learner's own tensors, never the frozen CLIP."""
     return dict(kind="backbone", learner=args.learner, clip=args.clip, data=args.data, classnames=classnames,
                 state=prompts.learner_state(learner), epoch=epoch, finished=finished, args=vars(args),
-                optimizer=optimizer.state_dict(), gpa_sum=gpa_sum)
+                optimizer=optimizer.state_dict(), gpa_sum=gpa_sum, best=best)
 
 
 def run(argv=None):

@@ -278,3 +278,13 @@ def test_bad_runs_end_in_one_error_line(case, runs, data_root, tmp_path, monkeyp
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert needle in lines[0], lines[0]
+
+
+def test_select_best_on_base_test_keeps_the_best_epoch(data_root, tmp_path, monkeypatch):
+    """PromptKD's original model selection (DECISIONS #8): the reported model is the best epoch's."""
+    monkeypatch.chdir(tmp_path)
+    res = main(get_args(argv("coop", data_root, "--epochs", "3", "--select-best-on-base-test", "--lr", "0.5")))
+    log = open(os.path.join("output", "synthetic", "coop", "seed1", "log.txt")).read()
+    per_epoch = [float(line.split("accuracy ")[1].split(" ")[0]) for line in log.splitlines()
+                 if "base test accuracy" in line]
+    assert len(per_epoch) == 3 and res["base"] == max(per_epoch)
