@@ -470,5 +470,8 @@ def tokenize(texts, context_length: int = 77, truncate: bool = False) -> torch.T
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Fetch an official CLIP checkpoint into ~/.cache/clip.")
     parser.add_argument("--download", required=True, choices=list(MODELS), help="model name")
-    print(download(parser.parse_args().download))
-    sys.exit(0)
+    name = parser.parse_args().download
+    try:
+        print(download(name))
+    except (OSError, CLIPLoadError) as e:  # no network, a proxy, a full disk: one line, not a traceback
+        sys.exit(f"error: download failed ({e}); fetch {model_url(name)} by hand into {CACHE_DIR}")

@@ -37,7 +37,11 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
+
+# Dataset images are the user's own files, not untrusted uploads: decode large ones instead of
+# refusing them as decompression bombs (PIL's default above 179M pixels).
+Image.MAX_IMAGE_PIXELS = None
 from torchvision import transforms as T
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -450,4 +454,155 @@ def make_synthetic_imagefolder(root: str, name: str = "synthetic", n_classes: in
             os.makedirs(class_dir, exist_ok=True)
             for i in range(n):
                 Image.fromarray(images[i]).save(os.path.join(class_dir, f"{i}.png"), compress_level=1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Toy world: coloured shapes named in words, where CLIP-style zero-shot transfer really happens
+#
+# A class is a (colour, shape) combination, named in words ("red triangle"); an image is that shape
+# drawn on a textured background with nuisance variation (position, size, rotation, colour jitter,
+# lighting, pixel noise). tools/pretrain_toy_clip.py trains the shipped small CLIP
+# (assets/toy_clip.pt) on captions of every combination EXCEPT the benchmark's new classes: each new
+# colour and shape was seen, never together. So zero-shot accuracy on new classes measures
+# compositional transfer, the base classes were seen in pretraining, and base-to-new
+# generalisation and the Base-New Trade-off can be watched on a CPU. A synthetic world, not the
+# paper's benchmark: its numbers are not comparable to any published table.
+
+# RGB means; neighbours (red/orange/pink/brown, blue/purple, green/lime/teal) are easily confused
+# once jitter, lighting and noise are added.
+TOY_COLOURS = {"red": (205, 35, 40), "orange": (240, 125, 25), "yellow": (230, 205, 40),
+               "lime": (150, 215, 45), "green": (35, 150, 55), "teal": (25, 145, 150),
+               "blue": (40, 75, 215), "purple": (125, 55, 175), "pink": (235, 120, 185),
+               "brown": (125, 75, 40)}
+# circle/hexagon/pentagon and star/cross/heart differ in a few pixels at 32 x 32
+TOY_SHAPES = ("circle", "triangle", "square", "pentagon", "hexagon", "star", "cross", "heart")
+# Caption templates of pretraining; the first is CoOp's init phrase ("a photo of a") + class name.
+TOY_TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "a drawing of a {}.",
+                 "a photo of the {}.", "a small {}.")
+TOY_SIZE = 32  # image side in pixels (the toy CLIP's input resolution)
+
+
+def _toy_combos(offsets: tuple[int, int]) -> list[tuple[str, str]]:
+    """Shape s with the colours s + offset (mod 10): every shape twice, every colour at most twice."""
+    colours = list(TOY_COLOURS)
+    return [(colours[(s + o) % len(colours)], shape) for s, shape in enumerate(TOY_SHAPES) for o in offsets]
+
+
+def toy_new_combos() -> list[tuple[str, str]]:
+    """The 16 (colour, shape) pairs held out of pretraining: the benchmark's new classes."""
+    return _toy_combos((0, 5))
+
+
+def toy_base_combos() -> list[tuple[str, str]]:
+    """16 pairs seen in pretraining, with the same colours and shapes as the new ones: the base classes."""
+    return _toy_combos((2, 7))
+
+
+def toy_pretraining_combos() -> list[tuple[str, str]]:
+    """Every pair except the held-out ones (64 of 80): what the toy CLIP's captions describe."""
+    held_out = set(toy_new_combos())
+    return [(c, s) for s in TOY_SHAPES for c in TOY_COLOURS if (c, s) not in held_out]
+
+
+def toy_classname(colour: str, shape: str) -> str:
+    return f"{colour} {shape}"
+
+
+def _shape_outline(shape: str) -> np.ndarray:
+    """(P, 2) polygon of a shape of circumradius about 1 around the origin, y pointing down."""
+    if shape == "circle":
+        n, radii = 48, [1.0]
+    elif shape in ("triangle", "square", "pentagon", "hexagon"):
+        n, radii = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6}[shape], [1.0]
+    elif shape == "star":
+        n, radii = 10, [1.0, 0.45]  # alternating outer and inner corners
+    elif shape == "cross":
+        a = 0.33  # half the arm width
+        return np.array([(a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a),
+                         (-1, a), (-1, -a), (-a, -a), (-a, -1)], dtype=np.float64)
+    elif shape == "heart":  # the classic parametric heart, scaled to fit the unit disc
+        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        return np.stack([x, y + 2.5], axis=1) / 16.5
+    else:
+        raise DataError(f"unknown toy shape {shape!r}; choose one of {', '.join(TOY_SHAPES)}")
+    angles = -np.pi / 2 + 2 * np.pi * np.arange(n) / n  # first corner points up
+    r = np.array([radii[i % len(radii)] for i in range(n)])
+    return np.stack([r * np.cos(angles), r * np.sin(angles)], axis=1)
+
+
+def _toy_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size, 3) float: a muted colour with stripes, blotches or a checkerboard on it."""
+    base = rng.uniform(50, 200) + rng.normal(0, 18, size=3)  # (3,) greyish, slightly tinted
+    yy, xx = np.mgrid[0:size, 0:size] / size  # (S, S) each, in [0, 1)
+    kind = rng.integers(3)
+    if kind == 0:  # stripes of a random direction and frequency
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(1.5, 5)
+        texture = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
+    elif kind == 1:  # blotches: 4 x 4 noise upsampled smoothly
+        coarse = Image.fromarray(rng.normal(0, 1, size=(4, 4)).astype(np.float32), mode="F")
+        texture = np.asarray(coarse.resize((size, size), Image.BICUBIC), dtype=np.float64)
+    else:  # checkerboard of a random cell size
+        cell = rng.integers(3, 9)
+        texture = ((np.arange(size)[:, None] // cell + np.arange(size)[None, :] // cell) % 2) * 2.0 - 1
+    tint = rng.normal(0, 1, size=3)  # (3,) the texture is coloured too
+    return base + rng.uniform(8, 35) * texture[..., None] * (1 + 0.3 * tint)  # (S, S, 3)
+
+
+def render_toy_image(colour: str, shape: str, rng: np.random.Generator, size: int = TOY_SIZE) -> np.ndarray:
+    """One (size, size, 3) uint8 image of a `colour` `shape`; all nuisance comes from `rng`."""
+    background = _toy_background(rng, size)
+    # The shape: random size (circumradius 18-38% of the side), rotation and position (fully inside).
+    radius = rng.uniform(0.18, 0.38) * size
+    centre = rng.uniform(radius, size - radius, size=2)
+    theta = rng.uniform(0, 2 * np.pi)
+    rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    points = _shape_outline(shape) @ rotation.T * radius + centre  # (P, 2) in pixels
+    # Antialiased mask: drawn 4x larger, then box-averaged down to alpha in [0, 1].
+    big = Image.new("L", (4 * size, 4 * size), 0)
+    ImageDraw.Draw(big).polygon([(4 * x, 4 * y) for x, y in points], fill=255)
+    alpha = np.asarray(big.resize((size, size), Image.BOX), dtype=np.float64)[..., None] / 255  # (S, S, 1)
+    # The shape's colour: per-channel jitter and a brightness factor, then lighting over the image.
+    paint = np.array(TOY_COLOURS[colour], dtype=np.float64) * rng.uniform(0.75, 1.15) + rng.normal(0, 15, size=3)
+    image = background * (1 - alpha) + paint * alpha  # (S, S, 3)
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    light_angle = rng.uniform(0, 2 * np.pi)
+    image = image * (1 + rng.uniform(0, 0.35) * (xx * np.cos(light_angle) + yy * np.sin(light_angle)))[..., None]
+    image = image + rng.normal(0, rng.uniform(3, 14), size=image.shape)  # pixel noise
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def toy_rng(seed: int, *keys: int) -> np.random.Generator:
+    """The generator of one image, keyed by (seed, split, class, index): independent of order."""
+    return np.random.default_rng([seed, *keys])
+
+
+def make_toy_dataset(root: str, n_train: int = 32, n_val: int = 8, n_test: int = 50, seed: int = 0) -> str:
+    """Write the toy benchmark `<root>/toy/{train,val,test}/<class folder>/*.png` + classnames.txt.
+
+    16 base classes (folders base_00_... base_15_..., seen in pretraining) and 16 new classes
+    (new_00_... new_15_..., held out of pretraining). Sorted folders put base first, so
+    subsample()'s first ceil(n/2) labels are exactly the base classes. Deterministic: the same
+    arguments give the same PNGs on every machine (numpy's PCG64 streams + PIL drawing).
+    n_train = 32 allows 16-shot sampling. Returns `<root>/toy`.
+    """
+    out = os.path.join(root, "toy")
+    classes = [(f"base_{i:02d}_{c}_{s}", c, s) for i, (c, s) in enumerate(toy_base_combos())]
+    classes += [(f"new_{i:02d}_{c}_{s}", c, s) for i, (c, s) in enumerate(toy_new_combos())]
+    tmp = out + ".part"  # written aside and renamed: an interrupted run never leaves half a dataset
+    if os.path.isdir(tmp):
+        import shutil
+        shutil.rmtree(tmp)
+    for split_id, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
+        for class_id, (folder, colour, shape) in enumerate(classes):
+            class_dir = os.path.join(tmp, split, folder)
+            os.makedirs(class_dir, exist_ok=True)
+            for i in range(n):
+                image = render_toy_image(colour, shape, toy_rng(seed, split_id, class_id, i))
+                Image.fromarray(image).save(os.path.join(class_dir, f"{i:03d}.png"), compress_level=1)
+    with open(os.path.join(tmp, "classnames.txt"), "w") as f:
+        f.writelines(f"{folder} {toy_classname(c, s)}\n" for folder, c, s in classes)
+    os.replace(tmp, out)
     return out

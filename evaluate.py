@@ -11,6 +11,7 @@ Tab. 1 (seeds 1-3 of each dataset, then one table; --out gets results.json and t
     python train_backbone.py --learner coop --data eurosat --root /data --seed 1
     python train_dpc.py --backbone output/eurosat/coop/seed1
     python evaluate.py output/                          # every finished run below output/
+    python evaluate.py output/toy --zero-shot           # + a "Zero-shot CLIP" row per dataset
     python evaluate.py output/eurosat/coop_dpc/seed1 --omega-n 0     # recomputes: new classes with P only
 Fig. 6 (evaluation only, no retraining; --out gets sweep.json):
     python evaluate.py output/eurosat/coop_dpc --sweep omega_n --values 0,1e-6,0.01,0.05,0.1,0.2
@@ -36,7 +37,6 @@ from argparse import Namespace
 
 import torch
 
-import clip_model
 import data
 import prompts
 import train_backbone as tb
@@ -76,7 +76,6 @@ PAPER = {(learner, row): {**{d: (_BASE[learner][i][k], _NEW[learner][k]) for k, 
 PAPER_FIG6 = {"omega_b": {0: 81.98, 0.1: 84.7, 0.2: 85.15, 0.3: 85.1, 0.5: 84.85, 1.0: 84.28},
               "omega_n": {0: 68.84, 0.01: 68.73, 0.02: 68.65, 0.05: 68.18, 0.1: 67.35, 0.2: 65.88}}
 NAMES = {"coop": "CoOp", "maple": "MaPLe", "promptsrc": "PromptSRC", "promptkd": "PromptKD"}
-ERRORS = (tb.RunError, td.DPCError, data.DataError, clip_model.CLIPLoadError, prompts.LearnerError)
 
 
 def method(learner: str, kind: str) -> str:
@@ -84,10 +83,12 @@ def method(learner: str, kind: str) -> str:
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EPILOG,
+    p = tb.Parser(description=__doc__.split("\n")[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders (holding checkpoint.pt) or folders above them")
     p.add_argument("--recompute", action="store_true", help="recompute from checkpoint.pt, not results.json")
+    p.add_argument("--zero-shot", action="store_true",
+                   help="add a 'Zero-shot CLIP' row per dataset: the runs' CLIP with 'a photo of a {}.' (no training)")
     # The three DPC overrides imply --recompute; each defaults to the run's own value.
     p.add_argument("--omega-b", type=float, default=None,
                    help="ω_b in (0, 1] at inference: moves the base prompt ω_b P' + (1-ω_b) P of "
@@ -217,6 +218,29 @@ def evaluate_run(run: str, ckpt: dict, opts) -> dict:
     return row
 
 
+def zero_shot_rows(runs, opts) -> list[dict]:
+    """Zero-shot CLIP per (dataset, CLIP) of the base-to-new runs: an untrained CoOp learner from
+    "a photo of a", which is zero-shot CLIP with the template "a photo of a {}." (tested in
+    tests/test_prompts.py). The test splits do not depend on the seed, so one row per dataset."""
+    clips = {ckpt["clip"] for _, ckpt in runs}
+    rows, done = [], set()
+    for _, ckpt in runs:
+        a = ckpt["args"]
+        key = (ckpt["data"], ckpt["clip"], opts.root or a["root"])
+        if a.get("subsample", "base") == "all" or key in done:  # Tab. 2 sources have no base/new split
+            continue
+        done.add(key)
+        learner = prompts.build_learner("coop", tb.load_clip(ckpt["clip"], opts.device), ctx_init="a photo of a")
+        splits = tb.load_splits(ckpt["data"], key[2], 0, a["seed"])
+        results = tb.base_to_new(learner.to(opts.device).eval(), splits, opts.device, opts.workers)
+        name = "Zero-shot CLIP" + ("" if len(clips) == 1 else f" ({ckpt['clip']})")
+        row = dict(run=None, kind="zeroshot", learner=name, data=ckpt["data"], seed=a["seed"], clip=ckpt["clip"],
+                   source="computed", base=results["base"], new=results["new"], hm=results["hm"])
+        tb.log_results(row, f"{name} {ckpt['data']} [{ckpt['clip']}, 'a photo of a {{}}.']")
+        rows.append(row)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------
 # Seeds -> datasets -> Tab. 1
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +300,8 @@ def format_table(cells: list[dict], averages: list[dict], markdown=False, blocks
     titles = {"average": f"Avg over {n} dataset{'s' * (n > 1)}",
               **{d: data.DATASETS[d].display_name if d in data.DATASETS else d for d in names}}
     learners = {name: i for i, name in enumerate(prompts.LEARNERS)}
-    rows = sorted({(a["learner"], a["kind"]) for a in averages}, key=lambda r: (learners.get(r[0], 99), r))
+    rows = sorted({(a["learner"], a["kind"]) for a in averages},
+                  key=lambda r: (-1 if r[1] == "zeroshot" else learners.get(r[0], 99), r))  # zero-shot first
     columns, lines = ["average"] + names, []
     for start in range(0, len(columns), blocks_per_line):
         chunk = columns[start:start + blocks_per_line]
@@ -356,7 +381,7 @@ def sweep(runs, opts) -> dict:
     means = {k: [mean(col) for col in zip(*v)] for k, v in means.items()}
     for k, v in means.items():
         print(f"mean over seeds {k}: " + "  ".join(f"{x:.2f}" for x in v))
-    print(f"paper Fig. 6 (CoOp, avg over 11 datasets, read off the plot): " +
+    print("paper Fig. 6 (CoOp, avg over 11 datasets, read off the plot): " +
           "  ".join(f"{v:g}: {x:.2f}" for v, x in PAPER_FIG6[opts.sweep].items()))
     return dict(parameter=opts.sweep, split=split, values=values, runs=rows, mean_over_seeds=means,
                 paper_fig6_coop_average=PAPER_FIG6[opts.sweep])
@@ -418,6 +443,7 @@ def main(args):
         tb.write_json_atomic(out, os.path.join(args.out, "transfer.json"))
     else:
         rows = [evaluate_run(run, ckpt, args) for run, ckpt in runs]
+        rows += zero_shot_rows(runs, args) if args.zero_shot else []
         if not any("base" in r for r in rows):
             raise tb.RunError("only runs trained on all classes (Tab. 2 sources) were found: test them on other "
                               "datasets with --target")
@@ -436,12 +462,7 @@ def main(args):
 
 
 def run(argv=None):
-    """Entry point: every expected failure ends in one line on stderr and exit code 2."""
-    try:
-        return main(get_args(argv))
-    except ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return tb.run_cli(main, get_args, argv, (td.DPCError,))
 
 
 if __name__ == "__main__":

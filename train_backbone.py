@@ -18,11 +18,11 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import clip_model
 import data
@@ -39,8 +39,16 @@ class RunError(ValueError):
 # Arguments
 # ------------------------------------------------------------------------------------------------
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose bad-flag message is one line (no usage block), like every other input error."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = Parser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--learner", required=True, choices=list(prompts.LEARNERS), help="prompt learner (paper §4.1)")
     p.add_argument("--data", required=True,
@@ -82,6 +90,8 @@ def get_args(argv=None):
     args.root = os.path.abspath(args.root)  # runs are re-evaluated from other folders
     args.teacher = args.teacher and os.path.abspath(args.teacher)
     check_positive(args, "epochs", "batch_size", "lr")
+    if args.shots < 0:
+        raise RunError(f"--shots must be 0 (all images) or positive, got {args.shots}")
     return args
 
 
@@ -117,7 +127,21 @@ def check_run_folder(args):
     if not args.resume:
         raise RunError(f"{args.output_dir} holds an unfinished run (epoch {previous['epoch']}/"
                        f"{previous['args']['epochs']}): pass --resume to continue or --overwrite to start over")
+    mine = dict(learner=args.learner, data=args.data, clip=getattr(args, "clip", previous["clip"]))
+    theirs = {k: previous.get(k) for k in mine}
+    if mine != theirs:
+        raise RunError(f"--resume: {args.output_dir} holds a run of {theirs}, this command asks for {mine}; "
+                       f"use the run's own flags or another --output-dir")
     return previous
+
+
+def check_disk(folder: str, tensors) -> None:
+    """Before training: room for a checkpoint (state + optimiser + the temp copy of an atomic write)."""
+    need = 3 * sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise RunError(f"only {free >> 20} MB free in {folder}, checkpoints need about {need >> 20} MB: "
+                       f"free some space or choose another --output-dir")
 
 
 def start_run(args):
@@ -166,17 +190,27 @@ def read_checkpoint(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise RunError(f"cannot read checkpoint {path} ({type(e).__name__}): it is corrupted or truncated; "
-                       f"rerun with --overwrite") from None
+                       f"train that run again (--overwrite)") from None
 
 
 # ------------------------------------------------------------------------------------------------
 # CLIP, data, schedule, evaluation (shared with train_dpc.py and evaluate.py)
 # ------------------------------------------------------------------------------------------------
 
+TOY_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy_clip.pt")
+
+
 def load_clip(name: str, device):
-    """'tiny' is a fixed random CLIP (seed 0) so every stage of a smoke run sees the same weights."""
-    model = clip_model.random_clip("tiny", seed=0) if name == "tiny" else clip_model.load(name)
-    return model.to(device)
+    """'tiny' is a fixed random CLIP (seed 0) so every stage of a smoke run sees the same weights;
+    'toy' is the small CLIP pretrained on the toy world, shipped in assets/ (tools/pretrain_toy_clip.py)."""
+    if name == "tiny":
+        return clip_model.random_clip("tiny", seed=0).to(device)
+    if name == "toy":
+        if not os.path.isfile(TOY_CLIP):
+            raise clip_model.CLIPLoadError(f"the toy CLIP {TOY_CLIP} is missing: restore it with `git checkout "
+                                           f"assets/toy_clip.pt` or rebuild it with `python tools/pretrain_toy_clip.py`")
+        return clip_model.load(TOY_CLIP).to(device)
+    return clip_model.load(name).to(device)
 
 
 def load_splits(dataset: str, root: str, shots: int, seed: int) -> dict:
@@ -185,8 +219,17 @@ def load_splits(dataset: str, root: str, shots: int, seed: int) -> dict:
     Returns {"all", "base", "new", "full"}, each {"train", "val", "test"}; "full" before few-shot sampling."""
     if dataset == "synthetic" and not os.path.isdir(os.path.join(root, "synthetic")):
         data.make_synthetic_imagefolder(root, "synthetic")
+    if dataset == "toy" and not os.path.isdir(os.path.join(root, "toy")):
+        data.make_toy_dataset(root)   # the toy world's benchmark split (data.py, "Toy world"), ~5 s
     splits = data.read_splits(root, dataset)
     train, val = data.few_shot(splits["train"], splits["val"], shots, seed) if shots > 0 else (splits["train"], splits["val"])
+    counts = {}
+    for item in splits["train"]:
+        counts[item.classname] = counts.get(item.classname, 0) + 1
+    short = sorted((n, name) for name, n in counts.items() if n < shots)
+    if short:  # Dassl takes all images of such a class, without repeats: so do we, but say so once
+        log(f"warning: --shots {shots}, but {len(short)} classes have fewer train images (fewest: {short[0][0]} "
+            f"in '{short[0][1]}'); those classes use all their images")
     full = dict(splits, train=train, val=val)
     return {"all": full, "base": data.subsample(full, "base"), "new": data.subsample(full, "new"),
             "full": splits}
@@ -210,12 +253,16 @@ def autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
-def make_loader(items, transform, batch_size, shuffle, workers, seed=0, drop_last=False):
-    """Small sets are decoded once and kept in memory, so decoding never dominates a step."""
-    dataset = data.ImageDataset(items, transform, cache=shuffle and len(items) <= 20000)
+def train_set(items, image_size):
+    """Training images with train augmentation. Small sets (few-shot) are decoded once, here, and kept
+    in memory: decoding never dominates a step, and an unreadable image stops the run before it starts."""
+    return data.ImageDataset(items, data.train_transform(image_size), cache=len(items) <= 20000)
+
+
+def make_loader(dataset, batch_size, shuffle, workers, seed=0, drop_last=False):
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       drop_last=drop_last and len(items) >= batch_size, generator=generator,
+                                       drop_last=drop_last and len(dataset) >= batch_size, generator=generator,
                                        persistent_workers=False, pin_memory=False)
 
 
@@ -225,7 +272,8 @@ def accuracy(learner, items, classnames, device, workers=0, prompt=None, batch_s
 
     `prompt` (optional) replaces the learner's prompt tensors (DPC's base or new prompt)."""
     correct = 0
-    loader = make_loader(items, data.test_transform(learner.clip.visual.input_resolution), batch_size, False, workers)
+    images = data.ImageDataset(items, data.test_transform(learner.clip.visual.input_resolution))
+    loader = make_loader(images, batch_size, False, workers)
     with prompts.substitute(learner, prompt or {}), autocast(device):
         text = learner.encode_text(classnames)                                  # (C, E)
         for images, labels, _ in loader:
@@ -305,10 +353,12 @@ def main(args):
         teacher, teacher_ckpt, _ = load_backbone(args.teacher, args.device)
         if teacher_ckpt["learner"] != "promptsrc":
             raise RunError(f"--teacher {args.teacher} is a {teacher_ckpt['learner']} run; PromptKD needs a promptsrc run")
+    train_images = train_set(train_items, image_size)
     start_run(args)
     torch.manual_seed(args.seed)  # prompt initialisation does not depend on the teacher being loaded
     learner = prompts.build_learner(args.learner, clip, teacher, args.n_ctx, args.ctx_init, args.kd_weight).to(args.device)
     params = prompts.trainable_parameters(learner)
+    check_disk(args.output_dir, prompts.learner_state(learner).values())
     log(f"learner {args.learner}: {sum(p.numel() for p in params.values()):,} trainable values in "
         f"{len(params)} tensors; {len(train_items)} train images, {len(classnames)} classes")
     # Dassl: SGD momentum 0.9, weight decay 5e-4 on every trainable tensor (DECISIONS #5).
@@ -322,12 +372,11 @@ def main(args):
         gpa_sum, best, start_epoch = previous["gpa_sum"], previous.get("best"), previous["epoch"] + 1
         log(f"resuming after epoch {previous['epoch']}")
 
-    transform = data.train_transform(image_size)
     steps_per_epoch = len(train_items) // args.batch_size if len(train_items) >= args.batch_size else 1
     for epoch in range(start_epoch, args.epochs + 1):
         # Every epoch is seeded by (seed, epoch): a resumed run replays exactly what it would have done.
         torch.manual_seed(args.seed * 1000 + epoch)
-        loader = make_loader(train_items, transform, args.batch_size, True, args.workers,
+        loader = make_loader(train_images, args.batch_size, True, args.workers,
                              seed=args.seed * 1000 + epoch, drop_last=True)
         lr = lr_at(epoch, args.lr, args.epochs)
         for group in optimizer.param_groups:
@@ -392,13 +441,36 @@ def checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, best, finis
                 optimizer=optimizer.state_dict(), gpa_sum=gpa_sum, best=best)
 
 
-def run(argv=None):
-    """Entry point: every expected failure ends in one line on stderr and exit code 2."""
+ERRORS = (RunError, data.DataError, clip_model.CLIPLoadError, prompts.LearnerError, OSError)
+
+
+def one_line(e: Exception) -> str:
+    """The message of an expected error on one line. An error raised in a DataLoader worker comes
+    back wrapped in the worker's traceback: keep its last line, the original message."""
+    message = str(e).strip()
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    if isinstance(e, OSError) and e.strerror:
+        message = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return message.replace("\n", " ")
+
+
+def run_cli(main_fn, get_args_fn, argv=None, errors=()):
+    """Entry point of every script: an expected failure ends in ONE line on stderr and exit code 2;
+    Ctrl-C ends in one line and exit code 130, keeping the last finished epoch's checkpoint."""
     try:
-        return main(get_args(argv))
-    except (RunError, data.DataError, clip_model.CLIPLoadError, prompts.LearnerError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        return main_fn(get_args_fn(argv))
+    except ERRORS + tuple(errors) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: a training run keeps its last finished epoch; rerun the same command with --resume",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def run(argv=None):
+    return run_cli(main, get_args, argv)
 
 
 if __name__ == "__main__":

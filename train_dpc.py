@@ -31,7 +31,6 @@ import argparse
 import glob
 import os
 import random
-import sys
 import time
 from typing import NamedTuple
 
@@ -39,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import clip_model
 import data
 import prompts
 import train_backbone as tb
@@ -316,7 +314,7 @@ def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None,
             break
     else:
         raise DPCError(f"no finished backbone run in {run_dir}: expected checkpoint.pt (train_backbone.py) "
-                       f"or a Dassl folder with {'/ '.join(DASSL_FOLDERS)}/model.pth.tar-N")
+                       f"or a Dassl folder <run>/<{'|'.join(DASSL_FOLDERS)}>/model.pth.tar-N")
     state = tb.read_checkpoint(files[-1])["state_dict"]
     teacher = None
     if any(k.startswith("VPT_image_trans") for k in state):
@@ -343,7 +341,7 @@ def load_dassl_backbone(run_dir: str, args):
 # Arguments
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="DPC stage 2 (paper §3.2-3.4)",
+    p = tb.Parser(description="DPC stage 2 (paper §3.2-3.4)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--backbone", default=None, help="stage-1 run folder (default: the last train_backbone.py run)")
     p.add_argument("--topk", type=int, default=8, help="K of the Negative Sampler (paper §4.1: K = 8)")
@@ -381,7 +379,10 @@ def main(args):
         learner, backbone, clip = tb.load_backbone(args.backbone, args.device)
     else:
         learner, backbone = load_dassl_backbone(args.backbone, args)
-    args.learner = backbone["learner"]
+    args.learner, args.clip = backbone["learner"], backbone["clip"]
+    if args.data and args.data != backbone["data"]:
+        raise DPCError(f"--data {args.data}, but the backbone {args.backbone} was trained on {backbone['data']}: "
+                       f"DPC continues on the backbone's own classes; drop --data or pick the matching backbone")
     args.data = args.data or backbone["data"]
     args.root = os.path.abspath(args.root or backbone["args"]["root"])
     args.seed = backbone["args"]["seed"] if args.seed is None else args.seed
@@ -393,12 +394,17 @@ def main(args):
     args.subsample = backbone["args"].get("subsample", "base")          # Tab. 2 sources train on all classes
     train_items = splits[args.subsample]["train"]
     classnames = data.classnames_of(train_items)                      # the n base classes
+    trained_on = backbone.get("classnames")                          # None for a Dassl folder
+    if trained_on and args.learner != "promptkd" and trained_on != classnames:
+        raise DPCError(f"the backbone was trained on other classes ({trained_on[:3]}...) than the base classes "
+                       f"of {args.data} under {args.root} ({classnames[:3]}...): wrong --root?")
+    image_size = learner.clip.visual.input_resolution
+    train_images = tb.train_set(train_items, image_size)             # decoded once, before anything is written
+    pool = train_items if args.negative_pool == "fewshot" else data.subsample(splits["full"], args.subsample)["train"]
+    pool_images = train_images if args.negative_pool == "fewshot" else tb.train_set(pool, image_size)
     tb.start_run(args)
     topk = check_topk(args.topk, len(classnames))
-    pool = train_items if args.negative_pool == "fewshot" else data.subsample(splits["full"], args.subsample)["train"]
     sampler = NegativeSampler([item.label for item in pool], len(classnames), topk, args.seed)
-    image_size = learner.clip.visual.input_resolution
-    pool_images = data.ImageDataset(pool, data.train_transform(image_size), cache=len(pool) <= 20000)
     logit_scale = learner.clip.logit_scale.exp().item()               # s = 1/τ = 100, frozen
     learner.eval()  # BN statistics of P stay P's (PromptKD's projector); CLIP has no dropout
 
@@ -407,6 +413,7 @@ def main(args):
     # 2. Weighting-Decoupling: the trainable tensor is the mixed prompt; Eq. (12) at P' = P gives P̃_b = P.
     mixed_prompt = {n: nn.Parameter(t) for n, t in weighting(tuned_prompt, tuned_prompt, args.omega_b).items()}
     optimizer = torch.optim.SGD(mixed_prompt.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    tb.check_disk(args.output_dir, list(tuned_prompt.values()) * 2)   # P and P̃_b are both saved
     start_epoch = 1
     if previous is not None:
         with torch.no_grad():
@@ -423,8 +430,8 @@ def main(args):
     for epoch in range(start_epoch, args.epochs + 1):
         torch.manual_seed(args.seed * 1000 + epoch)     # a resumed run replays exactly this epoch
         sampler.rng.seed(args.seed * 1000 + epoch)
-        loader = tb.make_loader(train_items, data.train_transform(image_size), args.batch_size, True,
-                                args.workers, seed=args.seed * 1000 + epoch, drop_last=True)
+        loader = tb.make_loader(train_images, args.batch_size, True, args.workers,
+                                seed=args.seed * 1000 + epoch, drop_last=True)
         lr = tb.lr_at(epoch, args.lr, args.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -507,12 +514,7 @@ def log_start(args, tuned_prompt, train_items, pool, topk):
 
 
 def run(argv=None):
-    """Entry point: every expected failure ends in one line on stderr and exit code 2."""
-    try:
-        return main(get_args(argv))
-    except (DPCError, tb.RunError, data.DataError, clip_model.CLIPLoadError, prompts.LearnerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return tb.run_cli(main, get_args, argv, (DPCError,))
 
 
 if __name__ == "__main__":

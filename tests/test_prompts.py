@@ -5,7 +5,6 @@ where the deep prompts enter the towers, the ViT-B/16 parameter counts, PromptSR
 losses against hand computations, and `substitute` (the hook DPC uses). CPU only, on a tiny random
 CLIP (clip_model.random_clip); nothing here reads the spec folder.
 """
-import io
 import math
 
 import pytest

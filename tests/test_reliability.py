@@ -1,0 +1,267 @@
+"""Reliability: every bad input gives one line and exit code 2 and writes nothing; interrupted runs
+resume to identical results; checkpoints are never lost. One test per row of README's table."""
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import evaluate
+import prompts
+import train_backbone as tb
+import train_dpc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A synthetic dataset, broken variants of it, and one finished CoOp backbone run."""
+    base = tmp_path_factory.mktemp("reliability")
+    root = str(base / "data")
+    data.make_synthetic_imagefolder(root, "synthetic")
+    src = os.path.join(root, "synthetic")
+
+    def variant(name, edit):
+        shutil.copytree(src, os.path.join(root, name))
+        edit(os.path.join(root, name))
+
+    variant("one_class", lambda d: [shutil.rmtree(os.path.join(d, s, c)) for s in ("train", "val", "test")
+                                    for c in os.listdir(os.path.join(d, s)) if c != "class_00"])
+    variant("empty_class", lambda d: [os.remove(os.path.join(d, "train", "class_03", f))
+                                      for f in os.listdir(os.path.join(d, "train", "class_03"))])
+    variant("other_test", lambda d: shutil.rmtree(os.path.join(d, "test", "class_09")))
+    variant("bad_image", lambda d: open(os.path.join(d, "train", "class_02", "0.png"), "wb").write(b"not a png"))
+    os.makedirs(os.path.join(root, "eurosat"))
+    with open(os.path.join(root, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
+        f.write("{ not json")
+    os.makedirs(os.path.join(root, "dtd", "images"))
+    with open(os.path.join(root, "dtd", "split_zhou_DescribableTextures.json"), "w") as f:
+        json.dump({"train": [["banded/missing.jpg", 0, "banded"]], "val": [], "test": []}, f)
+
+    cwd = os.getcwd()
+    os.chdir(base)
+    try:
+        tb.main(tb.get_args(common(root) + ["--learner", "coop", "--output-dir", "coop"]))
+    finally:
+        os.chdir(cwd)
+    return dict(base=base, root=root, coop=str(base / "coop"))
+
+
+def common(root, dataset="synthetic"):
+    return ["--data", dataset, "--root", root, "--clip", "tiny", "--epochs", "1", "--batch-size", "8",
+            "--workers", "0", "--shots", "4"]
+
+
+def fails(capsys, run, argv, fragment, cwd):
+    """run(argv) exits 2 with exactly one stderr line, 'error: ...' containing `fragment`."""
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run(argv)
+    finally:
+        os.chdir(old)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2, err
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert fragment in err[0], err[0]
+    return err[0]
+
+
+# -- the table: (what, script, flags, expected fragment) -----------------------------------------
+ROOT, CKPT = "<root>", "<coop>"
+CASES = [
+    ("missing root", tb.run, ["--learner", "coop", "--data", "eurosat", "--root", "/no/such/root"], "not found"),
+    ("unknown dataset", tb.run, ["--learner", "coop", "--data", "no_such_set", "--root", ROOT], "known datasets: imagenet"),
+    ("unknown learner", tb.run, ["--learner", "cocoop", "--data", "synthetic", "--root", ROOT], "choose from 'coop'"),
+    ("fewer than 2 classes", tb.run, ["--learner", "coop", "--data", "one_class", "--root", ROOT], "class"),
+    ("empty class folder", tb.run, ["--learner", "coop", "--data", "empty_class", "--root", ROOT], "has no images"),
+    ("train/test class sets differ", tb.run, ["--learner", "coop", "--data", "other_test", "--root", ROOT], "class"),
+    ("split JSON does not parse", tb.run, ["--learner", "coop", "--data", "eurosat", "--root", ROOT], "split_zhou_EuroSAT.json"),
+    ("split JSON points at missing files", tb.run, ["--learner", "coop", "--data", "dtd", "--root", ROOT], "missing.jpg"),
+    ("unreadable image", tb.run, ["--learner", "coop", "--data", "bad_image", "--root", ROOT, "--shots", "0"], "0.png"),
+    ("negative --shots", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--shots", "-1"], "--shots"),
+    ("batch size 0", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--batch-size", "0"], "--batch-size must be positive"),
+    ("epochs 0", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--epochs", "0"], "--epochs must be positive"),
+    ("negative lr", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--lr", "-1"], "--lr must be positive"),
+    ("--topk below 2", train_dpc.run, ["--backbone", CKPT, "--topk", "1"], "--topk must be at least 2"),
+    ("omega_b outside (0, 1]", train_dpc.run, ["--backbone", CKPT, "--omega-b", "1.5"], "--omega-b must be in (0, 1]"),
+    ("omega_n outside [0, 1]", train_dpc.run, ["--backbone", CKPT, "--omega-n", "-0.1"], "--omega-n must be in [0, 1]"),
+    ("missing CLIP weights", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--clip", "/no/ViT-B-16.pt"], "not found"),
+    ("ResNet checkpoint", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--clip", "<resnet>"], "only ViT backbones"),
+    ("resume with another learner", tb.run, ["--learner", "maple", "--data", "synthetic", "--root", ROOT, "--output-dir", "<unfinished>", "--resume"], "this command asks for"),
+    ("resume with another CLIP", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--clip", "<vit>", "--output-dir", "<unfinished>", "--resume"], "this command asks for"),
+    ("DPC on another dataset", train_dpc.run, ["--backbone", CKPT, "--data", "other_test"], "was trained on synthetic"),
+    ("DPC on another class set", train_dpc.run, ["--backbone", CKPT, "--root", "<renamed>"], "trained on other classes"),
+    ("corrupted checkpoint", train_dpc.run, ["--backbone", "<truncated>"], "corrupted or truncated"),
+    ("--backbone without a run", train_dpc.run, ["--backbone", "<empty>"], "no finished backbone run"),
+    ("finished run in --output-dir", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--output-dir", CKPT], "already holds a finished run"),
+    ("evaluate a folder without runs", evaluate.run, ["<empty>"], "no run in"),
+    ("output folder not writable", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--output-dir", "<file>/run"], "cannot write to"),
+]
+
+
+def prepare(world, tmp_path):
+    """Paths the table refers to."""
+    resnet = tmp_path / "rn50.pt"
+    torch.save({"visual.layer1.0.conv1.weight": torch.zeros(1), "visual.attnpool.c_proj.weight": torch.zeros(1)}, resnet)
+    vit = tmp_path / "vit.pt"   # a ViT of another width than 'tiny'
+    torch.save(torch.load(os.path.join(REPO, "tests", "fixtures", "clip_reference.pt"))["state_dict"], vit)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    ckpt = torch.load(os.path.join(world["coop"], "checkpoint.pt"), weights_only=False)
+    torch.save(dict(ckpt, finished=False), unfinished / "checkpoint.pt")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "checkpoint.pt").write_bytes(open(os.path.join(world["coop"], "checkpoint.pt"), "rb").read()[:300])
+    renamed = tmp_path / "renamed"
+    shutil.copytree(os.path.join(world["root"], "synthetic"), renamed / "synthetic")
+    (renamed / "synthetic" / "classnames.txt").write_text(
+        "\n".join(f"class_{i:02d} thing {i}" for i in range(10)) + "\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    return {ROOT: world["root"], CKPT: world["coop"], "<resnet>": str(resnet), "<vit>": str(vit),
+            "<unfinished>": str(unfinished), "<truncated>": str(truncated), "<renamed>": str(renamed),
+            "<empty>": str(tmp_path / "empty"), "<file>": str(tmp_path / "file")}
+
+
+@pytest.mark.parametrize("what, run, flags, fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_and_writes_nothing(world, tmp_path, capsys, what, run, flags, fragment):
+    paths = prepare(world, tmp_path)
+    argv = [functools.reduce(lambda text, kv: text.replace(*kv), paths.items(), a) for a in flags]
+    defaults = {"--workers": "0", "--shots": "4", "--output-dir": str(tmp_path / "out")}
+    if run is tb.run:
+        defaults.update({"--clip": "tiny", "--epochs": "1"})
+    if run is not evaluate.run:
+        argv += [x for k, v in defaults.items() if k not in argv for x in (k, v)]
+    before = {f: open(os.path.join(world["coop"], f), "rb").read() for f in ("checkpoint.pt", "results.json")}
+    fails(capsys, run, argv, fragment, tmp_path)
+    assert not (tmp_path / "out").exists(), "a failed start wrote a run folder"
+    assert before == {f: open(os.path.join(world["coop"], f), "rb").read() for f in before}
+
+
+def test_large_and_odd_images_are_converted(tmp_path):
+    """Grayscale/RGBA/palette/CMYK/16-bit are covered in test_data.py; here a 50-megapixel image."""
+    path = tmp_path / "big.png"
+    Image.new("RGB", (10000, 5000), (200, 30, 30)).save(path, compress_level=1)
+    x = data.ImageDataset([data.Item(str(path), 0, "big")], data.test_transform(32))[0][0]
+    assert x.shape == (3, 32, 32)
+
+
+def test_shots_above_class_size_warns_once(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tb.main(tb.get_args(common(world["root"]) + ["--learner", "coop", "--shots", "30"]))
+    out = capsys.readouterr().out
+    assert out.count("warning: --shots 30, but 10 classes have fewer train images (fewest: 20") == 1
+
+
+def test_topk_above_base_classes_is_clamped_with_one_warning(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    train_dpc.main(train_dpc.get_args(["--backbone", world["coop"], "--topk", "9", "--epochs", "1",
+                                       "--workers", "0", "--shots", "4"]))
+    assert capsys.readouterr().out.count("warning: --topk 9 > 5 base classes; using K = 5") == 1
+
+
+# -- faults ----------------------------------------------------------------------------------------
+
+def test_failed_write_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(world["coop"], run_dir)
+    good = (run_dir / "checkpoint.pt").read_bytes()
+
+    def broken_save(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        tb.save_atomic({"x": 1}, str(run_dir / "checkpoint.pt"))
+    assert (run_dir / "checkpoint.pt").read_bytes() == good
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    real = prompts.CoOp.training_loss
+    calls = {"n": 0}
+
+    def nan_in_epoch_2(self, images, labels, classnames):
+        out = real(self, images, labels, classnames)
+        calls["n"] += 1
+        return dict(out, loss=out["loss"] * float("nan")) if calls["n"] == 3 else out   # epoch 2, iteration 1
+
+    monkeypatch.setattr(prompts.CoOp, "training_loss", nan_in_epoch_2)
+    err = fails(capsys, tb.run, common(world["root"]) + ["--learner", "coop", "--epochs", "2", "--output-dir", "nan"],
+                "loss is nan at epoch 2 iteration 1", tmp_path)
+    ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and not ckpt["finished"] and "epoch 1" in err
+
+
+def test_not_enough_disk_space_is_refused_before_training(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
+    fails(capsys, tb.run, common(world["root"]) + ["--learner", "coop", "--output-dir", "full"], "MB free", tmp_path)
+    assert not (tmp_path / "full" / "checkpoint.pt").exists()
+
+
+def script(name, *argv):
+    return [sys.executable, os.path.join(REPO, name), *argv]
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_interrupted_run_resumes_to_identical_results(world, tmp_path, how):
+    """Kill a real run in the middle of epoch 2 (Ctrl-C or kill -9), resume it, compare bit for bit."""
+    flags = common(world["root"]) + ["--learner", "coop", "--epochs", "3", "--print-every", "1", "--shots", "8"]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    subprocess.run(script("train_backbone.py", *flags, "--output-dir", "straight"), cwd=tmp_path, env=env,
+                   check=True, capture_output=True)
+    proc = subprocess.Popen(script("train_backbone.py", *flags, "--output-dir", "cut"), cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the progress lines: stop it after the first iteration of epoch 2
+        if line.startswith("epoch 2/3 it 1/"):
+            proc.send_signal(getattr(signal, how))
+            break
+    _, err = proc.communicate(timeout=60)
+    if how == "SIGINT":
+        assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted:")
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and not ckpt["finished"]
+    subprocess.run(script("train_backbone.py", *flags, "--output-dir", "cut", "--resume"), cwd=tmp_path, env=env,
+                   check=True, capture_output=True)
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(straight["state"][k], resumed["state"][k]) for k in straight["state"])
+    assert json.loads((tmp_path / "straight" / "results.json").read_text()) == \
+        json.loads((tmp_path / "cut" / "results.json").read_text())
+
+
+def test_interrupted_dpc_run_resumes_to_identical_results(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--backbone", world["coop"], "--epochs", "2", "--workers", "0", "--shots", "4"]
+    straight = train_dpc.main(train_dpc.get_args(flags + ["--output-dir", "straight"]))
+    real = tb.make_loader
+
+    def crash_in_epoch_2(dataset, batch_size, shuffle, workers, seed=0, drop_last=False):
+        if shuffle and seed % 1000 == 2:
+            raise KeyboardInterrupt
+        return real(dataset, batch_size, shuffle, workers, seed=seed, drop_last=drop_last)
+
+    monkeypatch.setattr(tb, "make_loader", crash_in_epoch_2)
+    with pytest.raises(SystemExit) as exit_:
+        train_dpc.run(flags + ["--output-dir", "cut"])
+    assert exit_.value.code == 130
+    monkeypatch.setattr(tb, "make_loader", real)
+    resumed = train_dpc.main(train_dpc.get_args(flags + ["--output-dir", "cut", "--resume"]))
+    assert resumed == straight
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["mixed_prompt"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["mixed_prompt"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
