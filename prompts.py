@@ -7,6 +7,7 @@ small interface, which is all that train_backbone.py, train_dpc.py and evaluate.
     learner.encode_image(images)         -> (B, E) image features f(P_v, V)     (unnormalised)
     learner(images, classnames)          -> (B, C) logits, Eq. (4)
     learner.training_loss(images, labels, classnames) -> dict(loss=..., logits=..., <terms>)
+    learner.image_prompts                -> whether f(V) depends on the prompt tensors at all
     prompt_tensors(learner)              -> {name: tensor}: the tuned prompt P of DPC (Eq. 5)
     learner_state(learner) / load_learner_state(learner, state): the small checkpoint
 
@@ -105,6 +106,7 @@ class CoOp(nn.Module):
     """
     DEFAULTS = dict(epochs=20, lr=0.002, batch_size=32,
                     source="lr: CoOp vit_b16_ctxv1; 20 epochs: DPC paper Tab. 5; batch 32: DPC paper §4.1")
+    image_prompts = False  # f(V) does not depend on the prompt: DPC reuses image features
 
     def __init__(self, clip, n_ctx: int = 4, ctx_init: str = "a photo of a"):
         super().__init__()
@@ -142,6 +144,8 @@ class MaPLe(nn.Module):
     """
     DEFAULTS = dict(epochs=5, lr=0.0035, batch_size=32,
                     source="epochs/lr: MaPLe vit_b16_c2_ep5_batch4_2ctx; batch 32: DPC paper §4.1")
+
+    image_prompts = True
 
     def __init__(self, clip, n_ctx: int = 2, ctx_init: str = "a photo of a", depth: int = 9):
         super().__init__()
@@ -213,6 +217,8 @@ class PromptSRC(nn.Module):
     """
     DEFAULTS = dict(epochs=20, lr=0.0025, batch_size=32,
                     source="epochs/lr: PromptSRC vit_b16_c2_ep20_batch4_4+4ctx; batch 32: DPC paper §4.1")
+
+    image_prompts = True
 
     def __init__(self, clip, n_ctx_text: int = 4, n_ctx_vision: int = 4, depth_text: int = 9,
                  depth_vision: int = 9, ctx_init: str = "a photo of a", text_weight: float = 25.0,
@@ -299,6 +305,8 @@ class PromptKD(nn.Module):
     DEFAULTS = dict(epochs=20, lr=0.005, batch_size=32,
                     source="PromptKD config vit_b16_c2_ep20_batch32_4+4ctx used by the DPC release")
     dpc_extra = ("teacher.ctx", "teacher.text_deep.")  # teacher text prompts: part of P for DPC
+
+    image_prompts = True
 
     def __init__(self, clip, teacher: PromptSRC, n_ctx_vision: int = 4, depth_vision: int = 9,
                  kd_weight: float = 1000.0, temperature: float = 1.0):

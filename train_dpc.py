@@ -443,18 +443,21 @@ def main(args):
             # 3. Negative Sampler: the frozen backbone (P) ranks all base classes for each image.
             t0 = time.time()
             with torch.no_grad(), prompts.substitute(learner, tuned_prompt), tb.autocast(args.device):
-                tuned_image = F.normalize(learner.encode_image(images).float(), dim=-1)  # (B, E)
-            picked = sampler.sample(tuned_image @ tuned_text.t(), labels)              # scores (B, n)
+                batch_image = learner.encode_image(images)                            # (B, E)
+            picked = sampler.sample(F.normalize(batch_image.float(), dim=-1) @ tuned_text.t(), labels)  # (B, n)
             negatives = [pool_images[j][0] for j in picked.negative_images]
-            pair_images = torch.cat([images[picked.positives]] +
-                                    ([torch.stack(negatives).to(args.device)] if negatives else []))  # (L, 3, H, W)
+            negatives = torch.stack(negatives).to(args.device) if negatives else images[:0]   # (L - B', 3, H, W)
             pair_labels = torch.tensor(picked.pair_labels, device=args.device)          # (L,)
             t_sampler += time.time() - t0
 
             # 2. Decoupling: every forward uses P' = F⁻¹(P̃_b), so gradients reach P̃_b through it.
             parallel_prompt = decoupling(mixed_prompt, tuned_prompt, args.omega_b)
             with prompts.substitute(learner, parallel_prompt), tb.autocast(args.device):
-                image_features = learner.encode_image(pair_images)                   # (L, E)
+                if learner.image_prompts:
+                    image_features = learner.encode_image(torch.cat([images[picked.positives], negatives]))  # (L, E)
+                else:  # f(V) has no prompt (CoOp): the sampler's features of the positives serve as they are
+                    with torch.no_grad():
+                        image_features = torch.cat([batch_image[picked.positives], learner.encode_image(negatives)])
                 text_features = learner.encode_text(classnames)                      # (n, E)
             # 4. Feature Filtering, Eq. (6)-(8): ĝ(C) of all n base classes, then g(C') = Q · ĝ(C).
             pair_text = filter_features(text_features, pair_labels)                  # (L, E)

@@ -236,3 +236,18 @@ def test_cross_dataset_source_trains_on_all_classes(tmp_path, monkeypatch):
     import evaluate
     out = evaluate.main(evaluate.get_args(["output", "--target", "synthetic", "--out", "ev"]))
     assert out and os.path.isfile(os.path.join("ev", "transfer.json"))
+
+
+@pytest.mark.parametrize("name", list(prompts.LEARNERS))
+def test_image_prompts_flag_tells_the_truth(name):
+    """DPC reuses the sampler's image features when a learner says f(V) ignores its prompt."""
+    learner = make_learner(name)
+    images = torch.randn(2, 3, 32, 32)
+    tuned = prompts.prompt_tensors(learner)
+    torch.manual_seed(2)
+    moved = {n: t.detach() + 0.1 * torch.randn_like(t) for n, t in tuned.items()}
+    with torch.no_grad():
+        before = learner.encode_image(images)
+        with prompts.substitute(learner, moved):
+            after = learner.encode_image(images)
+    assert torch.equal(before, after) != learner.image_prompts

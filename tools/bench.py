@@ -11,7 +11,10 @@ Prints a table and writes bench.json:
   <learner>  training step (forward + backward + SGD) at --batch, and its floor: the frozen image
              encoder forward on the batch + the text encoder forward and backward over the C prompts
   dpc        one DPC step (b = 4, K = 8 -> L <= 32 pairs: sampler scores + L image forwards + text
-             forward/backward) against a CoOp backbone step on 32 images, and the sampler's share
+             forward/backward; mirrors train_dpc.py's loop body) against a CoOp backbone step on 32
+             images, and the sampler's share
+  eval       (a) images/s through train_backbone.accuracy (PNG decode, transform, DataLoader) over raw
+             encode_image images/s
 """
 import argparse
 import json
@@ -19,6 +22,7 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 
 import torch
@@ -26,7 +30,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_model  # noqa: E402
+import data  # noqa: E402
 import prompts  # noqa: E402
+import train_backbone as tb  # noqa: E402
 import train_dpc  # noqa: E402
 
 
@@ -54,6 +60,8 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--learners", default="coop,maple,promptsrc,promptkd")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--eval-images", type=int, default=400, help="synthetic test images for (a)")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes for (a)")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args()
     dev, r = args.device, args.repeats
@@ -89,6 +97,15 @@ def main():
 
     floor = timed(lambda: floor_step(images), r, dev)
     out["floor_s"] = floor
+    # learners with visual prompts cannot avoid the image encoder's backward pass either
+    visual_prompt = torch.zeros(4, clip.visual.conv1.weight.shape[0], device=dev, requires_grad=True)
+
+    def image_backward(x):
+        with autocast(dev):
+            clip.encode_image(x, visual_prompt).float().sum().backward()
+
+    floor_visual = floor + timed(lambda: image_backward(images), r, dev)
+    out["floor_with_image_backward_s"] = floor_visual
     for name in args.learners.split(","):
         teacher = prompts.PromptSRC(clip).to(dev) if name == "promptkd" else None
         learner = prompts.build_learner(name, clip, teacher).to(dev).train()
@@ -102,7 +119,8 @@ def main():
             opt.step()
 
         t = timed(step, r, dev)
-        out[name] = dict(step_s=t, step_over_floor=t / floor, images_per_s=args.batch / t)
+        out[name] = dict(step_s=t, step_over_floor=t / floor, images_per_s=args.batch / t,
+                         step_over_floor_with_image_backward=t / floor_visual if learner.image_prompts else None)
 
     # (c), (d): DPC step at b = 4, K = 8 vs a CoOp backbone step on 32 images
     b, k = 4, min(8, args.classes)
@@ -130,17 +148,20 @@ def main():
         t0 = time.perf_counter()
         x, y = coop_images[:b], coop_labels[:b]
         with torch.no_grad(), prompts.substitute(coop, tuned), autocast(dev):
-            scores = F.normalize(coop.encode_image(x).float(), dim=-1) @ tuned_text.t()
+            batch_image = coop.encode_image(x)
+        scores = F.normalize(batch_image.float(), dim=-1) @ tuned_text.t()
         # A random CLIP ranks every image alike, so its top-K sets coincide and dedupe shrinks L;
         # random scores give the L ~ b*K of a trained backbone (the model's scores are still computed).
         picked = sampler.sample(scores + 100 * torch.randn_like(scores), y.cpu())
         pairs.append(len(picked.pair_labels))
-        pair_images = torch.cat([x[picked.positives], pool[[j % 64 for j in picked.negative_images]]])
+        negatives = pool[[j % 64 for j in picked.negative_images]]
         if dev == "cuda":
             torch.cuda.synchronize()
         sampler_time[0] += time.perf_counter() - t0
         with prompts.substitute(coop, train_dpc.decoupling(mixed, tuned, 0.2)), autocast(dev):
-            img, txt = coop.encode_image(pair_images), coop.encode_text(names)
+            with torch.no_grad():  # as train_dpc.py: CoOp's positives reuse the sampler's image features
+                img = torch.cat([batch_image[picked.positives], coop.encode_image(negatives)])
+            txt = coop.encode_text(names)
         loss = train_dpc.hard_negative_loss(img, train_dpc.filter_features(txt, torch.tensor(picked.pair_labels, device=dev)), 100.0)
         dpc_opt.zero_grad()
         loss.backward()
@@ -151,15 +172,38 @@ def main():
     dpc = timed(dpc_step, r, dev)
     out["dpc"] = dict(step_s=dpc, coop_step_32_s=coop32, dpc_over_coop32=dpc / coop32,
                       sampler_share=sampler_time[0] / (r + 1) / dpc, mean_pairs_L=sum(pairs) / len(pairs))
+    # (a) evaluation through train_backbone.accuracy (decode + transform + loader) vs raw encode_image
+    folder = data.make_synthetic_imagefolder(tempfile.mkdtemp(), "bench", n_classes=10, n_train=1, n_val=0,
+                                             n_test=args.eval_images // 10, size=size)
+    items = data.read_splits(os.path.dirname(folder), "bench")["test"]
+    raw_images = torch.randn(100, 3, size, size, device=dev)
+
+    def raw():
+        with torch.no_grad(), autocast(dev):
+            for _ in range(len(items) // 100):
+                clip.encode_image(raw_images)
+
+    t_raw = timed(raw, 1, dev)
+    t_eval = timed(lambda: tb.accuracy(coop, items, data.classnames_of(items), dev, args.workers), 1, dev)
+    out["eval"] = dict(images=len(items), raw_images_per_s=len(items) / t_raw, eval_images_per_s=len(items) / t_eval,
+                       eval_over_raw_throughput=t_raw / t_eval, workers=args.workers)
+
     out["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda"
                              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
     print(f"machine: {out['machine']}, {args.arch}, {args.classes} classes, {out['threads']} threads")
     t = out["text_eot"]
     print(f"text encoder EOT truncation: {t['speedup']:.2f}x faster, max rel diff {t['max_rel_diff']:.1e}")
-    print(f"step floor (frozen image fwd on {args.batch} + text fwd/bwd): {floor:.3f} s")
+    e = out["eval"]
+    print(f"evaluation: {e['eval_images_per_s']:.1f} img/s through accuracy() vs {e['raw_images_per_s']:.1f} img/s raw "
+          f"encode_image = {e['eval_over_raw_throughput']:.2f} ({e['workers']} workers)")
+    print(f"step floor (frozen image fwd on {args.batch} + text fwd/bwd): {floor:.3f} s; "
+          f"+ image backward: {floor_visual:.3f} s")
     for name in args.learners.split(","):
-        print(f"{name:10s} step {out[name]['step_s']:.3f} s = {out[name]['step_over_floor']:.2f} x floor")
+        o = out[name]
+        extra = (f", {o['step_over_floor_with_image_backward']:.2f} x floor incl. image backward"
+                 if o["step_over_floor_with_image_backward"] else "")
+        print(f"{name:10s} step {o['step_s']:.3f} s = {o['step_over_floor']:.2f} x floor{extra}")
     d = out["dpc"]
     print(f"DPC step (b=4, K={k}, mean L {d['mean_pairs_L']:.1f}) = {d['dpc_over_coop32']:.2f} x CoOp step on 32 images; sampler share "
           f"{100 * d['sampler_share']:.1f}%")
