@@ -207,8 +207,8 @@ def load_clip(name: str, device):
         return clip_model.random_clip("tiny", seed=0).to(device)
     if name == "toy":
         if not os.path.isfile(TOY_CLIP):
-            raise clip_model.CLIPLoadError(f"the toy CLIP {TOY_CLIP} is missing: restore it with `git checkout "
-                                           f"assets/toy_clip.pt` or rebuild it with `python tools/pretrain_toy_clip.py`")
+            raise clip_model.CLIPLoadError(f"the toy CLIP {TOY_CLIP} is missing: it is built by "
+                                           f"tools/pretrain_toy_clip.py (the toy world, see README); use --clip tiny meanwhile")
         return clip_model.load(TOY_CLIP).to(device)
     return clip_model.load(name).to(device)
 
