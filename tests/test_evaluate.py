@@ -16,16 +16,6 @@ import train_backbone as tb
 import train_dpc as td
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny CLIP gains nothing from threads; on a busy 2-core box torch's threads spin-wait and
-    this module took 60-75 s instead of 10 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{"root", "runs", "coop/seed1", "coop_dpc/seed1", ...}: four finished runs made by the scripts'

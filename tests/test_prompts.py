@@ -30,15 +30,6 @@ EXPECTED_TRAINABLE = {  # tensor names each learner trains (depth 9: deep prompt
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is faster than several, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def clip():
     return random_clip("tiny", seed=0)

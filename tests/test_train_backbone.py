@@ -19,15 +19,6 @@ LEARNERS = ["coop", "maple", "promptsrc", "promptkd"]
 TEACHER = os.path.join("output", "synthetic", "promptsrc", "seed1")   # the promptsrc smoke run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is faster than several, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
