@@ -292,7 +292,8 @@ def paper_cell(learner: str, kind: str, name: str, datasets=None):
 
 def format_table(cells: list[dict], averages: list[dict], markdown=False, blocks_per_line=3) -> str:
     """Tab. 1's layout: a (Base, New, H) block for the average and per dataset, a row per learner and a
-    "+ DPC" row; each of our numbers is followed by the paper's, or "–" where it has none."""
+    "+ DPC" row; each of our numbers is followed by the paper's, or "–" where it has none (no paper
+    column at all when none of the datasets is in the paper)."""
     by_key = {(c["learner"], c["kind"], c["data"]): c for c in cells + averages}
     order = {d: i for i, d in enumerate(PAPER_DATASETS)}
     names = sorted({c["data"] for c in cells}, key=lambda d: (order.get(d, len(order)), d))
@@ -302,7 +303,9 @@ def format_table(cells: list[dict], averages: list[dict], markdown=False, blocks
     learners = {name: i for i, name in enumerate(prompts.LEARNERS)}
     rows = sorted({(a["learner"], a["kind"]) for a in averages},
                   key=lambda r: (-1 if r[1] == "zeroshot" else learners.get(r[0], 99), r))  # zero-shot first
-    columns, lines = ["average"] + names, []
+    columns = names if len(names) == 1 else ["average"] + names  # one dataset: its block is the average
+    with_paper = any(d in PAPER_DATASETS for d in names)  # e.g. the toy world has no paper numbers at all
+    lines = []
     for start in range(0, len(columns), blocks_per_line):
         chunk = columns[start:start + blocks_per_line]
         table = [["Method"] + [t for d in chunk for t in (titles[d], "", "")],
@@ -313,8 +316,8 @@ def format_table(cells: list[dict], averages: list[dict], markdown=False, blocks
             for d in chunk:
                 ours = by_key.get((learner, kind, d))
                 paper = paper_cell(learner, kind, d, by_key[learner, kind, "average"]["datasets"])
-                row += [("–" if ours is None else f"{ours[m]:.2f}") + " (paper " +
-                        ("–" if paper is None else f"{paper[i]:.2f}") + ")"
+                row += [("–" if ours is None else f"{ours[m]:.2f}") +
+                        (f" (paper {'–' if paper is None else f'{paper[i]:.2f}'})" if with_paper else "")
                         for i, m in enumerate(("base", "new", "hm"))]
             table.append(row)
         if markdown:  # one header row: "<dataset> Base | New | H"
@@ -326,7 +329,7 @@ def format_table(cells: list[dict], averages: list[dict], markdown=False, blocks
             lines += ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in table] + [""]
     lines += [f"note: the {method(a['learner'], a['kind'])} average is over {', '.join(a['datasets'])} only"
               for a in averages if len(a["datasets"]) != n]
-    if any(set(a["datasets"]) != set(PAPER_DATASETS) for a in averages):
+    if with_paper and any(set(a["datasets"]) != set(PAPER_DATASETS) for a in averages):
         lines.append("note: a paper average beside ours is the paper's mean over the same datasets")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -53,14 +53,16 @@ def get_args(argv=None):
     p.add_argument("--learner", required=True, choices=list(prompts.LEARNERS), help="prompt learner (paper §4.1)")
     p.add_argument("--data", required=True,
                    help=f"dataset: one of {', '.join(data.DATASETS)}, a folder name under --root in the "
-                        f"ImageFolder layout, or 'synthetic' (generated under --root if missing)")
+                        f"ImageFolder layout, 'toy' (the toy world, README) or 'synthetic' (random smoke data); the last two "
+                        f"are generated under --root if missing")
     p.add_argument("--root", default="data", help="folder holding the datasets")
     p.add_argument("--shots", type=int, default=None,
                    help="images per class (16: base-to-new protocol; PromptKD: 0 = the full train split, all classes)")
     p.add_argument("--seed", type=int, default=1, help="run seed (the protocol averages seeds 1, 2, 3)")
     p.add_argument("--subsample", default="base", choices=("base", "all"),
                    help="train on the base classes (base-to-new, Tab. 1) or all classes (cross-dataset source, Tab. 2)")
-    p.add_argument("--clip", default="ViT-B/16", help="CLIP weights: ViT-B/16 (~/.cache/clip), a .pt path, or 'tiny' (random, for smoke runs)")
+    p.add_argument("--clip", default="ViT-B/16", help="CLIP weights: ViT-B/16 (~/.cache/clip), a .pt path, 'toy' (assets/toy_clip.pt, "
+                                                      "pretrained on the toy world) or 'tiny' (random, for smoke runs)")
     p.add_argument("--epochs", type=int, default=None, help="default per learner: " + "; ".join(
         f"{k} {v.DEFAULTS['epochs']}" for k, v in prompts.LEARNERS.items()))
     p.add_argument("--batch-size", type=int, default=None, help="default 32 for every learner (DPC paper §4.1)")
@@ -207,8 +209,9 @@ def load_clip(name: str, device):
         return clip_model.random_clip("tiny", seed=0).to(device)
     if name == "toy":
         if not os.path.isfile(TOY_CLIP):
-            raise clip_model.CLIPLoadError(f"the toy CLIP {TOY_CLIP} is missing: it is built by "
-                                           f"tools/pretrain_toy_clip.py (the toy world, see README); use --clip tiny meanwhile")
+            raise clip_model.CLIPLoadError(f"the toy CLIP {TOY_CLIP} is missing: restore it with `git checkout "
+                                           f"-- assets/toy_clip.pt` or rebuild it with `python "
+                                           f"tools/pretrain_toy_clip.py` (about 10 minutes on 2 CPU cores)")
         return clip_model.load(TOY_CLIP).to(device)
     return clip_model.load(name).to(device)
 

@@ -1,5 +1,6 @@
 """Reliability: every bad input gives one line and exit code 2 and writes nothing; interrupted runs
 resume to identical results; checkpoints are never lost. One test per row of README's table."""
+import contextlib
 import functools
 import json
 import os
@@ -46,12 +47,8 @@ def world(tmp_path_factory):
     with open(os.path.join(root, "dtd", "split_zhou_DescribableTextures.json"), "w") as f:
         json.dump({"train": [["banded/missing.jpg", 0, "banded"]], "val": [], "test": []}, f)
 
-    cwd = os.getcwd()
-    os.chdir(base)
-    try:
+    with contextlib.chdir(base):
         tb.main(tb.get_args(common(root) + ["--learner", "coop", "--output-dir", "coop"]))
-    finally:
-        os.chdir(cwd)
     return dict(base=base, root=root, coop=str(base / "coop"))
 
 
@@ -62,13 +59,9 @@ def common(root, dataset="synthetic"):
 
 def fails(capsys, run, argv, fragment, cwd):
     """run(argv) exits 2 with exactly one stderr line, 'error: ...' containing `fragment`."""
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
+    with contextlib.chdir(cwd):
         with pytest.raises(SystemExit) as exit_:
             run(argv)
-    finally:
-        os.chdir(old)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2, err
     assert len(err) == 1 and err[0].startswith("error:"), err

@@ -1,4 +1,5 @@
 """DPC stage end to end: Weighting-Decoupling on real learners, the training loop, the run folder."""
+import contextlib
 import json
 import os
 
@@ -57,17 +58,13 @@ def test_promptkd_prompt_covers_teacher_text():
 def runs(tmp_path_factory):
     """One coop backbone (1 epoch) and its DPC run (1 epoch) on synthetic data."""
     base = tmp_path_factory.mktemp("dpc")
-    cwd = os.getcwd()
-    os.chdir(base)
-    try:
+    with contextlib.chdir(base):
         common = ["--data", "synthetic", "--root", str(base / "data"), "--clip", "tiny", "--workers", "0"]
         tb.main(tb.get_args(["--learner", "coop", "--epochs", "1", "--batch-size", "8", "--shots", "4"] + common))
         backbone_dir = os.path.join("output", "synthetic", "coop", "seed1")
         results = train_dpc.main(train_dpc.get_args(["--topk", "8", "--epochs", "2", "--workers", "0", "--shots", "4"]))
         yield dict(base=base, backbone=base / backbone_dir, dpc=base / "output" / "synthetic" / "coop_dpc" / "seed1",
                    results=results)
-    finally:
-        os.chdir(cwd)
 
 
 def test_dpc_run_folder_and_results(runs):
@@ -93,13 +90,9 @@ def test_only_the_mixed_prompt_trains(runs):
 
 def test_finished_dpc_run_is_not_overwritten(runs, capsys):
     before = (runs["dpc"] / "checkpoint.pt").read_bytes()
-    cwd = os.getcwd()
-    os.chdir(runs["base"])
-    try:
+    with contextlib.chdir(runs["base"]):
         with pytest.raises(SystemExit) as exit_:
             train_dpc.run(["--backbone", str(runs["backbone"]), "--workers", "0", "--shots", "4"])
-    finally:
-        os.chdir(cwd)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "--overwrite" in err[0]
@@ -113,14 +106,10 @@ def test_finished_dpc_run_is_not_overwritten(runs, capsys):
     (["--epochs", "0"], "--epochs must be positive"),
 ])
 def test_bad_dpc_flags_give_one_line(runs, capsys, flags, message, tmp_path):
-    cwd = os.getcwd()
-    os.chdir(runs["base"])
-    try:
+    with contextlib.chdir(runs["base"]):
         with pytest.raises(SystemExit) as exit_:
             train_dpc.run(["--backbone", str(runs["backbone"]), "--workers", "0", "--shots", "4",
                            "--output-dir", str(tmp_path / "x")] + flags)
-    finally:
-        os.chdir(cwd)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and message in err[0]
 
@@ -149,14 +138,10 @@ def test_dassl_coop_folder_is_accepted(tmp_path, runs):
     folder.mkdir(parents=True)
     torch.save({"state_dict": {"ctx": learner.ctx.detach().half(), "token_prefix": torch.zeros(1)}, "epoch": 20},
                folder / "model.pth.tar-20")
-    cwd = os.getcwd()
-    os.chdir(runs["base"])
-    try:
+    with contextlib.chdir(runs["base"]):
         res = train_dpc.main(train_dpc.get_args(["--backbone", str(tmp_path / "dassl"), "--data", "synthetic",
                                                  "--root", str(runs["base"] / "data"), "--clip", "tiny", "--epochs", "1",
                                                  "--workers", "0", "--shots", "4", "--output-dir", str(tmp_path / "out")]))
-    finally:
-        os.chdir(cwd)
     assert 0 <= res["base"] <= 100 and 0 <= res["new"] <= 100
 
 
