@@ -45,6 +45,7 @@ from PIL import Image, ImageDraw, ImageFilter
 # refusing them as decompression bombs (PIL's default above 179M pixels).
 Image.MAX_IMAGE_PIXELS = None
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -344,14 +345,36 @@ def classnames_of(items: list[Item]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # Transforms and the torch Dataset
 
-def train_transform(size: int = 224) -> Callable:
-    """Dassl's random_resized_crop + random_flip + normalize (scale 0.08-1, bicubic, CLIP mean/std)."""
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
+class TrainView:
+    """Dassl's random_resized_crop + random_flip + normalize (scale 0.08-1, bicubic, CLIP mean/std).
+
+    Split in two so that views can be rendered in parallel threads and still be reproducible:
+    `draw` makes the random choices from torch's global RNG, in the order torchvision's
+    RandomResizedCrop + RandomHorizontalFlip make them; `render` is deterministic (and PIL's resize
+    releases the GIL). view(image) = render(image, draw(image)) is torchvision's Compose, bit for bit."""
+
+    SCALE, RATIO = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0)
+
+    def __init__(self, size: int = 224):
+        self.size = size
+
+    def draw(self, image: Image.Image) -> tuple[int, int, int, int, bool]:
+        top, left, height, width = T.RandomResizedCrop.get_params(image, self.SCALE, self.RATIO)
+        return top, left, height, width, bool(torch.rand(1) < 0.5)  # the crop box, then the flip
+
+    def render(self, image: Image.Image, view: tuple[int, int, int, int, bool]) -> torch.Tensor:
+        top, left, height, width, flip = view
+        crop = TF.resized_crop(image, top, left, height, width, [self.size, self.size],
+                               T.InterpolationMode.BICUBIC, antialias=True)
+        crop = TF.hflip(crop) if flip else crop
+        return TF.normalize(TF.to_tensor(crop), CLIP_MEAN, CLIP_STD)  # (3, size, size)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.render(image, self.draw(image))
+
+
+def train_transform(size: int = 224) -> TrainView:
+    return TrainView(size)
 
 
 def test_transform(size: int = 224) -> Callable:

@@ -105,7 +105,7 @@ def get_args(argv=None):
     p.add_argument("--target-root", default=None, help="dataset root of --target (default: --root, else the run's)")
     p.add_argument("--root", default=None, help="dataset root (default: the one stored in each run)")
     p.add_argument("--out", default="evaluation", help="where results.json + table.md, sweep.json or transfer.json go")
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes (0 = in the main process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 

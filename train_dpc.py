@@ -32,6 +32,7 @@ import glob
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -254,6 +255,56 @@ class NegativeSampler:
         self.rng.setstate((version, tuple(internal), gauss))  # tuple(): also accepts a JSON round trip
 
 
+def load_negatives(pool: data.ImageDataset, indices: list[int], threads: ThreadPoolExecutor | None) -> list[Tensor]:
+    """The sampled negatives with train augmentation, each (3, H, W). The random views are drawn here,
+    in order, from torch's RNG; decoding and rendering (crop, resize, normalise) run on `threads`,
+    since PIL releases the GIL. So the tensors are those of a serial loop, without its wait."""
+    run = threads.map if threads is not None else map
+    if pool.images is not None:                                        # few-shot pool: decoded once
+        images = [pool.images[j] for j in indices]
+    else:
+        images = list(run(data.load_image, [pool.items[j].path for j in indices]))
+    views = [pool.transform.draw(image) for image in images]           # serial: the RNG order is fixed
+    return list(run(pool.transform.render, images, views))
+
+
+class Step(NamedTuple):
+    loss: Tensor           # () the hard-negative loss, Eq. (11), not yet back-propagated
+    pairs: int             # L, the pairs of the hard-negative mini-batch
+    sampler_s: float       # seconds spent on work only the sampler needs
+
+
+def dpc_step(learner, images, labels, sampler, pool, threads, tuned_prompt, tuned_text, mixed_prompt, classnames,
+             omega_b, logit_scale, device) -> Step:
+    """Steps 2-5 of Fig. 3 on one mini-batch (step 1, P' := P, happened once before training).
+
+    images (B, 3, H, W) on `device`, labels (B,); tuned_text (n, E): the sampler's fixed text
+    features of P over the n base classes."""
+    # 3. Negative Sampler: the frozen backbone (P) ranks all base classes for each image.
+    t0 = time.time()
+    with torch.no_grad(), prompts.substitute(learner, tuned_prompt), tb.autocast(device):
+        batch_image = learner.encode_image(images)                                       # (B, E)
+    if not learner.image_prompts:  # CoOp: the loss below reuses these features, so they are not sampler cost
+        t0 = time.time()
+    picked = sampler.sample(F.normalize(batch_image.float(), dim=-1) @ tuned_text.t(), labels)   # scores (B, n)
+    negatives = load_negatives(pool, picked.negative_images, threads)
+    negatives = torch.stack(negatives).to(device) if negatives else images[:0]           # (L - B', 3, H, W)
+    pair_labels = torch.tensor(picked.pair_labels, device=device)                         # (L,)
+    sampler_s = time.time() - t0
+
+    # 2. Decoupling: every forward uses P' = F⁻¹(P̃_b), so gradients reach P̃_b through it.
+    parallel_prompt = decoupling(mixed_prompt, tuned_prompt, omega_b)
+    with prompts.substitute(learner, parallel_prompt), tb.autocast(device):
+        if learner.image_prompts:
+            image_features = learner.encode_image(torch.cat([images[picked.positives], negatives]))   # (L, E)
+        else:  # f(V) has no prompt (CoOp): the sampler's features of the positives serve as they are
+            with torch.no_grad():
+                image_features = torch.cat([batch_image[picked.positives], learner.encode_image(negatives)])
+        text_features = learner.encode_text(classnames)                                  # (n, E)
+    # 4. Feature Filtering, Eq. (6)-(8): ĝ(C) of all n base classes, then g(C') = Q · ĝ(C).
+    pair_text = filter_features(text_features, pair_labels)                              # (L, E)
+    # 5. Hard Negative Optimizing, Eq. (9)-(11): the only loss of this stage.
+    return Step(hard_negative_loss(image_features, pair_text, logit_scale), len(pair_labels), sampler_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,6 +478,7 @@ def main(args):
     with torch.no_grad(), prompts.substitute(learner, tuned_prompt), tb.autocast(args.device):
         tuned_text = F.normalize(learner.encode_text(classnames).float(), dim=-1)   # (n, E)
 
+    threads = ThreadPoolExecutor(args.workers) if args.workers > 0 else None   # renders the negatives
     for epoch in range(start_epoch, args.epochs + 1):
         torch.manual_seed(args.seed * 1000 + epoch)     # a resumed run replays exactly this epoch
         sampler.rng.seed(args.seed * 1000 + epoch)
@@ -438,47 +490,27 @@ def main(args):
         t_epoch, t_wait, t_sampler, t_last, pairs = time.time(), 0.0, 0.0, time.time(), 0
         for it, (images, labels, _) in enumerate(loader, 1):
             t_wait += time.time() - t_last
-            images = images.to(args.device, non_blocking=True)                     # (B, 3, H, W)
-
-            # 3. Negative Sampler: the frozen backbone (P) ranks all base classes for each image.
-            t0 = time.time()
-            with torch.no_grad(), prompts.substitute(learner, tuned_prompt), tb.autocast(args.device):
-                batch_image = learner.encode_image(images)                            # (B, E)
-            picked = sampler.sample(F.normalize(batch_image.float(), dim=-1) @ tuned_text.t(), labels)  # (B, n)
-            negatives = [pool_images[j][0] for j in picked.negative_images]
-            negatives = torch.stack(negatives).to(args.device) if negatives else images[:0]   # (L - B', 3, H, W)
-            pair_labels = torch.tensor(picked.pair_labels, device=args.device)          # (L,)
-            t_sampler += time.time() - t0
-
-            # 2. Decoupling: every forward uses P' = F⁻¹(P̃_b), so gradients reach P̃_b through it.
-            parallel_prompt = decoupling(mixed_prompt, tuned_prompt, args.omega_b)
-            with prompts.substitute(learner, parallel_prompt), tb.autocast(args.device):
-                if learner.image_prompts:
-                    image_features = learner.encode_image(torch.cat([images[picked.positives], negatives]))  # (L, E)
-                else:  # f(V) has no prompt (CoOp): the sampler's features of the positives serve as they are
-                    with torch.no_grad():
-                        image_features = torch.cat([batch_image[picked.positives], learner.encode_image(negatives)])
-                text_features = learner.encode_text(classnames)                      # (n, E)
-            # 4. Feature Filtering, Eq. (6)-(8): ĝ(C) of all n base classes, then g(C') = Q · ĝ(C).
-            pair_text = filter_features(text_features, pair_labels)                  # (L, E)
-            # 5. Hard Negative Optimizing, Eq. (9)-(11): the only loss of this stage.
-            loss = hard_negative_loss(image_features, pair_text, logit_scale)
-            if not torch.isfinite(loss):
-                raise DPCError(f"loss is {loss.item()} at epoch {epoch} iteration {it}: lower --lr or raise "
+            step = dpc_step(learner, images.to(args.device, non_blocking=True), labels, sampler, pool_images, threads,
+                            tuned_prompt, tuned_text, mixed_prompt, classnames, args.omega_b, logit_scale, args.device)
+            if not torch.isfinite(step.loss):
+                raise DPCError(f"loss is {step.loss.item()} at epoch {epoch} iteration {it}: lower --lr or raise "
                                f"--omega-b; the last good checkpoint (epoch {epoch - 1}) is kept")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step.loss.backward()
             optimizer.step()
-            pairs += len(pair_labels)
+            pairs += step.pairs
+            t_sampler += step.sampler_s
             t_last = time.time()
             if it % args.print_every == 0 or it == len(loader):
                 elapsed = time.time() - t_epoch
                 left = (args.epochs - epoch) * len(loader) + len(loader) - it
-                tb.log(f"epoch {epoch}/{args.epochs} it {it}/{len(loader)} loss {loss.item():.4f} lr {lr:.2e} "
+                tb.log(f"epoch {epoch}/{args.epochs} it {it}/{len(loader)} loss {step.loss.item():.4f} lr {lr:.2e} "
                        f"L {pairs / it:.1f} {pairs / elapsed:.1f} pairs/s sampler {100 * t_sampler / elapsed:.0f}% "
                        f"data-wait {100 * t_wait / elapsed:.0f}% eta {left * elapsed / it / 60:.1f} min")
         tb.save_atomic(checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, epoch, optimizer, False),
                        os.path.join(args.output_dir, "checkpoint.pt"))
+    if threads is not None:
+        threads.shutdown()
 
     results = evaluate_dpc(learner, splits, tuned_prompt, mixed_prompt, args)
     tb.log_results(results, f"{args.learner} + DPC")

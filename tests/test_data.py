@@ -308,6 +308,23 @@ def test_transform_shapes(tmp_path):
     assert test_transform(96)(image).shape == (3, 96, 96)
 
 
+def test_train_view_is_torchvisions_compose_bit_for_bit():
+    """draw + render (so DPC can render negatives on threads) must equal the plain torchvision pipeline."""
+    from torchvision import transforms as T
+    reference = T.Compose([T.RandomResizedCrop(64, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((64, 64), (90, 140), (150, 40))]
+    torch.manual_seed(3)
+    expected = [reference(im) for im in images * 4]
+    torch.manual_seed(3)
+    view = train_transform(64)
+    assert all(torch.equal(view(im), e) for im, e in zip(images * 4, expected))
+    torch.manual_seed(3)
+    views = [view.draw(im) for im in images * 4]  # all draws first, renders later: same tensors
+    assert all(torch.equal(view.render(im, v), e) for im, v, e in zip(images * 4, views, expected))
+
+
 def test_cache_matches_uncached(tmp_path):
     make_synthetic_imagefolder(str(tmp_path), n_classes=2, n_train=3, n_val=0, n_test=1)
     items = read_splits(str(tmp_path), "synthetic")["train"]

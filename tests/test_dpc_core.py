@@ -5,12 +5,15 @@ sampler (seeded property test). CPU only, no CLIP weights."""
 import io
 import math
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+import data
 from train_dpc import (DPCError, NegativeSampler, base_class_prompt, check_omegas, check_topk, decoupling,
-                       filter_features, hard_negative_loss, new_class_prompt, selection_matrix, weighting)
+                       filter_features, hard_negative_loss, load_negatives, new_class_prompt, selection_matrix,
+                       weighting)
 
 
 def prompts(seed: int, scale: float = 0.02) -> dict:
@@ -271,3 +274,23 @@ def test_sampler_is_deterministic_and_resumes_from_state_dict():
     resumed = NegativeSampler(pool, n, k, seed=99)
     resumed.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True)["sampler"])
     assert run(resumed, cases[3:]) == expected
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_negatives_rendered_on_threads_equal_a_serial_loop(tmp_path, cache):
+    """The thread pool only renders: the views come from torch's RNG in order, so the tensors (and the
+    RNG state after them) are those of calling the dataset one image at a time."""
+    data.make_synthetic_imagefolder(str(tmp_path), n_classes=3, n_train=4, n_val=0, n_test=1, size=48)
+    pool = data.ImageDataset(data.read_splits(str(tmp_path), "synthetic")["train"], data.train_transform(32), cache=cache)
+    indices = [5, 0, 11, 5, 7, 2, 9]
+    torch.manual_seed(0)
+    serial = [pool[j][0] for j in indices]
+    after_serial = torch.rand(1)
+    with ThreadPoolExecutor(3) as threads:
+        torch.manual_seed(0)
+        parallel = load_negatives(pool, indices, threads)
+        after_parallel = torch.rand(1)
+    assert len(parallel) == len(indices) and all(torch.equal(a, b) for a, b in zip(serial, parallel))
+    assert torch.equal(after_serial, after_parallel)
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(serial, load_negatives(pool, indices, None)))

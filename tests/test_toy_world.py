@@ -102,7 +102,7 @@ def toy_runs(tmp_path_factory):
             train_dpc.main(train_dpc.get_args(["--backbone", str(backbone), "--topk", str(k), "--batch-size", str(b),
                                                "--output-dir", str(out), "--workers", "0", "--print-every", "1000"]))
             runs[k] = out
-        table = evaluate.main(evaluate.get_args([str(base / "output" / "toy"), "--zero-shot", "--out",
+        table = evaluate.main(evaluate.get_args([str(base / "output" / "toy"), "--zero-shot", "--workers", "0", "--out",
                                                  str(base / "evaluation")]))
         sweep = evaluate.main(evaluate.get_args([str(runs[8]), "--sweep", "omega_b", "--values", "0.1,0.2,0.5,1.0",
                                                  "--base-inference", "mixed", "--out", str(base / "sweep")]))
