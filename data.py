@@ -64,7 +64,7 @@ class Item(NamedTuple):
 
 
 class DatasetInfo(NamedTuple):
-    name: str  # CLI name (--dataset)
+    name: str  # CLI name (--data)
     folder: str  # directory under --root
     image_dir: str  # image root inside `folder` that split paths are relative to ("" = folder)
     split_file: str | None  # CoOp split JSON inside `folder`; None for FGVCAircraft and ImageNet

@@ -101,7 +101,8 @@ def get_args(argv=None):
                       help="Fig. 6: base (ω_b) or new (ω_n) accuracy of DPC runs at each of --values")
     mode.add_argument("--target", default=None,
                       help="Tab. 2: comma-separated datasets to test on (full test split, all classes)")
-    p.add_argument("--values", default="0,0.1,0.2,0.5,1.0", help="comma-separated values for --sweep")
+    p.add_argument("--values", default=None, help="comma-separated values for --sweep (default: Fig. 6's grid, "
+                   "ω_b 0.1,0.2,0.3,0.5,1.0 (0 would be the backbone itself), ω_n 0,0.01,0.02,0.05,0.1,0.2)")
     p.add_argument("--target-root", default=None, help="dataset root of --target (default: --root, else the run's)")
     p.add_argument("--root", default=None, help="dataset root (default: the one stored in each run)")
     p.add_argument("--out", default="evaluation", help="where results.json + table.md, sweep.json or transfer.json go")
@@ -350,7 +351,9 @@ def parse_values(text: str) -> list[float]:
 
 def sweep(runs, opts) -> dict:
     """Base accuracy per ω_b (Fig. 6a) or new accuracy per ω_n (Fig. 6b) of every DPC run."""
-    values, split = parse_values(opts.values), "base" if opts.sweep == "omega_b" else "new"
+    grid = [v for v in PAPER_FIG6[opts.sweep] if v > 0 or opts.sweep == "omega_n"]   # ω_b = 0 cannot decouple
+    values = parse_values(opts.values) if opts.values else grid
+    split = "base" if opts.sweep == "omega_b" else "new"
     for v in values:  # refuse a bad value before any evaluation (ω_b = 0: Decoupling divides by it)
         td.check_omegas(*((v, 0.0) if opts.sweep == "omega_b" else (1.0, v)))
     runs = [(run, ckpt) for run, ckpt in runs if ckpt["kind"] == "dpc"]
@@ -437,7 +440,6 @@ def transfer(runs, opts) -> dict:
 
 def main(args):
     runs = find_runs(args.runs)
-    os.makedirs(args.out, exist_ok=True)
     if args.sweep:
         out = sweep(runs, args)
         tb.write_json_atomic(out, os.path.join(args.out, "sweep.json"))
@@ -457,7 +459,7 @@ def main(args):
         print("\n" + format_table(cells, averages))
         out = dict(runs=rows, groups=cells, averages=averages,
                    convention="mean over seeds of base and new; H = harmonic mean of those means")
-        tb.write_json_atomic(out, os.path.join(args.out, "results.json"))
+        tb.write_json_atomic(out, os.path.join(args.out, "results.json"))   # creates --out (nothing before)
         with open(os.path.join(args.out, "table.md"), "w") as f:
             f.write(format_table(cells, averages, markdown=True, blocks_per_line=4))
     print(f"wrote {os.path.abspath(args.out)}")

@@ -92,8 +92,7 @@ def get_args(argv=None):
     args.root = os.path.abspath(args.root)  # runs are re-evaluated from other folders
     args.teacher = args.teacher and os.path.abspath(args.teacher)
     check_positive(args, "epochs", "batch_size", "lr")
-    if args.shots < 0:
-        raise RunError(f"--shots must be 0 (all images) or positive, got {args.shots}")
+    check_shots(args.shots)
     return args
 
 
@@ -101,9 +100,15 @@ def add_run_flags(p):
     """Flags every training script shares: run-folder handling, data loading, device."""
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output-dir")
     p.add_argument("--overwrite", action="store_true", help="start over even if --output-dir holds a run")
-    p.add_argument("--workers", type=int, default=4, help="data-loading processes (0 = in the main process)")
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes (0 = in the main process); "
+                   "train_dpc.py also renders its negatives on this many threads. On <= 2 cores use 0")
     p.add_argument("--print-every", type=int, default=20, help="iterations between progress lines")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_shots(shots: int) -> None:
+    if shots < 0:
+        raise RunError(f"--shots must be 0 (all images) or positive, got {shots}")
 
 
 def check_positive(args, *names):
@@ -138,9 +143,13 @@ def check_run_folder(args):
 
 
 def check_disk(folder: str, tensors) -> None:
-    """Before training: room for a checkpoint (state + optimiser + the temp copy of an atomic write)."""
+    """Before the run folder is made: room for a checkpoint (state + optimiser + the temp copy of an
+    atomic write) on the disk `folder` will be on."""
     need = 3 * sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
-    free = shutil.disk_usage(folder).free
+    existing = os.path.abspath(folder)
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)       # the nearest folder that exists (a file's parent, too)
+    free = shutil.disk_usage(existing).free
     if free < need:
         raise RunError(f"only {free >> 20} MB free in {folder}, checkpoints need about {need >> 20} MB: "
                        f"free some space or choose another --output-dir")
@@ -181,6 +190,7 @@ def save_atomic(obj, path: str):
 
 
 def write_json_atomic(obj, path: str):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
@@ -357,11 +367,11 @@ def main(args):
         if teacher_ckpt["learner"] != "promptsrc":
             raise RunError(f"--teacher {args.teacher} is a {teacher_ckpt['learner']} run; PromptKD needs a promptsrc run")
     train_images = train_set(train_items, image_size)
-    start_run(args)
     torch.manual_seed(args.seed)  # prompt initialisation does not depend on the teacher being loaded
     learner = prompts.build_learner(args.learner, clip, teacher, args.n_ctx, args.ctx_init, args.kd_weight).to(args.device)
     params = prompts.trainable_parameters(learner)
     check_disk(args.output_dir, prompts.learner_state(learner).values())
+    start_run(args)
     log(f"learner {args.learner}: {sum(p.numel() for p in params.values()):,} trainable values in "
         f"{len(params)} tensors; {len(train_items)} train images, {len(classnames)} classes")
     # Dassl: SGD momentum 0.9, weight decay 5e-4 on every trainable tensor (DECISIONS #5).

@@ -62,15 +62,12 @@ def check_omegas(omega_b: float, omega_n: float) -> None:
 
 def check_topk(topk: int, n_base: int) -> int:
     """Return the K to use. K > n_base is clamped (EuroSAT has 5 base classes; the released code
-    crashes in topk there) with one warning line; K < 2 leaves no hard negative, so it is an error."""
+    crashes in topk there; main() logs a warning); K < 2 leaves no hard negative, so it is an error."""
     if n_base < 2:
         raise DPCError(f"DPC needs at least 2 base classes to build hard negatives; got {n_base}")
     if topk < 2:
         raise DPCError(f"--topk must be at least 2 (the ground truth plus one hard negative); got {topk}")
-    if topk > n_base:
-        tb.log(f"warning: --topk {topk} > {n_base} base classes; using K = {n_base}")
-        return n_base
-    return topk
+    return min(topk, n_base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +193,7 @@ class HardNegativeBatch(NamedTuple):
 
 class NegativeSampler:
     """Builds the hard-negative mini-batch from labels and indices only (no images, no model), so it
-    is deterministic given its seed and inputs and its RNG state can be checkpointed.
+    is deterministic given its seed and inputs (main() reseeds it at every epoch).
 
     pool_labels[j] is the base-class label of image j of the pool negatives are drawn from: the
     few-shot base train set by default, or the full base train split. Never val/test, never a new
@@ -245,14 +242,6 @@ class NegativeSampler:
                 in_batch.add(c)
                 negative_images.append(self.rng.choice(self.images_of_class[c]))
         return HardNegativeBatch(positives, pair_labels, negative_images)
-
-    def state_dict(self) -> dict:
-        """The RNG state, saved with the checkpoint so a resumed run draws the same negatives."""
-        return {"rng_state": self.rng.getstate()}
-
-    def load_state_dict(self, state: dict) -> None:
-        version, internal, gauss = state["rng_state"]
-        self.rng.setstate((version, tuple(internal), gauss))  # tuple(): also accepts a JSON round trip
 
 
 def load_negatives(pool: data.ImageDataset, indices: list[int], threads: ThreadPoolExecutor | None) -> list[Tensor]:
@@ -417,6 +406,7 @@ def get_args(argv=None):
     tb.add_run_flags(p)
     args = p.parse_args(argv)
     tb.check_positive(args, "epochs", "batch_size", "lr")
+    tb.check_shots(args.shots)
     check_topk(args.topk, max(args.topk, 2))  # K < 2 fails before anything is loaded or written
     return args
 
@@ -453,8 +443,11 @@ def main(args):
     train_images = tb.train_set(train_items, image_size)             # decoded once, before anything is written
     pool = train_items if args.negative_pool == "fewshot" else data.subsample(splits["full"], args.subsample)["train"]
     pool_images = train_images if args.negative_pool == "fewshot" else tb.train_set(pool, image_size)
-    tb.start_run(args)
     topk = check_topk(args.topk, len(classnames))
+    tb.check_disk(args.output_dir, list(prompts.prompt_tensors(learner).values()) * 2)   # P and P̃_b are both saved
+    tb.start_run(args)
+    if topk < args.topk:
+        tb.log(f"warning: --topk {args.topk} > {len(classnames)} base classes; using K = {topk}")
     sampler = NegativeSampler([item.label for item in pool], len(classnames), topk, args.seed)
     logit_scale = learner.clip.logit_scale.exp().item()               # s = 1/τ = 100, frozen
     learner.eval()  # BN statistics of P stay P's (PromptKD's projector); CLIP has no dropout
@@ -464,7 +457,6 @@ def main(args):
     # 2. Weighting-Decoupling: the trainable tensor is the mixed prompt; Eq. (12) at P' = P gives P̃_b = P.
     mixed_prompt = {n: nn.Parameter(t) for n, t in weighting(tuned_prompt, tuned_prompt, args.omega_b).items()}
     optimizer = torch.optim.SGD(mixed_prompt.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    tb.check_disk(args.output_dir, list(tuned_prompt.values()) * 2)   # P and P̃_b are both saved
     start_epoch = 1
     if previous is not None:
         with torch.no_grad():

@@ -88,6 +88,8 @@ CASES = [
     ("--topk below 2", train_dpc.run, ["--backbone", CKPT, "--topk", "1"], "--topk must be at least 2"),
     ("omega_b outside (0, 1]", train_dpc.run, ["--backbone", CKPT, "--omega-b", "1.5"], "--omega-b must be in (0, 1]"),
     ("omega_n outside [0, 1]", train_dpc.run, ["--backbone", CKPT, "--omega-n", "-0.1"], "--omega-n must be in [0, 1]"),
+    ("omega_b 0 in a sweep", evaluate.run, [CKPT, "--sweep", "omega_b", "--values", "0,0.2", "--out", "<out>"], "--omega-b must be in (0, 1]"),
+    ("DPC with negative --shots", train_dpc.run, ["--backbone", CKPT, "--shots", "-1"], "--shots"),
     ("missing CLIP weights", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--clip", "/no/ViT-B-16.pt"], "not found"),
     ("ResNet checkpoint", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--clip", "<resnet>"], "only ViT backbones"),
     ("resume with another learner", tb.run, ["--learner", "maple", "--data", "synthetic", "--root", ROOT, "--output-dir", "<unfinished>", "--resume"], "this command asks for"),
@@ -123,7 +125,7 @@ def prepare(world, tmp_path):
     (tmp_path / "file").write_text("x")
     return {ROOT: world["root"], CKPT: world["coop"], "<resnet>": str(resnet), "<vit>": str(vit),
             "<unfinished>": str(unfinished), "<truncated>": str(truncated), "<renamed>": str(renamed),
-            "<empty>": str(tmp_path / "empty"), "<file>": str(tmp_path / "file")}
+            "<empty>": str(tmp_path / "empty"), "<file>": str(tmp_path / "file"), "<out>": str(tmp_path / "out")}
 
 
 @pytest.mark.parametrize("what, run, flags, fragment", CASES, ids=[c[0] for c in CASES])
