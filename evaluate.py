@@ -181,7 +181,7 @@ def dpc_prompts(ckpt: dict, omega_b: float, device) -> tuple[dict, dict]:
     return tuned, mixed
 
 
-def load_learner(run: str, ckpt: dict, root: str, device):
+def load_learner(run: str, ckpt: dict, device):
     """The learner a run evaluates with: its own (backbone) or its stage-1 run's (DPC), ours or Dassl's."""
     if ckpt["kind"] == "backbone":
         return tb.load_backbone(run, device)[0]
@@ -204,7 +204,7 @@ def evaluate_run(run: str, ckpt: dict, opts) -> dict:
         row.update(omega_b=s.omega_b, omega_n=s.omega_n, base_inference=s.base_inference, topk=a.get("topk"))
     if results is None:
         root = opts.root or a["root"]
-        learner = load_learner(run, ckpt, root, opts.device)
+        learner = load_learner(run, ckpt, opts.device)
         splits = tb.load_splits(ckpt["data"], root, a["shots"], a["seed"])
         if dpc:
             results = td.evaluate_dpc(learner, splits, *dpc_prompts(ckpt, s.omega_b, opts.device), s)
@@ -363,7 +363,7 @@ def sweep(runs, opts) -> dict:
     for run, ckpt in runs:
         a = ckpt["args"]
         root = opts.root or a["root"]
-        learner = load_learner(run, ckpt, root, opts.device)
+        learner = load_learner(run, ckpt, opts.device)
         items = tb.load_splits(ckpt["data"], root, a["shots"], a["seed"])[split]["test"]
         accuracies = []
         for v in values:
@@ -401,7 +401,7 @@ def transfer(runs, opts) -> dict:
     cache, rows = {}, []
     for run, ckpt in runs:
         a, dpc = ckpt["args"], ckpt["kind"] == "dpc"
-        learner = load_learner(run, ckpt, opts.root or a["root"], opts.device)
+        learner = load_learner(run, ckpt, opts.device)
         if dpc:
             s = dpc_settings(ckpt, opts)
             tuned, mixed = dpc_prompts(ckpt, s.omega_b, opts.device)

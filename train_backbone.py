@@ -48,8 +48,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def get_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--learner", required=True, choices=list(prompts.LEARNERS), help="prompt learner (paper §4.1)")
     p.add_argument("--data", required=True,
                    help=f"dataset: one of {', '.join(data.DATASETS)}, a folder name under --root in the "
@@ -285,8 +284,8 @@ def accuracy(learner, items, classnames, device, workers=0, prompt=None, batch_s
 
     `prompt` (optional) replaces the learner's prompt tensors (DPC's base or new prompt)."""
     correct = 0
-    images = data.ImageDataset(items, data.test_transform(learner.clip.visual.input_resolution))
-    loader = make_loader(images, batch_size, False, workers)
+    test_images = data.ImageDataset(items, data.test_transform(learner.clip.visual.input_resolution))
+    loader = make_loader(test_images, batch_size, False, workers)
     with prompts.substitute(learner, prompt or {}), autocast(device):
         text = learner.encode_text(classnames)                                  # (C, E)
         for images, labels, _ in loader:

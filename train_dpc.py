@@ -381,8 +381,7 @@ def load_dassl_backbone(run_dir: str, args):
 # Arguments
 
 def get_args(argv=None):
-    p = tb.Parser(description="DPC stage 2 (paper §3.2-3.4)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = tb.Parser(description="DPC stage 2 (paper §3.2-3.4)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--backbone", default=None, help="stage-1 run folder (default: the last train_backbone.py run)")
     p.add_argument("--topk", type=int, default=8, help="K of the Negative Sampler (paper §4.1: K = 8)")
     p.add_argument("--batch-size", type=int, default=4, help="b (paper §4.1: 4, so b·K = 32 as the backbone's batch)")
@@ -417,7 +416,7 @@ def get_args(argv=None):
 def main(args):
     args.backbone = find_backbone(args.backbone)
     if os.path.isfile(os.path.join(args.backbone, "checkpoint.pt")):
-        learner, backbone, clip = tb.load_backbone(args.backbone, args.device)
+        learner, backbone, _ = tb.load_backbone(args.backbone, args.device)
     else:
         learner, backbone = load_dassl_backbone(args.backbone, args)
     args.learner, args.clip = backbone["learner"], backbone["clip"]

@@ -54,10 +54,6 @@ def timed(fn, repeats, device):
     return (time.perf_counter() - t0) / repeats
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-
-
 class NoisySampler(train_dpc.NegativeSampler):
     """A random CLIP ranks every image alike, so its top-K sets coincide and deduplication shrinks L;
     noise on the (still computed) scores gives the L ~ b*K of a trained backbone."""
@@ -92,7 +88,7 @@ def main():
     # (e) text encoder: EOT truncation
     tokens = clip_model.tokenize([f"a photo of a {n}." for n in names]).to(dev)
     emb = clip.token_embeddings(tokens)
-    with torch.no_grad(), autocast(dev):
+    with torch.no_grad(), tb.autocast(dev):
         full = timed(lambda: clip.encode_text_embeddings(emb, tokens, truncate=False), r, dev)
         short = timed(lambda: clip.encode_text_embeddings(emb, tokens, truncate=True), r, dev)
         a = clip.encode_text_embeddings(emb, tokens, truncate=False).float()
@@ -108,15 +104,15 @@ def main():
     visual_prompt = torch.zeros(4, clip.visual.conv1.weight.shape[0], device=dev, requires_grad=True)
 
     def image_forward():
-        with torch.no_grad(), autocast(dev):
+        with torch.no_grad(), tb.autocast(dev):
             clip.encode_image(images)
 
     def image_forward_backward():
-        with autocast(dev):
+        with tb.autocast(dev):
             clip.encode_image(images, visual_prompt).float().sum().backward()
 
     def text_forward_backward():
-        with autocast(dev):
+        with tb.autocast(dev):
             coop.encode_text(names).float().sum().backward()
 
     t_img, t_img_train, t_txt = (timed(f, r, dev) for f in (image_forward, image_forward_backward, text_forward_backward))
@@ -134,7 +130,7 @@ def main():
         opt = torch.optim.SGD(prompts.trainable_parameters(learner).values(), lr=1e-3, momentum=0.9)
 
         def step():
-            with autocast(dev):
+            with tb.autocast(dev):
                 loss = learner.training_loss(images, labels, names)["loss"]
             opt.zero_grad()
             loss.backward()
@@ -151,7 +147,7 @@ def main():
     opt = torch.optim.SGD([coop.ctx], lr=1e-3, momentum=0.9)
 
     def coop_step(x, y):
-        with autocast(dev):
+        with tb.autocast(dev):
             loss = coop.training_loss(x, y, names)["loss"]
         opt.zero_grad()
         loss.backward()
@@ -166,7 +162,7 @@ def main():
     pool = tb.train_set(data.read_splits(os.path.dirname(folder), "pool")["train"], size)
     sampler = NoisySampler([item.label for item in pool.items], args.classes, k, 0)
     threads = ThreadPoolExecutor(args.workers) if args.workers > 0 else None
-    with torch.no_grad(), autocast(dev):
+    with torch.no_grad(), tb.autocast(dev):
         tuned_text = F.normalize(coop.encode_text(names).float(), dim=-1)
     sampler_time, pairs = [0.0], []
 
@@ -204,7 +200,7 @@ def main():
     raw_images = torch.randn(100, 3, size, size, device=dev)
 
     def raw():
-        with torch.no_grad(), autocast(dev):
+        with torch.no_grad(), tb.autocast(dev):
             for _ in range(len(items) // 100):
                 clip.encode_image(raw_images)
 
