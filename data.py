@@ -6,13 +6,21 @@ What this file does
   subsample(splits, "base")    -> first ceil(n/2) sorted labels (or "new": the rest), relabelled from 0
   ImageDataset(items, transform, cache) -> (image tensor, label, index)
 
-Two on-disk layouts are read:
+Three on-disk layouts are read:
   1. The CoOp layout of the 11 base-to-new datasets (`DATASETS` below): a `split_zhou_<Name>.json`
      per dataset, FGVCAircraft's official txt files, and ImageNet's train/val folders plus
      classnames.txt. This is the protocol of CoOp (Zhou et al., IJCV 2022) and CoCoOp (CVPR 2022)
      as implemented on Dassl.pytorch (KaiyangZhou/Dassl.pytorch, `DatasetBase`), which MaPLe,
      PromptSRC, PromptKD and DPC all reuse.
-  2. A plain ImageFolder tree `<root>/<dataset>/{train,val,test}/<class folder>/<image>` (val is
+  2. The CoOp layout of the 4 cross-domain test sets of Tab. 2 (`CROSS_DOMAIN`), read as CoOp's
+     datasets/imagenetv2.py, imagenet_sketch.py, imagenet_a.py and imagenet_r.py read them; each
+     folder holds a copy of ImageNet's classnames.txt (1000 "<wnid> <name>" lines):
+       imagenetv2/imagenetv2-matched-frequency-format-val/<0..999>/  folder i = label i = line i
+       imagenet-sketch/images/<wnid>/                  1000 classes, labels = sorted wnid folders
+       imagenet-adversarial/imagenet-a/<wnid>/         200 classes, labels = sorted wnid folders
+       imagenet-rendition/imagenet-r/<wnid>/           200 classes, labels = sorted wnid folders
+     They are test sets only: train and test are both every image, val is empty.
+  3. A plain ImageFolder tree `<root>/<dataset>/{train,val,test}/<class folder>/<image>` (val is
      optional), with an optional `classnames.txt` of "<folder> <readable name>" lines. Use it for
      your own data and for the synthetic tree the tests generate.
 
@@ -67,19 +75,22 @@ class DatasetInfo(NamedTuple):
     name: str  # CLI name (--data)
     folder: str  # directory under --root
     image_dir: str  # image root inside `folder` that split paths are relative to ("" = folder)
-    split_file: str | None  # CoOp split JSON inside `folder`; None for FGVCAircraft and ImageNet
+    split_file: str | None  # CoOp split JSON inside `folder`; None for FGVCAircraft, ImageNet, CROSS_DOMAIN
     template: str  # CoOp's hand-crafted zero-shot template (CUSTOM_TEMPLATES)
     display_name: str  # Dassl's DATASET.NAME
+    # Which CoOp reader: "split_json", "aircraft", "imagenet", "imagenet_v2" (label-index folders)
+    # or "wnid_folders" (ImageNet-Sketch/-A/-R: sorted wnid folders named by classnames.txt).
+    layout: str = "split_json"
 
 
-def _info(name, folder, image_dir, display_name, template, split=True):
-    split_file = f"split_zhou_{display_name}.json" if split else None
-    return DatasetInfo(name, folder, image_dir, split_file, template, display_name)
+def _info(name, folder, image_dir, display_name, template, layout="split_json"):
+    split_file = f"split_zhou_{display_name}.json" if layout == "split_json" else None
+    return DatasetInfo(name, folder, image_dir, split_file, template, display_name, layout)
 
 
 # Folders, image roots and split files follow CoOp's DATASETS.md; templates are CoOp's CUSTOM_TEMPLATES.
 DATASETS: dict[str, DatasetInfo] = {
-    "imagenet": _info("imagenet", "imagenet", "images", "ImageNet", "a photo of a {}.", split=False),
+    "imagenet": _info("imagenet", "imagenet", "images", "ImageNet", "a photo of a {}.", layout="imagenet"),
     "caltech101": _info("caltech101", "caltech-101", "101_ObjectCategories", "Caltech101",
                         "a photo of a {}."),
     "oxford_pets": _info("oxford_pets", "oxford_pets", "images", "OxfordPets",
@@ -89,19 +100,31 @@ DATASETS: dict[str, DatasetInfo] = {
                             "a photo of a {}, a type of flower."),
     "food101": _info("food101", "food-101", "images", "Food101", "a photo of {}, a type of food."),
     "fgvc_aircraft": _info("fgvc_aircraft", "fgvc_aircraft", "images", "FGVCAircraft",
-                           "a photo of a {}, a type of aircraft.", split=False),
+                           "a photo of a {}, a type of aircraft.", layout="aircraft"),
     "sun397": _info("sun397", "sun397", "SUN397", "SUN397", "a photo of a {}."),
     "dtd": _info("dtd", "dtd", "images", "DescribableTextures", "{} texture."),
     "eurosat": _info("eurosat", "eurosat", "2750", "EuroSAT", "a centered satellite photo of {}."),
     "ucf101": _info("ucf101", "ucf101", "UCF-101-midframes", "UCF101", "a photo of a person doing {}."),
+    # Tab. 2's cross-domain targets (test only), with the ImageNet template as in CUSTOM_TEMPLATES.
+    "imagenet_v2": _info("imagenet_v2", "imagenetv2", "imagenetv2-matched-frequency-format-val", "ImageNetV2",
+                         "a photo of a {}.", layout="imagenet_v2"),
+    "imagenet_sketch": _info("imagenet_sketch", "imagenet-sketch", "images", "ImageNetSketch",
+                             "a photo of a {}.", layout="wnid_folders"),
+    "imagenet_a": _info("imagenet_a", "imagenet-adversarial", "imagenet-a", "ImageNetA", "a photo of a {}.",
+                        layout="wnid_folders"),
+    "imagenet_r": _info("imagenet_r", "imagenet-rendition", "imagenet-r", "ImageNetR", "a photo of a {}.",
+                        layout="wnid_folders"),
 }
+# The cross-domain targets of the paper's Tab. 2 (source: ImageNet), in its column order.
+CROSS_DOMAIN = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading splits
 
 def read_splits(root: str, dataset: str) -> dict[str, list[Item]]:
-    """Read train/val/test for `dataset` under `root`; "val" may be empty (ImageNet, no val/ folder).
+    """Read train/val/test for `dataset` under `root`; "val" may be empty (ImageNet, no val/ folder;
+    the CROSS_DOMAIN test sets, whose train and test are both every image).
 
     A known dataset is read from its CoOp layout when present, otherwise from an ImageFolder tree
     in the same folder; any other name is read as an ImageFolder tree `<root>/<dataset>/`.
@@ -111,12 +134,17 @@ def read_splits(root: str, dataset: str) -> dict[str, list[Item]]:
     if not os.path.isdir(folder):
         raise DataError(f"dataset folder {folder} not found: expected {_expected_layouts(root, dataset)}; "
                         f"pass --root (known datasets: {', '.join(DATASETS)})")
-    if info and info.split_file and os.path.isfile(os.path.join(folder, info.split_file)):
+    layout = info.layout if info else None
+    if layout == "split_json" and os.path.isfile(os.path.join(folder, info.split_file)):
         splits = _read_split_json(os.path.join(folder, info.split_file), os.path.join(folder, info.image_dir))
-    elif info and info.name == "fgvc_aircraft" and os.path.isfile(os.path.join(folder, "variants.txt")):
+    elif layout == "aircraft" and os.path.isfile(os.path.join(folder, "variants.txt")):
         splits = _read_aircraft(folder)
-    elif info and info.name == "imagenet" and os.path.isdir(os.path.join(folder, "images", "train")):
+    elif layout == "imagenet" and os.path.isdir(os.path.join(folder, "images", "train")):
         splits = _read_imagenet(folder)
+    elif layout == "imagenet_v2" and os.path.isdir(os.path.join(folder, info.image_dir)):
+        splits = _read_imagenet_v2(folder, info)
+    elif layout == "wnid_folders" and os.path.isdir(os.path.join(folder, info.image_dir)):
+        splits = _read_wnid_folders(folder, info)
     elif os.path.isdir(os.path.join(folder, "train")):
         val_dir = os.path.join(folder, "val")
         splits = _read_tree({"train": os.path.join(folder, "train"), "test": os.path.join(folder, "test"),
@@ -133,15 +161,20 @@ def _expected_layouts(root: str, dataset: str) -> str:
     info = DATASETS.get(dataset)
     folder = os.path.join(root, info.folder if info else dataset)
     tree = f"an ImageFolder tree {folder}/{{train,test}}/<class>/"
-    if info is None:
-        return tree
-    if info.name == "fgvc_aircraft":
-        coop = f"{folder}/ with variants.txt + images_variant_{{train,val,test}}.txt + images/"
-    elif info.name == "imagenet":
-        coop = f"{folder}/ with classnames.txt + images/{{train,val}}/<wnid>/"
-    else:
-        coop = f"{folder}/ with {info.split_file} + {info.image_dir or 'its images'}/"
-    return f"{coop}, or {tree}"
+    return f"{_coop_layout(folder, info)}, or {tree}" if info else tree
+
+
+def _coop_layout(folder: str, info: DatasetInfo) -> str:
+    """The CoOp (DATASETS.md) layout of one known dataset in `folder`, for error messages."""
+    if info.layout == "aircraft":
+        return f"{folder}/ with variants.txt + images_variant_{{train,val,test}}.txt + images/"
+    if info.layout == "imagenet":
+        return f"{folder}/ with classnames.txt + images/{{train,val}}/<wnid>/"
+    if info.layout == "imagenet_v2":
+        return f"{folder}/ with ImageNet's classnames.txt + {info.image_dir}/<0..999>/"
+    if info.layout == "wnid_folders":
+        return f"{folder}/ with ImageNet's classnames.txt + {info.image_dir}/<wnid>/"
+    return f"{folder}/ with {info.split_file} + {info.image_dir or 'its images'}/"
 
 
 def _read_split_json(path: str, image_dir: str) -> dict[str, list[Item]]:
@@ -211,6 +244,63 @@ def _read_imagenet(folder: str) -> dict[str, list[Item]]:
                        "test": os.path.join(images, "val")}, names)
 
 
+def _cross_domain_classnames(folder: str, info: DatasetInfo) -> dict[str, str]:
+    """{wnid: name} in file order from the copy of ImageNet's classnames.txt that CoOp puts in each
+    cross-domain folder; its absence is reported with the whole expected layout."""
+    path = os.path.join(folder, "classnames.txt")
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found: {info.display_name} takes its class names from ImageNet's "
+                        f"classnames.txt (1000 '<wnid> <name>' lines); expected {_coop_layout(folder, info)}")
+    return _read_classnames_txt(path, required=True)
+
+
+def _read_imagenet_v2(folder: str, info: DatasetInfo) -> dict[str, list[Item]]:
+    """ImageNet-V2 as CoOp's imagenetv2.py reads it: folder "i" holds label i, named by line i of
+    classnames.txt (the folders carry label indices, not wnids); items in label order 0, 1, ..., 9, 10
+    (CoOp loops over range(1000)), not in the folders' string order 0, 1, 10.
+
+    A folder with no line (or a line with no folder) means classnames.txt is not ImageNet's file in
+    ImageNet's order, which would silently misname every class after it: both are errors.
+    """
+    names = list(_cross_domain_classnames(folder, info).values())
+    image_dir = os.path.join(folder, info.image_dir)
+    expected = [str(label) for label in range(len(names))]
+    found = set(_class_folders(image_dir))
+    missing = [f for f in expected if f not in found]
+    if missing:
+        raise DataError(f"{image_dir} lacks label folder(s) {', '.join(missing[:5])}: {info.display_name} needs "
+                        f"one folder per line of classnames.txt ({len(names)} lines), named 0..{len(names) - 1}; "
+                        f"expected {_coop_layout(folder, info)}")
+    extra = sorted(found - set(expected), key=lambda f: (len(f), f))  # "1000" after "999", not after "1"
+    if extra:
+        raise DataError(f"{image_dir} has folder(s) {', '.join(extra[:5])} that are not label indices "
+                        f"0..{len(names) - 1} of classnames.txt ({len(names)} lines): use ImageNet's full "
+                        f"classnames.txt; expected {_coop_layout(folder, info)}")
+    items = [Item(path, label, names[label])
+             for label in range(len(names)) for path in _list_images(os.path.join(image_dir, str(label)))]
+    return {"train": items, "val": [], "test": items}
+
+
+def _read_wnid_folders(folder: str, info: DatasetInfo) -> dict[str, list[Item]]:
+    """ImageNet-Sketch/-A/-R as CoOp's readers see them: label = index among the sorted wnid folders
+    (1000 for Sketch, 200 for A and R), name = classnames[wnid] from ImageNet's full classnames.txt.
+
+    Only folders are classes, so the README.txt that ships inside imagenet-a/ and imagenet-r/ is
+    skipped, as CoOp's TO_BE_IGNORED does. Test sets only: train = test = every image, no val.
+    """
+    names = _cross_domain_classnames(folder, info)
+    image_dir = os.path.join(folder, info.image_dir)
+    wnids = _class_folders(image_dir)
+    unknown = [w for w in wnids if w not in names]
+    if unknown:
+        raise DataError(f"class folder(s) {', '.join(unknown[:5])} of {image_dir} have no line in "
+                        f"{os.path.join(folder, 'classnames.txt')}: {info.display_name} needs ImageNet's "
+                        f"1000-class classnames.txt; expected {_coop_layout(folder, info)}")
+    items = [Item(path, label, names[wnid])
+             for label, wnid in enumerate(wnids) for path in _list_images(os.path.join(image_dir, wnid))]
+    return {"train": items, "val": [], "test": items}
+
+
 def _read_classnames_txt(path: str, required: bool) -> dict[str, str]:
     """Lines "<folder> <readable name with spaces>" -> {folder: name} (ImageNet's classnames.txt format)."""
     if not os.path.isfile(path):
@@ -278,10 +368,24 @@ def _check_splits(splits: dict[str, list[Item]], folder: str) -> None:
         n = len({it.label for it in splits[split]})
         if n < 2:
             raise DataError(f"the {split} split of {folder} has {n} class(es); at least 2 are needed")
+    _check_one_name_per_label(splits, folder)
     train_labels, test_labels = {it.label for it in splits["train"]}, {it.label for it in splits["test"]}
     if train_labels != test_labels:
         raise DataError(f"train and test of {folder} have different classes (train {len(train_labels)}, "
                         f"test {len(test_labels)}, shared {len(train_labels & test_labels)}); fix the split")
+
+
+def _check_one_name_per_label(splits: dict[str, list[Item]], folder: str) -> None:
+    """One class name per label in and across splits: otherwise the prompts of a label would name a
+    different class depending on which split classnames_of() is called on (evaluation uses test's)."""
+    seen: dict[int, tuple[str, str]] = {}  # label -> (class name, the split it was first seen in)
+    for split in ("train", "val", "test"):
+        for it in splits[split]:
+            name, where = seen.setdefault(it.label, (it.classname, split))
+            if name != it.classname:
+                raise DataError(f"label {it.label} of {folder} has two class names, {name!r} ({where}) and "
+                                f"{it.classname!r} ({split}): the split file is inconsistent; re-download it "
+                                f"from the links in CoOp's DATASETS.md")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -88,7 +88,8 @@ def get_args(argv=None):
     p.add_argument("runs", nargs="+", help="run folders (holding checkpoint.pt) or folders above them")
     p.add_argument("--recompute", action="store_true", help="recompute from checkpoint.pt, not results.json")
     p.add_argument("--zero-shot", action="store_true",
-                   help="add a 'Zero-shot CLIP' row per dataset: the runs' CLIP with 'a photo of a {}.' (no training)")
+                   help="add a 'Zero-shot CLIP' row per dataset: the runs' CLIP with CoOp's template of the dataset "
+                        "(EuroSAT 'a centered satellite photo of {}.', ...; 'a photo of a {}.' for other data), no training")
     # The three DPC overrides imply --recompute; each defaults to the run's own value.
     p.add_argument("--omega-b", type=float, default=None,
                    help="ω_b in (0, 1] at inference: moves the base prompt ω_b P' + (1-ω_b) P of "
@@ -100,14 +101,21 @@ def get_args(argv=None):
     mode.add_argument("--sweep", default=None, choices=("omega_b", "omega_n"),
                       help="Fig. 6: base (ω_b) or new (ω_n) accuracy of DPC runs at each of --values")
     mode.add_argument("--target", default=None,
-                      help="Tab. 2: comma-separated datasets to test on (full test split, all classes)")
+                      help="Tab. 2: comma-separated datasets to test on (full test split, all classes), or the "
+                           "groups cross-dataset (the 10 datasets besides ImageNet) and cross-domain (ImageNet-V2, "
+                           "-Sketch, -A, -R); each run's source is tested too")
+    mode.add_argument("--ablation", action="store_true",
+                      help="Tab. 3: lay out the runs of the five ablation commands (README) as its rows")
     p.add_argument("--values", default=None, help="comma-separated values for --sweep (default: Fig. 6's grid, "
                    "ω_b 0.1,0.2,0.3,0.5,1.0 (0 would be the backbone itself), ω_n 0,0.01,0.02,0.05,0.1,0.2)")
     p.add_argument("--target-root", default=None, help="dataset root of --target (default: --root, else the run's)")
     p.add_argument("--root", default=None, help="dataset root (default: the one stored in each run)")
-    p.add_argument("--out", default="evaluation", help="where results.json + table.md, sweep.json or transfer.json go")
+    p.add_argument("--out", default="evaluation",
+                   help="where results.json + table.md, sweep.json, transfer.json or ablation.json go")
     p.add_argument("--workers", type=int, default=4, help="data-loading processes (0 = in the main process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    tb.add_feature_cache_flag(p)
+    tb.add_trust_flag(p)
     return p.parse_args(argv)
 
 
@@ -115,7 +123,7 @@ def get_args(argv=None):
 # Runs: finding them, reading them, recomputing them
 # ------------------------------------------------------------------------------------------------
 
-def find_runs(paths) -> list[tuple[str, dict]]:
+def find_runs(paths, trust: bool = False) -> list[tuple[str, dict]]:
     """(run folder, checkpoint) of every finished run. A folder named directly must hold a finished
     run; below a folder named directly, unfinished runs are skipped with a note."""
     runs = {}
@@ -127,15 +135,13 @@ def find_runs(paths) -> list[tuple[str, dict]]:
         if not found:
             raise tb.RunError(f"no run in {path}: no checkpoint.pt below it; train one with train_backbone.py")
         for run in found:
-            ckpt = tb.read_checkpoint(os.path.join(run, "checkpoint.pt"))
-            if not isinstance(ckpt, dict) or ckpt.get("kind") not in ("backbone", "dpc"):
-                raise tb.RunError(f"{run}/checkpoint.pt was not written by train_backbone.py or train_dpc.py")
-            if ckpt.get("finished"):
+            ckpt = tb.read_checkpoint(os.path.join(run, "checkpoint.pt"), trust)   # checked: kind, keys, finite
+            if ckpt["finished"]:
                 runs[os.path.abspath(run)] = ckpt
                 continue
             script = "train_backbone.py" if ckpt["kind"] == "backbone" else "train_dpc.py"
-            message = (f"{run} is an unfinished run (epoch {ckpt['epoch']}/{ckpt['args']['epochs']}): "
-                       f"finish it with `{script} --resume --output-dir {run}`")
+            message = (f"{run} is an unfinished run (epoch {ckpt['epoch']}/{ckpt['args'].get('epochs')}): "
+                       f"finish it with `{script} --resume --output-dir {run}` and its other flags")
             if named:
                 raise tb.RunError(message)
             print(f"skipping: {message}", file=sys.stderr)
@@ -164,7 +170,7 @@ def dpc_settings(ckpt: dict, opts) -> Namespace:
     s = Namespace(omega_b=a["omega_b"] if opts.omega_b is None else opts.omega_b,
                   omega_n=a["omega_n"] if opts.omega_n is None else opts.omega_n,
                   base_inference=opts.base_inference or a["base_inference"],
-                  device=opts.device, workers=opts.workers)
+                  device=opts.device, workers=opts.workers, feature_cache=opts.feature_cache)
     td.check_omegas(s.omega_b, s.omega_n)
     return s
 
@@ -181,14 +187,15 @@ def dpc_prompts(ckpt: dict, omega_b: float, device) -> tuple[dict, dict]:
     return tuned, mixed
 
 
-def load_learner(run: str, ckpt: dict, device):
+def load_learner(run: str, ckpt: dict, opts):
     """The learner a run evaluates with: its own (backbone) or its stage-1 run's (DPC), ours or Dassl's."""
     if ckpt["kind"] == "backbone":
-        return tb.load_backbone(run, device)[0]
+        return tb.load_backbone(run, opts.device, opts.trust_checkpoint)[0]
     if os.path.isfile(os.path.join(ckpt["backbone"], "checkpoint.pt")):
-        return tb.load_backbone(ckpt["backbone"], device)[0]
+        return tb.load_backbone(ckpt["backbone"], opts.device, opts.trust_checkpoint)[0]
     a = ckpt["args"]
-    return td.dassl_learner(ckpt["backbone"], ckpt["clip"], device, a.get("teacher"), a.get("teacher_clip"))[0]
+    return tb.dassl_learner(ckpt["backbone"], ckpt["clip"], opts.device, a.get("teacher"), a.get("teacher_clip"),
+                            opts.trust_checkpoint)[0]
 
 
 def evaluate_run(run: str, ckpt: dict, opts) -> dict:
@@ -201,15 +208,19 @@ def evaluate_run(run: str, ckpt: dict, opts) -> dict:
     row["source"] = "results.json" if results else "recomputed"
     if dpc:
         s = dpc_settings(ckpt, opts)
-        row.update(omega_b=s.omega_b, omega_n=s.omega_n, base_inference=s.base_inference, topk=a.get("topk"))
+        row.update(omega_b=s.omega_b, omega_n=s.omega_n, base_inference=s.base_inference, topk=a.get("topk"),
+                   loss=a.get("loss", "hard-negative"))
+    else:
+        row.update(continued=bool(a.get("continue_from")))  # Tab. 3 row (1)
     if results is None:
         root = opts.root or a["root"]
-        learner = load_learner(run, ckpt, opts.device)
+        learner = load_learner(run, ckpt, opts)
         splits = tb.load_splits(ckpt["data"], root, a["shots"], a["seed"])
         if dpc:
             results = td.evaluate_dpc(learner, splits, *dpc_prompts(ckpt, s.omega_b, opts.device), s)
         else:
-            results = tb.base_to_new(learner, splits, opts.device, opts.workers, subsample=a.get("subsample", "base"))
+            results = tb.base_to_new(learner, splits, opts.device, opts.workers, subsample=a.get("subsample", "base"),
+                                     cache=opts.feature_cache)
     if "all" in results:
         row.update(all=results["all"])
     else:
@@ -219,10 +230,15 @@ def evaluate_run(run: str, ckpt: dict, opts) -> dict:
     return row
 
 
+def zero_shot_template(dataset: str) -> str:
+    """CoOp's hand-written template of a known dataset (CUSTOM_TEMPLATES), else "a photo of a {}."."""
+    return data.DATASETS[dataset].template if dataset in data.DATASETS else "a photo of a {}."
+
+
 def zero_shot_rows(runs, opts) -> list[dict]:
-    """Zero-shot CLIP per (dataset, CLIP) of the base-to-new runs: an untrained CoOp learner from
-    "a photo of a", which is zero-shot CLIP with the template "a photo of a {}." (tested in
-    tests/test_prompts.py). The test splits do not depend on the seed, so one row per dataset."""
+    """Zero-shot CLIP per (dataset, CLIP) of the base-to-new runs, as CoOp's zero-shot CLIP computes the
+    "CLIP" row of every base-to-new table: the dataset's own template (zero_shot_template). The test
+    splits do not depend on the seed, so one row per dataset."""
     clips = {ckpt["clip"] for _, ckpt in runs}
     rows, done = [], set()
     for _, ckpt in runs:
@@ -231,13 +247,15 @@ def zero_shot_rows(runs, opts) -> list[dict]:
         if a.get("subsample", "base") == "all" or key in done:  # Tab. 2 sources have no base/new split
             continue
         done.add(key)
-        learner = prompts.build_learner("coop", tb.load_clip(ckpt["clip"], opts.device), ctx_init="a photo of a")
+        template = zero_shot_template(ckpt["data"])
+        learner = prompts.ZeroShotCLIP(tb.load_clip(ckpt["clip"], opts.device), template)
         splits = tb.load_splits(ckpt["data"], key[2], 0, a["seed"])
-        results = tb.base_to_new(learner.to(opts.device).eval(), splits, opts.device, opts.workers)
+        results = tb.base_to_new(learner.to(opts.device).eval(), splits, opts.device, opts.workers,
+                                 cache=opts.feature_cache)
         name = "Zero-shot CLIP" + ("" if len(clips) == 1 else f" ({ckpt['clip']})")
         row = dict(run=None, kind="zeroshot", learner=name, data=ckpt["data"], seed=a["seed"], clip=ckpt["clip"],
-                   source="computed", base=results["base"], new=results["new"], hm=results["hm"])
-        tb.log_results(row, f"{name} {ckpt['data']} [{ckpt['clip']}, 'a photo of a {{}}.']")
+                   template=template, source="computed", base=results["base"], new=results["new"], hm=results["hm"])
+        tb.log_results(row, f"{name} {ckpt['data']} [{ckpt['clip']}, template {template!r}]")
         rows.append(row)
     return rows
 
@@ -259,8 +277,8 @@ def aggregate(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     cells = []
     for (learner, kind, name), rs in groups.items():
         seeds = [r["seed"] for r in rs]
-        settings = {tuple(r.get(k) for k in ("shots", "epochs", "omega_b", "omega_n", "base_inference", "topk"))
-                    for r in rs}
+        settings = {tuple(r.get(k) for k in ("shots", "epochs", "omega_b", "omega_n", "base_inference", "topk",
+                                             "loss", "continued")) for r in rs}
         if len(set(seeds)) < len(seeds) or len(settings) > 1:  # e.g. two Tab. 4 settings in one call
             print(f"warning: {learner} {kind} {name} averages runs of seeds {seeds} with {len(settings)} "
                   f"different settings: evaluate each setting's folder separately", file=sys.stderr)
@@ -363,7 +381,7 @@ def sweep(runs, opts) -> dict:
     for run, ckpt in runs:
         a = ckpt["args"]
         root = opts.root or a["root"]
-        learner = load_learner(run, ckpt, opts.device)
+        learner = load_learner(run, ckpt, opts)
         items = tb.load_splits(ckpt["data"], root, a["shots"], a["seed"])[split]["test"]
         accuracies = []
         for v in values:
@@ -372,7 +390,7 @@ def sweep(runs, opts) -> dict:
             prompt = (td.base_class_prompt(mixed, tuned, s.omega_b, s.base_inference) if split == "base"
                       else td.new_class_prompt(mixed, tuned, s.omega_b, s.omega_n))
             accuracies.append(tb.accuracy(learner, items, data.classnames_of(items), opts.device, opts.workers,
-                                          prompt))
+                                          prompt, cache=opts.feature_cache))
         rows.append(dict(run=run, learner=ckpt["learner"], data=ckpt["data"], seed=a["seed"],
                          base_inference=s.base_inference, accuracies=accuracies))
         print(f"{method(ckpt['learner'], 'dpc')} {ckpt['data']} seed {a['seed']} {split} accuracy: " +
@@ -393,59 +411,168 @@ def sweep(runs, opts) -> dict:
                 paper_fig6_coop_average=PAPER_FIG6[opts.sweep])
 
 
+def parse_targets(text: str, sources: set) -> list[str]:
+    """--target: dataset names, or the groups 'cross-dataset' (Tab. 2's 10 targets: the 11 datasets
+    minus ImageNet) and 'cross-domain' (ImageNet-V2, -Sketch, -A, -R)."""
+    groups = {"cross-dataset": [d for d in PAPER_DATASETS if d != "imagenet"], "cross-domain": list(data.CROSS_DOMAIN)}
+    targets = []
+    for t in (t.strip() for t in text.split(",")):
+        targets += groups.get(t, [t] if t else [])
+    return list(dict.fromkeys(sorted(sources) + targets))   # each run's source is always tested too
+
+
 def transfer(runs, opts) -> dict:
-    """Tab. 2: test each run on other datasets' full test split among all their classes. DPC runs
-    use the new-class prompt P̃_n (≈ P, paper §4.2; spec §2.2) on targets and the base prompt on
-    their own dataset (the source column); backbone runs use their learner as it is."""
-    targets = [t.strip() for t in opts.target.split(",") if t.strip()]
-    cache, rows = {}, []
+    """Tab. 2: test each run on its source's test split and on other datasets' full test split, all
+    classes. DPC runs use the base prompt on the source and the new-class prompt P̃_n (≈ P, paper §4.2;
+    DECISIONS #17) on every target; backbone runs use their learner as it is. Columns: Source, the mean
+    over the cross-dataset targets and the mean over the cross-domain targets (per method, seeds
+    averaged first), each beside the paper's Tab. 2 number (an ImageNet source only)."""
+    targets = parse_targets(opts.target, {ckpt["data"] for _, ckpt in runs})
+    test_sets, rows = {}, []
     for run, ckpt in runs:
         a, dpc = ckpt["args"], ckpt["kind"] == "dpc"
-        learner = load_learner(run, ckpt, opts.device)
+        learner = load_learner(run, ckpt, opts)
         if dpc:
             s = dpc_settings(ckpt, opts)
             tuned, mixed = dpc_prompts(ckpt, s.omega_b, opts.device)
         for target in targets:
-            if target not in cache:
-                items = data.read_splits(opts.target_root or opts.root or a["root"], target)["test"]
-                cache[target] = (items, data.classnames_of(items))
-            items, classnames = cache[target]
+            if target not in test_sets:
+                root = opts.root or a["root"] if target == ckpt["data"] else opts.target_root or opts.root or a["root"]
+                items = data.read_splits(root, target)["test"]
+                test_sets[target] = (items, data.classnames_of(items))
+            items, classnames = test_sets[target]
             prompt = None
             if dpc and target == ckpt["data"]:  # the source column of Tab. 2
                 prompt = td.base_class_prompt(mixed, tuned, s.omega_b, s.base_inference)
             elif dpc:
-                prompt = td.new_class_prompt(mixed, tuned, s.omega_b, s.omega_n)
-            acc = tb.accuracy(learner, items, classnames, opts.device, opts.workers, prompt)
+                prompt = td.new_class_prompt(mixed, tuned, s.omega_b, s.omega_n)   # Eq. (13)
+            acc = tb.accuracy(learner, items, classnames, opts.device, opts.workers, prompt, cache=opts.feature_cache)
             tb.log(f"=> result ({method(ckpt['learner'], ckpt['kind'])} {ckpt['data']} -> {target}, "
                    f"all {len(classnames)} classes, seed {a['seed']} {run})\n* accuracy: {acc:.2f}%")
             rows.append(dict(run=run, kind=ckpt["kind"], learner=ckpt["learner"], source=ckpt["data"],
                              target=target, seed=a["seed"], accuracy=acc))
-    means = {}
+    summary = transfer_summary(rows)
+    print("\n" + format_transfer(summary))
+    return dict(runs=rows, mean_over_seeds=summary, paper_tab2=PAPER_TAB2_COLUMNS)
+
+
+# Tab. 2 of the paper (ViT-B/16, ImageNet source): Source, Avg. of cross-dataset, Avg. of cross-domain.
+PAPER_TAB2 = {("coop", "backbone"): (71.25, 64.98, 60.31), ("coop", "dpc"): (71.80, 64.98, 60.31),
+              ("maple", "backbone"): (70.11, 64.79, 60.11), ("maple", "dpc"): (71.36, 64.79, 60.11),
+              ("promptsrc", "backbone"): (70.65, 65.64, 60.58), ("promptsrc", "dpc"): (71.42, 65.64, 60.58),
+              ("promptkd", "backbone"): (72.42, 70.77, 71.47), ("promptkd", "dpc"): (74.43, 70.77, 71.47)}
+PAPER_TAB2_COLUMNS = {f"{learner}/{kind}": dict(zip(("source", "cross_dataset", "cross_domain"), v))
+                      for (learner, kind), v in PAPER_TAB2.items()}
+
+
+def transfer_summary(rows: list[dict]) -> list[dict]:
+    """Per (learner, row, source): every target's accuracy averaged over seeds, then Tab. 2's three columns."""
+    per = {}
     for r in rows:
-        key = (r["learner"], r["kind"], r["source"])
-        means.setdefault(key, {}).setdefault(r["target"], []).append(r["accuracy"])
+        per.setdefault((r["learner"], r["kind"], r["source"]), {}).setdefault(r["target"], []).append(r["accuracy"])
     summary = []
-    for (learner, kind, source), per_target in means.items():
-        accs = {t: mean(v) for t, v in per_target.items()}
-        others = [x for t, x in accs.items() if t != source]
-        summary.append(dict(learner=learner, kind=kind, source=source, accuracy=accs,
-                            average_of_targets=mean(others) if others else None))
-        print(f"{method(learner, kind)} {source}: " +
-              "  ".join(f"{t} {x:.2f}" for t, x in accs.items()) +
-              (f"  | avg over {len(others)} target(s) {mean(others):.2f}" if others else ""))
-    return dict(runs=rows, mean_over_seeds=summary)
+    for (learner, kind, source), accs in per.items():
+        accs = {t: mean(v) for t, v in accs.items()}
+        dataset = [t for t in accs if t != source and t not in data.CROSS_DOMAIN]
+        domain = [t for t in accs if t != source and t in data.CROSS_DOMAIN]
+        summary.append(dict(learner=learner, kind=kind, source=source, accuracy=accs, source_accuracy=accs[source],
+                            cross_dataset=mean([accs[t] for t in dataset]) if dataset else None,
+                            cross_domain=mean([accs[t] for t in domain]) if domain else None,
+                            cross_dataset_targets=dataset, cross_domain_targets=domain))
+    return summary
+
+
+def format_transfer(summary: list[dict]) -> str:
+    """Tab. 2's layout: Method | Source | Avg. of cross-dataset | Avg. of cross-domain, ours (paper)."""
+    learners = {name: i for i, name in enumerate(prompts.LEARNERS)}
+    table = [["Method", "Source", "Avg. of cross-dataset", "Avg. of cross-domain"]]
+    for s in sorted(summary, key=lambda s: (s["source"], learners.get(s["learner"], 99), s["kind"])):
+        paper = PAPER_TAB2.get((s["learner"], s["kind"])) if s["source"] == "imagenet" else None
+        cells = []
+        for i, (value, targets) in enumerate(((s["source_accuracy"], None), (s["cross_dataset"], s["cross_dataset_targets"]),
+                                              (s["cross_domain"], s["cross_domain_targets"]))):
+            text = "–" if value is None else f"{value:.2f}"
+            if targets is not None and value is not None and len(targets) != (10 if i == 1 else 4):
+                text += f" [{len(targets)} of {10 if i == 1 else 4}]"
+            cells.append(text + f" (paper {'–' if paper is None else f'{paper[i]:.2f}'})")
+        name = f"{method(s['learner'], s['kind'])} [{s['source']}]"
+        table.append([name] + cells)
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in table]
+    return "\n".join(lines + ["note: [k of n] = a mean over the targets given, not all of Tab. 2's; paper numbers "
+                               "are for an ImageNet source"]) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Tab. 3: the component ablation (CoOp backbone), from the run folders of its five commands
+# ------------------------------------------------------------------------------------------------
+
+ABLATION_ROWS = ("backbone", "(1) TS", "(2) TS + DHNO", "(3) TS + WE", "(4) TS + WE + DE", "(5) TS + DHNO + WE + DE")
+# The cells of Tab. 3 that the paper's text attributes (avg over 11 datasets, CoOp); None where it does not.
+PAPER_TAB3 = {"backbone": (81.98, 68.84, 74.84), "(1) TS": (82.69, 68.39, None), "(2) TS + DHNO": (84.28, 64.12, None),
+              "(3) TS + WE": (None, 65.88, None), "(4) TS + WE + DE": (82.23, 68.84, 74.94),
+              "(5) TS + DHNO + WE + DE": (85.15, 68.84, 76.13)}
+
+
+def ablation_row(ckpt: dict) -> str:
+    """Which Tab. 3 row a run is, from the flags it was trained with (README, "Tab. 3"):
+    backbone / (1) train_backbone.py --continue-from; (2) train_dpc.py --omega-b 1 --omega-n 1;
+    (3) --loss learner --base-inference mixed --omega-n = --omega-b; (4) --loss learner --base-inference
+    mixed (ω_n = 1e-6); (5) train_dpc.py with its defaults."""
+    a = ckpt["args"]
+    if ckpt["kind"] == "backbone":
+        return "(1) TS" if a.get("continue_from") else "backbone"
+    if a.get("loss", "hard-negative") == "hard-negative":
+        return "(2) TS + DHNO" if a["omega_b"] == a["omega_n"] == 1.0 else "(5) TS + DHNO + WE + DE"
+    return "(3) TS + WE" if a["omega_n"] == a["omega_b"] else "(4) TS + WE + DE"
+
+
+def format_ablation(cells: list[dict], averages: list[dict]) -> str:
+    """Tab. 3's layout: a row per component set, Base / New / H over the datasets present, ours (paper)."""
+    n = max(len(a["datasets"]) for a in averages)
+    table = [["Row", f"Base (avg over {n} dataset{'s' * (n > 1)})", "New", "H"]]
+    by_row = {a["kind"]: a for a in averages}
+    for row in ABLATION_ROWS:
+        ours, paper = by_row.get(row), PAPER_TAB3[row]
+        table.append([row] + [("–" if ours is None else f"{ours[m]:.2f}") +
+                              f" (paper {'–' if paper[i] is None else f'{paper[i]:.2f}'})"
+                              for i, m in enumerate(("base", "new", "hm"))])
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in table]
+    lines += [f"note: {a['kind']} is averaged over {', '.join(a['datasets'])} only" for a in averages
+              if len(a["datasets"]) != n]
+    return "\n".join(lines + ["note: paper numbers are CoOp's average over 11 datasets; '–' where its text "
+                               "does not attribute the cell"]) + "\n"
+
+
+def ablation(runs, opts) -> dict:
+    rows = []
+    for run, ckpt in runs:
+        row = evaluate_run(run, ckpt, opts)
+        row["kind"] = ablation_row(ckpt)
+        rows.append(row)
+    learners = {r["learner"] for r in rows}
+    if len(learners) > 1:
+        raise tb.RunError(f"--ablation lays out one learner's runs (Tab. 3: CoOp); got {sorted(learners)}: pass "
+                          f"one learner's run folders")
+    cells, averages = aggregate(rows)
+    print("\n" + format_ablation(cells, averages), end="")
+    return dict(runs=rows, groups=cells, averages=averages, paper_tab3=PAPER_TAB3)
 
 
 # ------------------------------------------------------------------------------------------------
 
 def main(args):
-    runs = find_runs(args.runs)
+    runs = find_runs(args.runs, args.trust_checkpoint)
     if args.sweep:
         out = sweep(runs, args)
         tb.write_json_atomic(out, os.path.join(args.out, "sweep.json"))
     elif args.target:
         out = transfer(runs, args)
         tb.write_json_atomic(out, os.path.join(args.out, "transfer.json"))
+    elif args.ablation:
+        out = ablation(runs, args)
+        tb.write_json_atomic(out, os.path.join(args.out, "ablation.json"))
     else:
         rows = [evaluate_run(run, ckpt, args) for run, ckpt in runs]
         rows += zero_shot_rows(runs, args) if args.zero_shot else []
@@ -456,7 +583,9 @@ def main(args):
         for c in cells:
             print(f"{c['learner']} {c['kind']} {c['data']}: seeds {c['seeds']}  base {c['base']:.2f}  "
                   f"new {c['new']:.2f}  HM {c['hm']:.2f}")
-        print("\n" + format_table(cells, averages))
+        templates = {r["data"]: r["template"] for r in rows if r["kind"] == "zeroshot"}
+        notes = "".join(f"note: Zero-shot CLIP on {d} uses the template {t!r}\n" for d, t in templates.items())
+        print("\n" + format_table(cells, averages) + notes, end="")
         out = dict(runs=rows, groups=cells, averages=averages,
                    convention="mean over seeds of base and new; H = harmonic mean of those means")
         tb.write_json_atomic(out, os.path.join(args.out, "results.json"))   # creates --out (nothing before)

@@ -7,7 +7,7 @@ small interface, which is all that train_backbone.py, train_dpc.py and evaluate.
     learner.encode_image(images)         -> (B, E) image features f(P_v, V)     (unnormalised)
     learner(images, classnames)          -> (B, C) logits, Eq. (4)
     learner.training_loss(images, labels, classnames) -> dict(loss=..., logits=..., <terms>)
-    learner.image_prompts                -> whether f(V) depends on the prompt tensors at all
+    learner.image_side                   -> name prefixes of the tensors f(V) reads (() for CoOp)
     prompt_tensors(learner)              -> {name: tensor}: the tuned prompt P of DPC (Eq. 5)
     learner_state(learner) / load_learner_state(learner, state): the small checkpoint
 
@@ -51,11 +51,16 @@ def class_prompts(clip, classnames, prefix: str, cache: dict):
     """
     key = (prefix, tuple(classnames))
     if key not in cache:
-        texts = [f"{prefix} {name.replace('_', ' ')}." for name in classnames]
+        texts = [prompt_text(prefix, name) for name in classnames]
         tokens = tokenize(texts).to(clip.positional_embedding.device)
         with torch.no_grad():
             cache[key] = (tokens, clip.token_embeddings(tokens))
     return cache[key]
+
+
+def prompt_text(prefix: str, classname: str) -> str:
+    """The class prompt "<prefix> <class name>." that the learners tokenize ("_" read as a space)."""
+    return f"{prefix} {classname.replace('_', ' ')}."
 
 
 def encode_prompted_text(clip, ctx, classnames, prefix, cache, deep_prompts=()):
@@ -106,7 +111,7 @@ class CoOp(nn.Module):
     """
     DEFAULTS = dict(epochs=20, lr=0.002, batch_size=32,
                     source="lr: CoOp vit_b16_ctxv1; 20 epochs: DPC paper Tab. 5; batch 32: DPC paper §4.1")
-    image_prompts = False  # f(V) does not depend on the prompt: DPC reuses image features
+    image_side = ()  # f(V) reads no prompt tensor: DPC reuses image features, evaluation caches them
 
     def __init__(self, clip, n_ctx: int = 4, ctx_init: str = "a photo of a"):
         super().__init__()
@@ -145,7 +150,7 @@ class MaPLe(nn.Module):
     DEFAULTS = dict(epochs=5, lr=0.0035, batch_size=32,
                     source="epochs/lr: MaPLe vit_b16_c2_ep5_batch4_2ctx; batch 32: DPC paper §4.1")
 
-    image_prompts = True
+    image_side = ("ctx", "proj.", "compound_prompts_text.", "compound_prompt_projections.")  # f(V) reads every tensor
 
     def __init__(self, clip, n_ctx: int = 2, ctx_init: str = "a photo of a", depth: int = 9):
         super().__init__()
@@ -218,7 +223,7 @@ class PromptSRC(nn.Module):
     DEFAULTS = dict(epochs=20, lr=0.0025, batch_size=32,
                     source="epochs/lr: PromptSRC vit_b16_c2_ep20_batch4_4+4ctx; batch 32: DPC paper §4.1")
 
-    image_prompts = True
+    image_side = ("visual_prompt", "visual_deep.")  # what f(V) reads (image_side_tensors)
 
     def __init__(self, clip, n_ctx_text: int = 4, n_ctx_vision: int = 4, depth_text: int = 9,
                  depth_vision: int = 9, ctx_init: str = "a photo of a", text_weight: float = 25.0,
@@ -306,7 +311,7 @@ class PromptKD(nn.Module):
                     source="PromptKD config vit_b16_c2_ep20_batch32_4+4ctx used by the DPC release")
     dpc_extra = ("teacher.ctx", "teacher.text_deep.")  # teacher text prompts: part of P for DPC
 
-    image_prompts = True
+    image_side = ("visual_prompt", "visual_deep.", "projector.")  # what f(V) reads (image_side_tensors)
 
     def __init__(self, clip, teacher: PromptSRC, n_ctx_vision: int = 4, depth_vision: int = 9,
                  kd_weight: float = 1000.0, temperature: float = 1.0):
@@ -363,6 +368,31 @@ KD_WEIGHT_200 = ("fgvc_aircraft", "oxford_flowers", "dtd")
 
 
 # ================================================================================================
+# Zero-shot CLIP — the "CLIP" row of base-to-new tables (CoOp's trainers/zsclip.py)
+# ================================================================================================
+
+class ZeroShotCLIP(nn.Module):
+    """Zero-shot CLIP as CoOp evaluates it: one hand-written template per dataset (CoOp's
+    CUSTOM_TEMPLATES = data.DATASETS[name].template, e.g. EuroSAT "a centered satellite photo of {}."),
+    "a photo of a {}." for other data. Nothing is trained: not a learner, no prompt tensors."""
+    image_side = ()
+
+    def __init__(self, clip, template: str = "a photo of a {}."):
+        super().__init__()
+        self.clip, self.template = clip, template
+
+    def encode_text(self, classnames):
+        texts = [self.template.format(name.replace("_", " ")) for name in classnames]
+        return self.clip.encode_text(tokenize(texts).to(self.clip.positional_embedding.device))   # (C, E)
+
+    def encode_image(self, images):
+        return self.clip.encode_image(images)
+
+    def forward(self, images, classnames):
+        return cosine_logits(self.encode_image(images), self.encode_text(classnames), self.clip.logit_scale.exp())
+
+
+# ================================================================================================
 # The learners, their checkpoints and the tuned prompt P
 # ================================================================================================
 
@@ -386,6 +416,50 @@ def build_learner(name: str, clip, teacher=None, n_ctx: int = None, ctx_init: st
             raise LearnerError("PromptKD needs a teacher: pass --teacher RUN_DIR of a promptsrc run")
         return PromptKD(clip, teacher, **({} if kd_weight is None else dict(kd_weight=kd_weight)))
     return LEARNERS[name](clip, **options)
+
+
+CONTEXT_LENGTH = 77  # CLIP's text context, SOT and EOT included
+
+
+def check_classnames(learner, classnames, training: bool = False) -> None:
+    """Before a run: every class prompt the learner tokenizes fits CLIP's 77 tokens (the tokenizer would
+    stop the run at its first step), and no two classes give CLIP the same prompt once it has cleaned
+    them (lower case, whitespace, "_" read as " "): such classes could never be told apart.
+    `training` adds what only the training loss tokenizes (PromptSRC's 60 templates)."""
+    source = learner.teacher if isinstance(learner, PromptKD) else learner   # PromptKD: the teacher's prompts
+    templates = [source.template] if isinstance(source, ZeroShotCLIP) else [prompt_text(source.prefix, "{}")]
+    if training and isinstance(learner, PromptSRC):
+        templates += PROMPTSRC_TEMPLATES
+    words = {t: len(tokenizer().encode(t.format(""))) for t in templates}   # tokens around the name
+    seen = {}
+    for name in classnames:
+        ids = tuple(tokenizer().encode(name.replace("_", " ")))
+        if ids in seen:
+            raise LearnerError(f"classes {seen[ids]!r} and {name!r} give CLIP the same prompt (it lower-cases and "
+                               f"cleans whitespace), so they can never be told apart: rename one of them")
+        seen[ids] = name
+        for template in templates:
+            # template + name is within a token or two of the sum of their lengths (BPE works per word);
+            # only prompts near the limit are tokenized whole, which is the exact count
+            if words[template] + len(ids) + 2 < CONTEXT_LENGTH - 4:
+                continue
+            n = len(tokenizer().encode(template.format(name.replace("_", " ")))) + 2    # + SOT, EOT
+            if n > CONTEXT_LENGTH:
+                raise LearnerError(f"the prompt {template!r} of class {name[:40]!r}... has {n} tokens, more than "
+                                   f"CLIP's {CONTEXT_LENGTH}: shorten that class name (classnames.txt, split file "
+                                   f"or folder name)")
+
+
+def image_side_tensors(learner) -> dict:
+    """The learner's own tensors that f(V) reads (its class attribute `image_side`: name prefixes), as
+    they are now (inside `substitute`, the substituted values): with the frozen CLIP, all that image
+    features depend on. Empty for CLIP's plain image encoder (CoOp, zero-shot CLIP)."""
+    prefixes = getattr(learner, "image_side", ())
+    if not prefixes:
+        return {}
+    own = dict(learner.named_parameters())
+    own.update(learner.named_buffers())
+    return {n: t for n, t in own.items() if n.startswith(prefixes) and not n.startswith(FROZEN)}
 
 
 def trainable_parameters(learner) -> dict:

@@ -14,21 +14,31 @@ checkpoint.pt (trainable tensors + optimiser + class names + CLIP name, written 
 epoch) and results.json. `--resume` continues an interrupted run from its last finished epoch.
 """
 import argparse
+import glob
+import hashlib
 import json
 import math
 import os
+import pickle
 import platform
+import re
 import shutil
 import sys
 import time
 
+import PIL
 import torch
+import torchvision
 
 import clip_model
 import data
 import prompts
 
 LAST_BACKBONE = os.path.join("output", "last_backbone.txt")  # where train_dpc.py finds the latest run
+# PromptKD's teacher as the original code trains it (PromptSRC config vit_l14_c2_ep20_batch8_4+4ctx,
+# 16-shot base classes; DECISIONS #8): `train_backbone.py --learner promptsrc` with these flags.
+PROMPTKD_TEACHER_RECIPE = dict(learner="promptsrc", clip="ViT-L/14", lr=0.005, batch_size=8, epochs=20, shots=16,
+                               subsample="base")
 
 
 class RunError(ValueError):
@@ -69,7 +79,12 @@ def get_args(argv=None):
         f"{k} {v.DEFAULTS['lr']} ({v.DEFAULTS['source']})" for k, v in prompts.LEARNERS.items()))
     p.add_argument("--n-ctx", type=int, default=None, help="text context tokens (default: CoOp 4, MaPLe 2, PromptSRC 4)")
     p.add_argument("--ctx-init", default=None, help="init phrase (default 'a photo of a'; '' = random init)")
-    p.add_argument("--teacher", default=None, help="PromptKD: run folder of a promptsrc backbone run (ViT-L/14 in the paper)")
+    p.add_argument("--teacher", default=None, help="PromptKD: a promptsrc run trained as the original teacher (README: "
+                   "ViT-L/14, lr 0.005, batch 8, 20 epochs) or a released Dassl folder teacher_model/<Dataset>")
+    p.add_argument("--teacher-clip", default="ViT-L/14", help="CLIP of a Dassl --teacher folder (our runs record their own)")
+    p.add_argument("--continue-from", default=None,
+                   help="Tab. 3 row (1), TS: start from this finished run's prompt and optimiser state and tune it for "
+                        "another --epochs with the same loss and a restarted schedule")
     p.add_argument("--kd-weight", type=float, default=None, help="PromptKD: 1000, or 200 for fgvc_aircraft, oxford_flowers, dtd")
     p.add_argument("--select-best-on-base-test", action="store_true",
                    help="keep the epoch with the best base TEST accuracy (PromptKD's original selection; "
@@ -87,9 +102,11 @@ def get_args(argv=None):
         args.shots = 0 if args.learner == "promptkd" else 16
     if args.kd_weight is None and args.learner == "promptkd":
         args.kd_weight = 200.0 if args.data in prompts.KD_WEIGHT_200 else 1000.0
-    args.output_dir = args.output_dir or os.path.join("output", args.data, args.learner, f"seed{args.seed}")
+    args.output_dir = args.output_dir or os.path.join("output", args.data, args.learner + "_ts" * bool(args.continue_from),
+                                                      f"seed{args.seed}")
     args.root = os.path.abspath(args.root)  # runs are re-evaluated from other folders
     args.teacher = args.teacher and os.path.abspath(args.teacher)
+    args.continue_from = args.continue_from and os.path.abspath(args.continue_from)
     check_positive(args, "epochs", "batch_size", "lr")
     check_shots(args.shots)
     return args
@@ -103,6 +120,14 @@ def add_run_flags(p):
                    "train_dpc.py also renders its negatives on this many threads. On <= 2 cores use 0")
     p.add_argument("--print-every", type=int, default=20, help="iterations between progress lines")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_feature_cache_flag(p)
+    add_trust_flag(p)
+
+
+def add_trust_flag(p):
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle checkpoints fully: RUNS CODE FROM THE FILE; only for files you trust (by default "
+                        "they are read as plain data, README 'Loading checkpoints safely')")
 
 
 def check_shots(shots: int) -> None:
@@ -120,19 +145,22 @@ def check_positive(args, *names):
 # Run folder, logging, checkpoints (shared with train_dpc.py and evaluate.py)
 # ------------------------------------------------------------------------------------------------
 
-def check_run_folder(args):
+def check_run_folder(args, kind: str = "backbone"):
     """Before anything is written: the unfinished checkpoint to resume from, or None.
     A finished run is never touched without --overwrite."""
     path = os.path.join(args.output_dir, "checkpoint.pt")
     if not os.path.exists(path) or args.overwrite:
         return None
-    previous = read_checkpoint(path)
+    previous = read_checkpoint(path, args.trust_checkpoint)
+    if previous["kind"] != kind:
+        raise RunError(f"{args.output_dir} holds a {previous['kind']} run of {SCRIPT[previous['kind']]}, not a "
+                       f"{kind} run: choose another --output-dir")
     if previous["finished"]:
         raise RunError(f"{args.output_dir} already holds a finished run: re-evaluate it with evaluate.py, "
                        f"or pass --overwrite to train again (or another --output-dir)")
     if not args.resume:
         raise RunError(f"{args.output_dir} holds an unfinished run (epoch {previous['epoch']}/"
-                       f"{previous['args']['epochs']}): pass --resume to continue or --overwrite to start over")
+                       f"{previous['args'].get('epochs')}): pass --resume to continue or --overwrite to start over")
     mine = dict(learner=args.learner, data=args.data, clip=getattr(args, "clip", previous["clip"]))
     theirs = {k: previous.get(k) for k in mine}
     if mine != theirs:
@@ -196,12 +224,103 @@ def write_json_atomic(obj, path: str):
     os.replace(tmp, path)
 
 
-def read_checkpoint(path: str) -> dict:
+# ------------------------------------------------------------------------------------------------
+# Reading checkpoints without running code from them (README: "Loading checkpoints safely")
+# ------------------------------------------------------------------------------------------------
+
+TRUST_HINT = "if you trust the file, pass --trust-checkpoint (it runs code from the file)"
+
+
+class Inert:
+    """Stands in for an object a Dassl checkpoint pickles but no stage ever needs: the optimiser and
+    LR scheduler objects (Dassl's warm-up scheduler state pickles its successor scheduler, and with it
+    the optimiser). Nothing of the file is ever called: creating one ignores its arguments, and the
+    pickled state is kept as plain data."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.pickled_state = state
+
+
+def _plain_dict(*args):
+    """collections.defaultdict(dict) of an optimiser's state, read as a plain (empty) dict."""
+    return {}
+
+
+# Globals of a Dassl checkpoint that are read as Inert stand-ins: optimiser/scheduler classes (torch's
+# and Dassl's own), the defaultdict of an optimiser state, and numpy scalars (val_result).
+INERT_GLOBALS = ("torch.optim.", "dassl.", "collections.defaultdict", "builtins.dict", "numpy.dtype",
+                 "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
+
+
+def load_safely(path: str, trust: bool = False, inert_objects: bool = False):
+    """torch.load with weights_only=True: tensors, dicts, lists, numbers and strings only, so loading
+    never runs code hidden in the file. `inert_objects` (Dassl checkpoints) also reads the globals of
+    INERT_GLOBALS, as inert stand-ins that are never called. Any other global is refused naming it;
+    only `trust` (--trust-checkpoint) unpickles it for real."""
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)  # runs code: the user said so
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)   # scans, never executes
+    except Exception:  # a legacy (pre-1.6) or broken file: weights_only=True alone decides below
+        unsafe = []
+    refused = [g for g in unsafe if not (inert_objects and g.startswith(INERT_GLOBALS))]
+    if refused:
+        raise RunError(f"refusing to load {path}: it pickles {refused[0]}, which could run code; {TRUST_HINT}")
+    stand_ins = [(_plain_dict if g == "collections.defaultdict" else Inert, g) for g in unsafe]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a global the scan missed (legacy format), or an odd pickle
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:
+            raise RunError(f"refusing to load {path}: it pickles {found.group(1)}, which could run code; "
+                           f"{TRUST_HINT}") from None
+        reason = re.search(r"WeightsUnpickler error: \s*(.*?)\s*\n", str(e) + "\n")
+        raise RunError(f"cannot read checkpoint {path} ({reason.group(1) if reason else 'UnpicklingError'}): it is "
+                       f"corrupted, truncated or not plain data; train that run again (--overwrite)") from None
     except Exception as e:
         raise RunError(f"cannot read checkpoint {path} ({type(e).__name__}): it is corrupted or truncated; "
                        f"train that run again (--overwrite)") from None
+
+
+# What every checkpoint of ours holds, per kind (train_backbone.checkpoint, train_dpc.checkpoint).
+RUN_KEYS = {"backbone": ("learner", "clip", "data", "classnames", "state", "epoch", "finished", "args", "optimizer"),
+            "dpc": ("learner", "clip", "data", "classnames", "backbone", "tuned_prompt", "mixed_prompt", "epoch",
+                    "finished", "args", "optimizer")}
+SCRIPT = {"backbone": "train_backbone.py", "dpc": "train_dpc.py"}
+
+
+def read_checkpoint(path: str, trust: bool = False) -> dict:
+    """A run checkpoint of train_backbone.py / train_dpc.py, read safely and checked once, here: its
+    schema (kind, learner, clip, data, state, finished, ...) and finite prompt values."""
+    ckpt = load_safely(path, trust)
+    kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
+    if kind not in RUN_KEYS:
+        raise RunError(f"{path} was not written by train_backbone.py or train_dpc.py (no kind 'backbone' or "
+                       f"'dpc'): pass a run folder of this project, or a Dassl folder to train_dpc.py --backbone")
+    missing = [k for k in RUN_KEYS[kind] if k not in ckpt]
+    if missing or ckpt["learner"] not in prompts.LEARNERS or not isinstance(ckpt["args"], dict):
+        raise RunError(f"{path} is an incomplete {kind} checkpoint (missing {missing or 'a valid learner/args'}): "
+                       f"train that run again with {SCRIPT[kind]} --overwrite")
+    tensors = {f"state {k}": v for k, v in ckpt["state"].items()} if kind == "backbone" else \
+        {f"{part} {k}": v for part in ("tuned_prompt", "mixed_prompt") for k, v in ckpt[part].items()}
+    check_finite(tensors, path, f"train that run again with a lower --lr ({SCRIPT[kind]} --overwrite)")
+    return ckpt
+
+
+def check_finite(tensors: dict, path: str, fix: str) -> None:
+    """A NaN/inf prompt gives chance accuracy or a diverging DPC run: refuse it where it is read."""
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise RunError(f"{path}: {name} is a {type(value).__name__}, not a tensor; {fix}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise RunError(f"{path}: {name} holds NaN/inf values (the run diverged); {fix}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,6 +384,19 @@ def autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
+def grad_scaler(device: str):
+    """Loss scaling for fp16 autocast (GPUs without bf16: V100, T4), where small gradients underflow;
+    a no-op for bf16 and fp32. Both stages use it (DECISIONS #1)."""
+    return torch.amp.GradScaler(enabled=device.startswith("cuda") and not torch.cuda.is_bf16_supported())
+
+
+def kept_checkpoint(epoch: int) -> str:
+    """What a run stopped in `epoch` leaves behind: the checkpoint of epoch - 1, if there is one."""
+    if epoch > 1:
+        return f"the last good checkpoint (epoch {epoch - 1}) is kept"
+    return "no checkpoint was written (it failed in the first epoch)"
+
+
 def train_set(items, image_size):
     """Training images with train augmentation. Small sets (few-shot) are decoded once, here, and kept
     in memory: decoding never dominates a step, and an unreadable image stops the run before it starts."""
@@ -278,19 +410,117 @@ def make_loader(dataset, batch_size, shuffle, workers, seed=0, drop_last=False):
                                        persistent_workers=False, pin_memory=False)
 
 
+# ------------------------------------------------------------------------------------------------
+# Evaluation: each test image is encoded once per distinct visual encoder (DECISIONS #18)
+# ------------------------------------------------------------------------------------------------
+
+# Default folder of the on-disk feature cache (--feature-cache; "off" disables it). Safe to delete.
+FEATURE_CACHE = os.environ.get("DPC_FEATURE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dpc_features")
+_MEMO: dict = {}            # in-process: feature key -> (N, E) features, oldest first
+_MEMO_BYTES = 4 << 30       # what the in-process memo may hold before it forgets the oldest entries
+
+
+def add_feature_cache_flag(p):
+    p.add_argument("--feature-cache", default=FEATURE_CACHE,
+                   help="folder of cached test-image features of CLIP's plain image encoder (keyed by the CLIP "
+                        "weights, transform and image files; safe to delete; env DPC_FEATURE_CACHE), or 'off'")
+
+
+def tensors_digest(tensors: dict) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of the tensors."""
+    h = hashlib.sha256()
+    for name, t in sorted(tensors.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def clip_digest(clip) -> str:
+    """tensors_digest of the CLIP weights, remembered on the model while no tensor of it changes
+    (torch counts in-place writes in `_version`; a new tensor has another data_ptr)."""
+    state = clip.state_dict()
+    stamp = tuple((t.data_ptr(), t._version) for t in state.values())
+    if getattr(clip, "_digest", (None, None))[0] != stamp:
+        clip._digest = (stamp, tensors_digest(state))
+    return clip._digest[1]
+
+
+def feature_key(learner, items, device: str, batch_size: int) -> tuple[str, bool]:
+    """(key, persistent) of the image features of `items`: everything they depend on. The CLIP weights;
+    the learner's image-side tensors if it has any (as substituted now); the test transform and the
+    library versions that run it; device and precision; the batch size (it can change the last bit);
+    each file's path, size, mtime and inode. Features of CLIP's plain encoder (CoOp, zero-shot CLIP) are
+    persistent (reused across runs and seeds); prompted ones live in this process only."""
+    image_side = prompts.image_side_tensors(learner)
+    precision = "fp32" if not device.startswith("cuda") else \
+        f"{torch.cuda.get_device_name()} {'bf16' if torch.cuda.is_bf16_supported() else 'fp16'}"
+    h = hashlib.sha256()
+    h.update(f"{clip_digest(learner.clip)} {type(learner).__name__ if image_side else 'plain'} "
+             f"{tensors_digest(image_side) if image_side else ''} "
+             f"{data.test_transform(learner.clip.visual.input_resolution)} torch {torch.__version__} "
+             f"torchvision {torchvision.__version__} PIL {PIL.__version__} {device} {precision} {batch_size}".encode())
+    for item in items:
+        st = os.stat(item.path)
+        h.update(f"\n{item.path} {st.st_size} {st.st_mtime_ns} {st.st_ino}".encode())
+    return h.hexdigest(), not image_side
+
+
+def encode_images(learner, items, device, workers, batch_size) -> list:
+    """f(V) of every item, batch by batch, in the learner's current state: [(B, E), ...]."""
+    test_images = data.ImageDataset(items, data.test_transform(learner.clip.visual.input_resolution))
+    return [learner.encode_image(images.to(device)) for images, _, _ in make_loader(test_images, batch_size, False, workers)]
+
+
+def image_features(learner, items, device, workers, batch_size, cache) -> list:
+    """encode_images, or the same tensors from an earlier pass: in this process (sweeps, transfer, base
+    and new of several runs), or from disk under `cache` for CLIP's plain encoder (a DPC run of a CoOp
+    backbone, other seeds). Stored in the encoder's own dtype (fp32 on CPU, bf16/fp16 under GPU autocast):
+    a narrower copy would change the logits, and a cached result must equal an uncached one bitwise."""
+    if cache is None or cache == "off":
+        return encode_images(learner, items, device, workers, batch_size)
+    key, persistent = feature_key(learner, items, device, batch_size)
+    if key in _MEMO:
+        _MEMO[key] = _MEMO.pop(key)   # most recently used last
+        return [f.to(device) for f in _MEMO[key]]
+    path = os.path.join(cache, key[:2], key + ".pt")
+    features = None
+    if persistent and os.path.isfile(path):
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if sum(f.shape[0] for f in stored) == len(items):
+                features = [f.to(device) for f in stored]
+        except Exception:   # a damaged cache file is a miss, then rewritten
+            features = None
+    if features is None:
+        features = encode_images(learner, items, device, workers, batch_size)
+        if persistent:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                save_atomic([f.cpu() for f in features], path)
+            except OSError as e:   # a read-only cache costs time, never the run
+                log(f"warning: cannot write the feature cache {path} ({e.strerror}); pass --feature-cache off")
+    _MEMO[key] = [f.cpu() for f in features]
+    while sum(f.numel() * f.element_size() for v in _MEMO.values() for f in v) > _MEMO_BYTES and len(_MEMO) > 1:
+        _MEMO.pop(next(iter(_MEMO)))
+    return features
+
+
 @torch.no_grad()
-def accuracy(learner, items, classnames, device, workers=0, prompt=None, batch_size=100) -> float:
-    """Top-1 accuracy (%) on `items` among `classnames`; text features are computed once.
+def accuracy(learner, items, classnames, device, workers=0, prompt=None, batch_size=100, cache=None) -> float:
+    """Top-1 accuracy (%) on `items` among `classnames`; text features are computed once, image
+    features come from image_features (`cache`: its folder, or None / "off" to always encode).
 
     `prompt` (optional) replaces the learner's prompt tensors (DPC's base or new prompt)."""
+    prompts.check_classnames(learner, classnames)
+    labels = torch.tensor([item.label for item in items])
     correct = 0
-    test_images = data.ImageDataset(items, data.test_transform(learner.clip.visual.input_resolution))
-    loader = make_loader(test_images, batch_size, False, workers)
     with prompts.substitute(learner, prompt or {}), autocast(device):
         text = learner.encode_text(classnames)                                  # (C, E)
-        for images, labels, _ in loader:
-            logits = prompts.cosine_logits(learner.encode_image(images.to(device)), text, 1.0)   # (B, C)
-            correct += (logits.argmax(dim=-1).cpu() == labels).sum().item()
+        features = image_features(learner, items, device, workers, batch_size, cache)
+        for i, image in enumerate(features):                                    # (B, E) each
+            logits = prompts.cosine_logits(image, text, 1.0)                     # (B, C)
+            correct += (logits.argmax(dim=-1).cpu() == labels[i * batch_size:(i + 1) * batch_size]).sum().item()
     return 100.0 * correct / max(len(items), 1)
 
 
@@ -298,14 +528,16 @@ def harmonic_mean(base: float, new: float) -> float:
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
-def base_to_new(learner, splits, device, workers=0, base_prompt=None, new_prompt=None, subsample="base") -> dict:
+def base_to_new(learner, splits, device, workers=0, base_prompt=None, new_prompt=None, subsample="base",
+                cache=None) -> dict:
     """Base accuracy: base test images among base classes (with base_prompt); new likewise.
     A run trained on all classes (Tab. 2's source) has one accuracy: all test images, all classes."""
+    def acc(split, prompt):
+        items = splits[split]["test"]
+        return accuracy(learner, items, data.classnames_of(items), device, workers, prompt, cache=cache)
     if subsample == "all":
-        return dict(all=accuracy(learner, splits["all"]["test"], data.classnames_of(splits["all"]["test"]),
-                                 device, workers, base_prompt))
-    base = accuracy(learner, splits["base"]["test"], data.classnames_of(splits["base"]["test"]), device, workers, base_prompt)
-    new = accuracy(learner, splits["new"]["test"], data.classnames_of(splits["new"]["test"]), device, workers, new_prompt)
+        return dict(all=acc("all", base_prompt))
+    base, new = acc("base", base_prompt), acc("new", new_prompt)
     return dict(base=base, new=new, hm=harmonic_mean(base, new))
 
 
@@ -321,26 +553,126 @@ def log_results(results: dict, title: str):
 
 
 # ------------------------------------------------------------------------------------------------
-# Loading a finished backbone run (used for the PromptKD teacher, train_dpc.py and evaluate.py)
+# Loading a finished backbone run, ours or the original code's (PromptKD teacher, train_dpc.py, evaluate.py)
 # ------------------------------------------------------------------------------------------------
 
-def load_backbone(run_dir: str, device):
+def load_backbone(run_dir: str, device, trust: bool = False):
     """The learner of a finished train_backbone.py run, its checkpoint dict and its CLIP."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         raise RunError(f"no backbone run in {run_dir} (checkpoint.pt missing): train one with train_backbone.py")
-    ckpt = read_checkpoint(path)
-    if ckpt.get("kind") != "backbone" or not ckpt.get("finished"):
-        raise RunError(f"{run_dir} does not hold a finished backbone run: finish it with "
-                       f"`train_backbone.py --resume --output-dir {run_dir}`")
+    ckpt = read_checkpoint(path, trust)
+    a = ckpt["args"]
+    if ckpt["kind"] == "dpc":
+        raise RunError(f"{run_dir} holds a DPC run (train_dpc.py), not a stage-1 run: pass its backbone "
+                       f"{ckpt['backbone']} instead")
+    if not ckpt["finished"]:
+        raise RunError(f"{run_dir} holds an unfinished backbone run (epoch {ckpt['epoch']}/{a.get('epochs')}): "
+                       f"finish it with `train_backbone.py --learner {ckpt['learner']} --data {ckpt['data']} "
+                       f"--output-dir {run_dir} --resume`")
     clip = load_clip(ckpt["clip"], device)
     teacher = None
     if ckpt["learner"] == "promptkd":
-        teacher, _, _ = load_backbone(ckpt["args"]["teacher"], device)
-    a = ckpt["args"]
+        teacher, _ = load_teacher(a["teacher"], a.get("teacher_clip") or "ViT-L/14", device, trust)
     learner = prompts.build_learner(ckpt["learner"], clip, teacher, a.get("n_ctx"), a.get("ctx_init"), a.get("kd_weight"))
     prompts.load_learner_state(learner, ckpt["state"])
     return learner.to(device).eval(), ckpt, clip
+
+
+def load_teacher(teacher_dir: str, teacher_clip: str, device, trust: bool = False):
+    """PromptKD's teacher and its args: a finished promptsrc run of this project (trained as
+    PROMPTKD_TEACHER_RECIPE; its args are returned for the recipe check), or a released Dassl teacher
+    folder teacher_model/<Dataset>/ (VLPromptLearner/model-best.pth.tar) on `teacher_clip` (args None)."""
+    if os.path.isfile(os.path.join(teacher_dir, "checkpoint.pt")):
+        teacher, ckpt, _ = load_backbone(teacher_dir, device, trust)
+        name, args = ckpt["learner"], ckpt["args"]
+    else:
+        teacher, name = dassl_learner(teacher_dir, teacher_clip, device, trust=trust)
+        args = None
+    if name != "promptsrc":
+        raise RunError(f"--teacher {teacher_dir} is a {name} run; PromptKD's teacher is a promptsrc run")
+    return teacher, args
+
+
+def teacher_recipe_differences(args: dict) -> dict:
+    """{flag: (teacher's value, the original recipe's)} where our teacher run left the recipe."""
+    return {k: (args.get(k), v) for k, v in PROMPTKD_TEACHER_RECIPE.items() if k != "learner" and args.get(k) != v}
+
+
+# Dassl folder name -> our learner (VLPromptLearner holds PromptSRC or, with a projector, PromptKD).
+DASSL_FOLDERS = {"prompt_learner": "coop", "MultiModalPromptLearner": "maple", "VLPromptLearner": "promptsrc"}
+
+
+def dassl_state(name: str, state: dict) -> dict:
+    """Rename a Dassl stage-1 state dict to our learner's names (backbones.md §4.2, §5.2, §6.2, §7.3).
+    CoOp saves its prompt learner alone (`ctx` + token buffers); MaPLe, PromptSRC and PromptKD save the
+    whole model, whose frozen CLIP copies are dropped here, as are the token prefix/suffix buffers.
+    PromptKD's projector is 1x1 convolutions there (`VPT_image_trans.conv1.{0,1,3}`), Linear here."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if name in ("promptsrc", "promptkd"):
+            if key == "prompt_learner.ctx" and name == "promptsrc":
+                key = "ctx"
+            elif key == "image_encoder.VPT":
+                key = "visual_prompt"
+            elif key.endswith(".VPT_shallow") and parts[0] == "image_encoder":
+                key = f"visual_deep.{int(parts[3]) - 1}"
+            elif key.endswith(".VPT_shallow") and parts[0] == "text_encoder" and name == "promptsrc":
+                key = f"text_deep.{int(parts[3]) - 1}"
+            elif key.startswith("VPT_image_trans.conv1.") and name == "promptkd":
+                key = f"projector.{parts[2]}.{parts[3]}"
+                value = value.flatten(1) if value.dim() == 4 else value   # (out, in, 1, 1) -> (out, in)
+            else:
+                continue
+        elif name == "maple":  # MultiModalPromptLearner/ holds the whole model; ours are its prompt learner's
+            if parts[0] != "prompt_learner" or parts[1].startswith("token_"):
+                continue
+            key = key[len("prompt_learner."):]
+        elif key.startswith("token_"):
+            continue
+        out[key] = value.float() if value.is_floating_point() else value
+    return out
+
+
+def read_dassl_checkpoint(path: str, trust: bool = False) -> dict:
+    """The `state_dict` of a Dassl checkpoint ({"state_dict", "epoch", "optimizer", "scheduler",
+    "val_result"}), read without running code: the pickled optimiser/scheduler objects become Inert."""
+    ckpt = load_safely(path, trust, inert_objects=True)
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise RunError(f"{path} is not a Dassl checkpoint (no 'state_dict'): pass the run folder of the original "
+                       f"code that holds <{'|'.join(DASSL_FOLDERS)}>/model.pth.tar-N")
+    check_finite({f"state_dict {k}": v for k, v in state.items()}, path, "use another epoch's file of that run")
+    return state
+
+
+def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None, teacher_clip: str = None,
+                  trust: bool = False):
+    """The learner of a stage-1 folder of the original code: <run>/<name>/model.pth.tar-N (newest N)
+    or model-best.pth.tar. A PromptKD student also needs its teacher (load_teacher)."""
+    for folder, name in DASSL_FOLDERS.items():
+        files = sorted(glob.glob(os.path.join(run_dir, folder, "model.pth.tar-*")),
+                       key=lambda p: int(p.rsplit("-", 1)[1]))
+        files = files or glob.glob(os.path.join(run_dir, folder, "model-best.pth.tar"))
+        if files:
+            break
+    else:
+        raise RunError(f"no finished backbone run in {run_dir}: expected checkpoint.pt (train_backbone.py) "
+                       f"or a Dassl folder <run>/<{'|'.join(DASSL_FOLDERS)}>/model.pth.tar-N")
+    state = read_dassl_checkpoint(files[-1], trust)
+    teacher = None
+    if any(k.startswith("VPT_image_trans") for k in state):
+        name = "promptkd"
+        if not teacher_dir:
+            raise RunError(f"{run_dir} is a Dassl PromptKD run: pass --teacher with its PromptSRC teacher "
+                           f"folder (teacher_model/<Dataset>) and --teacher-clip")
+        teacher, _ = load_teacher(teacher_dir, teacher_clip, device, trust)
+    clip = load_clip(clip_name, device)
+    learner = prompts.build_learner(name, clip, teacher, n_ctx=2 if name == "maple" else None)
+    prompts.load_learner_state(learner, dassl_state(name, state))
+    print(f"loaded Dassl {name} backbone {files[-1]}")
+    return learner.to(device).eval(), name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,13 +693,26 @@ def main(args):
     teacher = None
     if args.learner == "promptkd":
         if not args.teacher:
-            raise RunError("--learner promptkd needs --teacher RUN_DIR (a promptsrc run of this project)")
-        teacher, teacher_ckpt, _ = load_backbone(args.teacher, args.device)
-        if teacher_ckpt["learner"] != "promptsrc":
-            raise RunError(f"--teacher {args.teacher} is a {teacher_ckpt['learner']} run; PromptKD needs a promptsrc run")
+            raise RunError("--learner promptkd needs --teacher RUN_DIR: a promptsrc run of this project (README) or "
+                           "a released teacher folder teacher_model/<Dataset> of the original code")
+        teacher, teacher_args = load_teacher(args.teacher, args.teacher_clip, args.device, args.trust_checkpoint)
+        differ = teacher_recipe_differences(teacher_args) if teacher_args is not None else {}
+        if differ:  # the student copies its teacher: another teacher moves every PromptKD number
+            log(f"warning: --teacher {args.teacher} was trained with " + ", ".join(
+                f"{k} {theirs} (original teacher: {ours})" for k, (theirs, ours) in differ.items()) +
+                "; PromptKD's numbers assume the original teacher recipe (README)")
+    continued = None
+    if args.continue_from:  # Tab. 3 row (1), TS: the stage-1 run tuned for another --epochs
+        _, continued, _ = load_backbone(args.continue_from, "cpu", args.trust_checkpoint)
+        mine = dict(learner=args.learner, data=args.data, clip=args.clip, subsample=args.subsample)
+        theirs = {k: continued["args"].get(k) for k in mine}
+        if mine != theirs:
+            raise RunError(f"--continue-from {args.continue_from} is a run of {theirs}, this command asks for "
+                           f"{mine}: continue it with its own flags")
     train_images = train_set(train_items, image_size)
     torch.manual_seed(args.seed)  # prompt initialisation does not depend on the teacher being loaded
     learner = prompts.build_learner(args.learner, clip, teacher, args.n_ctx, args.ctx_init, args.kd_weight).to(args.device)
+    prompts.check_classnames(learner, data.classnames_of(splits["all"]["train"]), training=True)
     params = prompts.trainable_parameters(learner)
     check_disk(args.output_dir, prompts.learner_state(learner).values())
     start_run(args)
@@ -375,9 +720,13 @@ def main(args):
         f"{len(params)} tensors; {len(train_items)} train images, {len(classnames)} classes")
     # Dassl: SGD momentum 0.9, weight decay 5e-4 on every trainable tensor (DECISIONS #5).
     optimizer = torch.optim.SGD(params.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler(enabled=args.device.startswith("cuda") and not torch.cuda.is_bf16_supported())
+    scaler = grad_scaler(args.device)
     gpa = prompts.gpa_weights(args.epochs, args.gpa_mean, args.gpa_std) if args.learner == "promptsrc" else None
     gpa_sum, best, start_epoch = None, None, 1   # best: (base test accuracy, learner state)
+    if continued is not None and previous is None:  # same prompt and optimiser state; the schedule restarts
+        prompts.load_learner_state(learner, continued["state"])
+        optimizer.load_state_dict(continued["optimizer"])
+        log(f"continuing the finished run {args.continue_from} (epoch {continued['epoch']}) for {args.epochs} epochs")
     if previous is not None:
         prompts.load_learner_state(learner, previous["state"])
         optimizer.load_state_dict(previous["optimizer"])
@@ -402,8 +751,8 @@ def main(args):
                 out = learner.training_loss(images, labels, classnames)
             loss = out["loss"]
             if not torch.isfinite(loss):
-                raise RunError(f"loss is {loss.item()} at epoch {epoch} iteration {it}: lower --lr; the last "
-                               f"good checkpoint (epoch {epoch - 1}) is kept")
+                raise RunError(f"loss is {loss.item()} at epoch {epoch} iteration {it}: lower --lr; "
+                               + kept_checkpoint(epoch))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -421,7 +770,7 @@ def main(args):
         if args.select_best_on_base_test:  # PromptKD's original selection: on the base TEST split
             learner.eval()
             acc = accuracy(learner, splits["base"]["test"], data.classnames_of(splits["base"]["test"]),
-                           args.device, args.workers)
+                           args.device, args.workers, cache=args.feature_cache)
             best = (acc, prompts.learner_state(learner)) if best is None or acc > best[0] else best
             log(f"epoch {epoch}: base test accuracy {acc:.2f} (best {best[0]:.2f})")
         save_atomic(checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, best, finished=False),
@@ -434,7 +783,7 @@ def main(args):
     if best is not None:
         prompts.load_learner_state(learner, best[1])
     learner.eval()
-    results = base_to_new(learner, splits, args.device, args.workers, subsample=args.subsample)
+    results = base_to_new(learner, splits, args.device, args.workers, subsample=args.subsample, cache=args.feature_cache)
     log_results(results, f"{args.learner} backbone")
     save_atomic(checkpoint(args, learner, classnames, args.epochs, optimizer, gpa_sum, best, finished=True),
                 os.path.join(args.output_dir, "checkpoint.pt"))

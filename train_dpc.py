@@ -28,7 +28,6 @@ checkpoint.pt (P, P̃_b, optimiser, written atomically every epoch) and results.
 """
 
 import argparse
-import glob
 import os
 import random
 import time
@@ -114,6 +113,13 @@ def new_class_prompt(mixed_prompt: dict[str, Tensor], tuned_prompt: dict[str, Te
     parallel_prompt = decoupling(mixed_prompt, tuned_prompt, omega_b)
     # Eq. (13): P̃_n = ω_n F⁻¹(P̃_b) + (1 - ω_n) P
     return {k: omega_n * parallel_prompt[k] + (1.0 - omega_n) * tuned_prompt[k] for k in tuned_prompt}
+
+
+def initial_mixed_prompt(tuned_prompt: dict[str, Tensor]) -> dict[str, nn.Parameter]:
+    """P̃_b at step 0: an exact copy of P. Eq. (5) sets P' := P, and Eq. (12) at P' = P is P̃_b = P; the
+    copy is P bit for bit (ω_b P + (1-ω_b) P is not, for most ω_b), so that F⁻¹(P̃_b) = P exactly and
+    an untrained DPC model is the backbone bitwise, at any ω_b."""
+    return {n: nn.Parameter(t.detach().clone()) for n, t in tuned_prompt.items()}
 
 
 BASE_INFERENCE_CHOICES = ("parallel", "mixed")
@@ -273,7 +279,7 @@ def dpc_step(learner, images, labels, sampler, pool, threads, tuned_prompt, tune
     t0 = time.time()
     with torch.no_grad(), prompts.substitute(learner, tuned_prompt), tb.autocast(device):
         batch_image = learner.encode_image(images)                                       # (B, E)
-    if not learner.image_prompts:  # CoOp: the loss below reuses these features, so they are not sampler cost
+    if not learner.image_side:  # CoOp: the loss below reuses these features, so they are not sampler cost
         t0 = time.time()
     picked = sampler.sample(F.normalize(batch_image.float(), dim=-1) @ tuned_text.t(), labels)   # scores (B, n)
     negatives = load_negatives(pool, picked.negative_images, threads)
@@ -284,7 +290,7 @@ def dpc_step(learner, images, labels, sampler, pool, threads, tuned_prompt, tune
     # 2. Decoupling: every forward uses P' = F⁻¹(P̃_b), so gradients reach P̃_b through it.
     parallel_prompt = decoupling(mixed_prompt, tuned_prompt, omega_b)
     with prompts.substitute(learner, parallel_prompt), tb.autocast(device):
-        if learner.image_prompts:
+        if learner.image_side:
             image_features = learner.encode_image(torch.cat([images[picked.positives], negatives]))   # (L, E)
         else:  # f(V) has no prompt (CoOp): the sampler's features of the positives serve as they are
             with torch.no_grad():
@@ -294,6 +300,15 @@ def dpc_step(learner, images, labels, sampler, pool, threads, tuned_prompt, tune
     pair_text = filter_features(text_features, pair_labels)                              # (L, E)
     # 5. Hard Negative Optimizing, Eq. (9)-(11): the only loss of this stage.
     return Step(hard_negative_loss(image_features, pair_text, logit_scale), len(pair_labels), sampler_s)
+
+
+def learner_loss_step(learner, images, labels, tuned_prompt, mixed_prompt, classnames, omega_b, device) -> Step:
+    """Tab. 3 rows (3) and (4), "--loss learner": P' = F⁻¹(P̃_b) trained with the backbone learner's own
+    training loss (CoOp: cross-entropy, Eq. 3) on the plain few-shot batch; no negative sampler."""
+    parallel_prompt = decoupling(mixed_prompt, tuned_prompt, omega_b)
+    with prompts.substitute(learner, parallel_prompt), tb.autocast(device):
+        loss = learner.training_loss(images, labels, classnames)["loss"]
+    return Step(loss, images.shape[0], 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,66 +327,9 @@ def find_backbone(backbone: str) -> str:
     return backbone
 
 
-# Dassl folder name -> our learner (VLPromptLearner holds PromptSRC or, with a projector, PromptKD).
-DASSL_FOLDERS = {"prompt_learner": "coop", "MultiModalPromptLearner": "maple", "VLPromptLearner": "promptsrc"}
-
-
-def dassl_state(name: str, state: dict) -> dict:
-    """Rename a Dassl stage-1 state dict to our learner's names (backbones.md §5.2, §6.2, §7.3); the
-    token prefix/suffix buffers and the frozen CLIP copies of whole-model checkpoints are dropped.
-    PromptKD's projector is 1x1 convolutions there (`VPT_image_trans.conv1.{0,1,3}`), Linear here."""
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if name in ("promptsrc", "promptkd"):
-            if key == "prompt_learner.ctx" and name == "promptsrc":
-                key = "ctx"
-            elif key == "image_encoder.VPT":
-                key = "visual_prompt"
-            elif key.endswith(".VPT_shallow") and parts[0] == "image_encoder":
-                key = f"visual_deep.{int(parts[3]) - 1}"
-            elif key.endswith(".VPT_shallow") and parts[0] == "text_encoder" and name == "promptsrc":
-                key = f"text_deep.{int(parts[3]) - 1}"
-            elif key.startswith("VPT_image_trans.conv1.") and name == "promptkd":
-                key = f"projector.{parts[2]}.{parts[3]}"
-                value = value.flatten(1) if value.dim() == 4 else value   # (out, in, 1, 1) -> (out, in)
-            else:
-                continue
-        elif key.startswith("token_"):
-            continue
-        out[key] = value.float() if value.is_floating_point() else value
-    return out
-
-
-def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None, teacher_clip: str = None):
-    """The learner of a stage-1 folder of the original code: <run>/<name>/model.pth.tar-N (newest N)
-    or model-best.pth.tar. A PromptKD student also needs its Dassl PromptSRC teacher folder."""
-    for folder, name in DASSL_FOLDERS.items():
-        files = sorted(glob.glob(os.path.join(run_dir, folder, "model.pth.tar-*")),
-                       key=lambda p: int(p.rsplit("-", 1)[1]))
-        files = files or glob.glob(os.path.join(run_dir, folder, "model-best.pth.tar"))
-        if files:
-            break
-    else:
-        raise DPCError(f"no finished backbone run in {run_dir}: expected checkpoint.pt (train_backbone.py) "
-                       f"or a Dassl folder <run>/<{'|'.join(DASSL_FOLDERS)}>/model.pth.tar-N")
-    state = tb.read_checkpoint(files[-1])["state_dict"]
-    teacher = None
-    if any(k.startswith("VPT_image_trans") for k in state):
-        name = "promptkd"
-        if not teacher_dir:
-            raise DPCError(f"{run_dir} is a Dassl PromptKD run: pass --teacher with its Dassl PromptSRC teacher "
-                           f"folder (teacher_model/<Dataset>) and --teacher-clip")
-        teacher, _ = dassl_learner(teacher_dir, teacher_clip, device)
-    clip = tb.load_clip(clip_name, device)
-    learner = prompts.build_learner(name, clip, teacher, n_ctx=2 if name == "maple" else None)
-    prompts.load_learner_state(learner, dassl_state(name, state))
-    print(f"loaded Dassl {name} backbone {files[-1]}")
-    return learner.to(device).eval(), name
-
-
 def load_dassl_backbone(run_dir: str, args):
-    learner, name = dassl_learner(run_dir, args.clip, args.device, args.teacher, args.teacher_clip)
+    learner, name = tb.dassl_learner(run_dir, args.clip, args.device, args.teacher, args.teacher_clip,
+                                     args.trust_checkpoint)
     if not args.data:
         raise DPCError(f"{run_dir} is a Dassl run: pass --data (and --root, --clip) for it")
     return learner, dict(learner=name, clip=args.clip, data=args.data, args=dict(seed=args.seed or 1, root=args.root))
@@ -392,6 +350,9 @@ def get_args(argv=None):
     p.add_argument("--base-inference", default="parallel", choices=BASE_INFERENCE_CHOICES,
                    help="base classes use P' (parallel: the released code and the paper's numbers) or "
                         "P̃_b = ω_b P' + (1-ω_b) P (mixed: literal Eq. 12); DECISIONS #10")
+    p.add_argument("--loss", default="hard-negative", choices=("hard-negative", "learner"),
+                   help="what trains P': the hard-negative InfoNCE of DHNO (Eq. 9-11, DPC), or the backbone learner's "
+                        "own training loss on the plain few-shot batch (Tab. 3 rows 3-4: weighting without DHNO)")
     p.add_argument("--negative-pool", default="fewshot", choices=("fewshot", "full"),
                    help="where negative images come from: the few-shot base train set, or the full base train split")
     p.add_argument("--shots", type=int, default=16, help="few-shot base train set (also for a PromptKD backbone, paper §4.1)")
@@ -416,7 +377,7 @@ def get_args(argv=None):
 def main(args):
     args.backbone = find_backbone(args.backbone)
     if os.path.isfile(os.path.join(args.backbone, "checkpoint.pt")):
-        learner, backbone, _ = tb.load_backbone(args.backbone, args.device)
+        learner, backbone, _ = tb.load_backbone(args.backbone, args.device, args.trust_checkpoint)
     else:
         learner, backbone = load_dassl_backbone(args.backbone, args)
     args.learner, args.clip = backbone["learner"], backbone["clip"]
@@ -429,7 +390,7 @@ def main(args):
     args.omega_b = (1.0 if args.learner == "maple" else 0.2) if args.omega_b is None else args.omega_b
     check_omegas(args.omega_b, args.omega_n)
     args.output_dir = args.output_dir or os.path.join("output", args.data, f"{args.learner}_dpc", f"seed{args.seed}")
-    previous = tb.check_run_folder(args)
+    previous = tb.check_run_folder(args, "dpc")
     splits = tb.load_splits(args.data, args.root, args.shots, args.seed)
     args.subsample = backbone["args"].get("subsample", "base")          # Tab. 2 sources train on all classes
     train_items = splits[args.subsample]["train"]
@@ -438,6 +399,7 @@ def main(args):
     if trained_on and args.learner != "promptkd" and trained_on != classnames:
         raise DPCError(f"the backbone was trained on other classes ({trained_on[:3]}...) than the base classes "
                        f"of {args.data} under {args.root} ({classnames[:3]}...): wrong --root?")
+    prompts.check_classnames(learner, data.classnames_of(splits["all"]["train"]), training=args.loss == "learner")
     image_size = learner.clip.visual.input_resolution
     train_images = tb.train_set(train_items, image_size)             # decoded once, before anything is written
     pool = train_items if args.negative_pool == "fewshot" else data.subsample(splits["full"], args.subsample)["train"]
@@ -453,9 +415,10 @@ def main(args):
 
     # 1. Dual prompt initialisation. Eq. (5): P' := P, with P frozen.
     tuned_prompt = {n: t.detach().clone().requires_grad_(False) for n, t in prompts.prompt_tensors(learner).items()}
-    # 2. Weighting-Decoupling: the trainable tensor is the mixed prompt; Eq. (12) at P' = P gives P̃_b = P.
-    mixed_prompt = {n: nn.Parameter(t) for n, t in weighting(tuned_prompt, tuned_prompt, args.omega_b).items()}
+    # 2. Weighting-Decoupling: the trainable tensor is the mixed prompt P̃_b (DECISIONS #10).
+    mixed_prompt = initial_mixed_prompt(tuned_prompt)
     optimizer = torch.optim.SGD(mixed_prompt.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    scaler = tb.grad_scaler(args.device)   # fp16 autocast only (GPUs without bf16), as in stage 1
     start_epoch = 1
     if previous is not None:
         with torch.no_grad():
@@ -481,14 +444,20 @@ def main(args):
         t_epoch, t_wait, t_sampler, t_last, pairs = time.time(), 0.0, 0.0, time.time(), 0
         for it, (images, labels, _) in enumerate(loader, 1):
             t_wait += time.time() - t_last
-            step = dpc_step(learner, images.to(args.device, non_blocking=True), labels, sampler, pool_images, threads,
-                            tuned_prompt, tuned_text, mixed_prompt, classnames, args.omega_b, logit_scale, args.device)
+            images = images.to(args.device, non_blocking=True)
+            if args.loss == "hard-negative":
+                step = dpc_step(learner, images, labels, sampler, pool_images, threads, tuned_prompt, tuned_text,
+                                mixed_prompt, classnames, args.omega_b, logit_scale, args.device)
+            else:  # Tab. 3 rows (3)-(4): P' trained with the learner's own loss on the plain few-shot batch
+                step = learner_loss_step(learner, images, labels.to(args.device), tuned_prompt, mixed_prompt,
+                                         classnames, args.omega_b, args.device)
             if not torch.isfinite(step.loss):
                 raise DPCError(f"loss is {step.loss.item()} at epoch {epoch} iteration {it}: lower --lr or raise "
-                               f"--omega-b; the last good checkpoint (epoch {epoch - 1}) is kept")
+                               f"--omega-b; " + tb.kept_checkpoint(epoch))
             optimizer.zero_grad(set_to_none=True)
-            step.loss.backward()
-            optimizer.step()
+            scaler.scale(step.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             pairs += step.pairs
             t_sampler += step.sampler_s
             t_last = time.time()
@@ -509,7 +478,7 @@ def main(args):
                    os.path.join(args.output_dir, "checkpoint.pt"))
     tb.write_json_atomic(dict(results, kind="dpc", learner=args.learner, data=args.data, seed=args.seed,
                               omega_b=args.omega_b, omega_n=args.omega_n, base_inference=args.base_inference,
-                              topk=topk, epochs=args.epochs, backbone=os.path.abspath(args.backbone)),
+                              loss=args.loss, topk=topk, epochs=args.epochs, backbone=os.path.abspath(args.backbone)),
                          os.path.join(args.output_dir, "results.json"))
     return results
 
@@ -520,7 +489,7 @@ def evaluate_dpc(learner, splits, tuned_prompt, mixed_prompt, args) -> dict:
         base_prompt = base_class_prompt(mixed_prompt, tuned_prompt, args.omega_b, args.base_inference)
         new_prompt = new_class_prompt(mixed_prompt, tuned_prompt, args.omega_b, args.omega_n)   # Eq. (13)
     return tb.base_to_new(learner, splits, args.device, args.workers, base_prompt, new_prompt,
-                          getattr(args, "subsample", "base"))
+                          getattr(args, "subsample", "base"), args.feature_cache)
 
 
 def checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, epoch, optimizer, finished):
@@ -535,7 +504,7 @@ def checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, epoch, op
 def log_start(args, tuned_prompt, train_items, pool, topk):
     tb.log(f"DPC on {args.learner} backbone {args.backbone}: P = {len(tuned_prompt)} tensors, "
            f"{sum(t.numel() for t in tuned_prompt.values()):,} values; b = {args.batch_size}, K = {topk}, "
-           f"ω_b = {args.omega_b}, ω_n = {args.omega_n}, base inference {args.base_inference}; "
+           f"ω_b = {args.omega_b}, ω_n = {args.omega_n}, base inference {args.base_inference}, loss {args.loss}; "
            f"{len(train_items)} train images, negatives from {len(pool)} ({args.negative_pool})")
 
 

@@ -1,5 +1,11 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# The tests' feature cache (train_backbone.FEATURE_CACHE reads it at import): never the user's ~/.cache.
+os.environ["DPC_FEATURE_CACHE"] = tempfile.mkdtemp(prefix="dpc_features_")
 
 
 @pytest.fixture(scope="session", autouse=True)

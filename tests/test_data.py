@@ -251,6 +251,49 @@ def test_json_with_wrong_image_dir(tmp_path):
         read_splits(str(tmp_path), "eurosat")
 
 
+def write_eurosat_split(tmp_path, entries: dict) -> None:
+    """split_zhou_EuroSAT.json with `entries` and an image for every entry."""
+    for split in entries.values():
+        for rel, _, _ in split:
+            save_rgb(str(tmp_path / "eurosat" / "2750" / rel))
+    (tmp_path / "eurosat" / "split_zhou_EuroSAT.json").write_text(json.dumps(entries))
+
+
+def test_label_with_two_names_across_splits(tmp_path):
+    """Label 1 is Forest in train and val but Pasture in test: later code would use test's name."""
+    write_eurosat_split(tmp_path, {
+        "train": [["Forest/Forest_1.jpg", 1, "Forest"], ["River/River_1.jpg", 0, "River"]],
+        "val": [["Forest/Forest_2.jpg", 1, "Forest"]],
+        "test": [["River/River_3.jpg", 0, "River"], ["Pasture/Pasture_3.jpg", 1, "Pasture"]]})
+    with pytest.raises(DataError) as e:
+        read_splits(str(tmp_path), "eurosat")
+    message = str(e.value)
+    assert "\n" not in message
+    assert "label 1 of " in message and "two class names, 'Forest' (train) and 'Pasture' (test)" in message
+    assert "split file is inconsistent" in message and "re-download" in message and "DATASETS.md" in message
+
+
+def test_label_with_two_names_within_a_split(tmp_path):
+    write_eurosat_split(tmp_path, {
+        "train": [["River/River_1.jpg", 0, "River"], ["Forest/Forest_1.jpg", 1, "Forest"],
+                  ["Forest/Forest_2.jpg", 1, "forest"]],
+        "val": [],
+        "test": [["River/River_3.jpg", 0, "River"], ["Forest/Forest_3.jpg", 1, "Forest"]]})
+    with pytest.raises(DataError, match=r"label 1 of .* two class names, 'Forest' \(train\) and 'forest' "
+                                        r"\(train\): the split file is inconsistent; re-download"):
+        read_splits(str(tmp_path), "eurosat")
+
+
+def test_consistent_names_pass(tmp_path):
+    """The check must not reject a split where each label keeps its name everywhere."""
+    write_eurosat_split(tmp_path, {
+        "train": [["River/River_1.jpg", 0, "River"], ["Forest/Forest_1.jpg", 1, "Forest"]],
+        "val": [["Forest/Forest_2.jpg", 1, "Forest"]],
+        "test": [["Forest/Forest_3.jpg", 1, "Forest"], ["River/River_3.jpg", 0, "River"]]})
+    splits = read_splits(str(tmp_path), "eurosat")
+    assert classnames_of(splits["test"]) == classnames_of(splits["train"]) == ["River", "Forest"]
+
+
 def test_unreadable_image(tmp_path):
     path = tmp_path / "broken.jpg"
     path.write_bytes(b"\x00garbage, not a jpeg" * 10)

@@ -111,7 +111,7 @@ def test_omega_n_zero_gives_the_backbone_new_accuracy_exactly(runs, tmp_path):
     out = evaluate_main(runs["coop_dpc/seed1"], runs["coop_dpc/seed2"], "--omega-n", "0", "--out", tmp_path)
     for row in out["runs"]:
         assert row["source"] == "recomputed" and row["omega_n"] == 0.0
-        backbone = results_json(torch.load(os.path.join(row["run"], "checkpoint.pt"), weights_only=False)["backbone"])
+        backbone = results_json(torch.load(os.path.join(row["run"], "checkpoint.pt"), weights_only=True)["backbone"])
         assert row["new"] == backbone["new"]
 
 
@@ -176,8 +176,36 @@ def test_bad_folders_fail_with_one_line(runs, tmp_path, capsys, case):
     if case == "corrupted":
         (folder / "checkpoint.pt").write_bytes(b"not a checkpoint")
     elif case == "unfinished":
-        ckpt = torch.load(os.path.join(runs["coop/seed1"], "checkpoint.pt"), weights_only=False)
+        ckpt = torch.load(os.path.join(runs["coop/seed1"], "checkpoint.pt"), weights_only=True)
         torch.save(dict(ckpt, finished=False), folder / "checkpoint.pt")
     code, err = run_exit_code([folder, "--out", tmp_path / "ev"], capsys)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error:")
     assert {"no run": "no run in", "corrupted": "corrupted", "unfinished": "unfinished"}[case] in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot CLIP with CoOp's per-dataset templates
+
+def test_zero_shot_uses_each_datasets_coop_template(runs, tmp_path, monkeypatch, capsys):
+    """A run on 'dtd' (an ImageFolder tree under the DTD name) gets DTD's "{} texture.", one on other
+    data "a photo of a {}."; the row's accuracy is that of zero-shot CLIP with its template, computed
+    here from clip.encode_text of the formatted prompts."""
+    monkeypatch.chdir(tmp_path)
+    root = str(tmp_path / "data")
+    shutil.copytree(os.path.join(runs["root"], "synthetic"), os.path.join(root, "dtd"))
+    tb.main(tb.get_args(["--learner", "coop", "--data", "dtd", "--root", root, "--clip", "tiny", "--epochs", "1",
+                         "--batch-size", "8", "--workers", "0", "--shots", "4", "--output-dir", "dtd_run"]))
+    out = evaluate_main("dtd_run", runs["coop/seed1"], "--zero-shot", "--workers", "0", "--out", "ev")
+    rows = {r["data"]: r for r in out["runs"] if r["kind"] == "zeroshot"}
+    assert rows["dtd"]["template"] == "{} texture." and rows["synthetic"]["template"] == "a photo of a {}."
+    assert "note: Zero-shot CLIP on dtd uses the template '{} texture.'" in capsys.readouterr().out
+    clip = tb.load_clip("tiny", "cpu")
+    splits = tb.load_splits("dtd", root, 0, 1)
+    items = splits["base"]["test"]
+    names = [c.replace("_", " ") for c in tb.data.classnames_of(items)]
+    with torch.no_grad():
+        text = torch.nn.functional.normalize(clip.encode_text(tb.clip_model.tokenize([f"{n} texture." for n in names])), dim=-1)
+        images = torch.stack([tb.data.test_transform(32)(tb.data.load_image(it.path)) for it in items])
+        image = torch.nn.functional.normalize(clip.encode_image(images), dim=-1)
+    expected = 100.0 * ((image @ text.t()).argmax(-1) == torch.tensor([it.label for it in items])).float().mean().item()
+    assert abs(rows["dtd"]["base"] - expected) < 1e-6

@@ -47,9 +47,24 @@ def world(tmp_path_factory):
     with open(os.path.join(root, "dtd", "split_zhou_DescribableTextures.json"), "w") as f:
         json.dump({"train": [["banded/missing.jpg", 0, "banded"]], "val": [], "test": []}, f)
 
+    names = os.path.join(src, "classnames.txt")
+    variant("long_name", lambda d: open(os.path.join(d, "classnames.txt"), "a").write(
+        "class_03 " + "very " * 75 + "red stripes\n"))   # the last line for a folder wins
+    variant("same_name", lambda d: open(os.path.join(d, "classnames.txt"), "w").write(
+        open(names).read().replace("class_01 green stripes", "class_01 Red  Stripes")))
+    pets = os.path.join(root, "oxford_pets")   # a split file whose label 1 is 'beagle' in train, 'boxer' in test
+    os.makedirs(os.path.join(pets, "images"))
+    for i in range(4):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(os.path.join(pets, "images", f"{i}.png"))
+    with open(os.path.join(pets, "split_zhou_OxfordPets.json"), "w") as f:
+        json.dump({"train": [["0.png", 0, "abyssinian"], ["1.png", 1, "beagle"]], "val": [],
+                   "test": [["2.png", 0, "abyssinian"], ["3.png", 1, "boxer"]]}, f)
+
     with contextlib.chdir(base):
         tb.main(tb.get_args(common(root) + ["--learner", "coop", "--output-dir", "coop"]))
-    return dict(base=base, root=root, coop=str(base / "coop"))
+        train_dpc.main(train_dpc.get_args(["--backbone", "coop", "--epochs", "1", "--workers", "0", "--shots", "4",
+                                           "--output-dir", "coop_dpc"]))
+    return dict(base=base, root=root, coop=str(base / "coop"), dpc=str(base / "coop_dpc"))
 
 
 def common(root, dataset="synthetic"):
@@ -100,6 +115,17 @@ CASES = [
     ("--backbone without a run", train_dpc.run, ["--backbone", "<empty>"], "no finished backbone run"),
     ("finished run in --output-dir", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--output-dir", CKPT], "already holds a finished run"),
     ("evaluate a folder without runs", evaluate.run, ["<empty>"], "no run in"),
+    ("class name beyond CLIP's 77 tokens", tb.run, ["--learner", "coop", "--data", "long_name", "--root", ROOT], "more than CLIP's 77"),
+    ("two classes CLIP reads the same", tb.run, ["--learner", "coop", "--data", "same_name", "--root", ROOT], "can never be told apart"),
+    ("a label with two class names", tb.run, ["--learner", "coop", "--data", "oxford_pets", "--root", ROOT], "'beagle' (train) and 'boxer' (test)"),
+    ("checkpoint that is not a dict", train_dpc.run, ["--backbone", "<list>"], "was not written by train_backbone.py"),
+    ("checkpoint without a run's keys", train_dpc.run, ["--backbone", "<nokeys>"], "incomplete backbone checkpoint"),
+    ("evaluate a checkpoint that is not a dict", evaluate.run, ["<list>", "--out", "<out>"], "was not written by"),
+    ("resume a checkpoint without a run's keys", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--output-dir", "<nokeys>", "--resume"], "incomplete"),
+    ("a DPC run as --backbone", train_dpc.run, ["--backbone", "<dpc>"], "holds a DPC run (train_dpc.py), not a stage-1 run"),
+    ("a backbone run as DPC --output-dir", train_dpc.run, ["--backbone", CKPT, "--output-dir", "<unfinished>", "--resume"], "holds a backbone run"),
+    ("NaN prompts as --backbone", train_dpc.run, ["--backbone", "<nan>"], "NaN/inf"),
+    ("evaluate NaN prompts", evaluate.run, ["<nan>", "--out", "<out>"], "NaN/inf"),
     ("output folder not writable", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--output-dir", "<file>/run"], "cannot write to"),
 ]
 
@@ -112,7 +138,7 @@ def prepare(world, tmp_path):
     torch.save(torch.load(os.path.join(REPO, "tests", "fixtures", "clip_reference.pt"))["state_dict"], vit)
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
-    ckpt = torch.load(os.path.join(world["coop"], "checkpoint.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(world["coop"], "checkpoint.pt"), weights_only=True)
     torch.save(dict(ckpt, finished=False), unfinished / "checkpoint.pt")
     truncated = tmp_path / "truncated"
     truncated.mkdir()
@@ -123,9 +149,16 @@ def prepare(world, tmp_path):
         "\n".join(f"class_{i:02d} thing {i}" for i in range(10)) + "\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
+    odd = {}
+    for name, content in (("list", [1, 2]), ("nokeys", {"kind": "backbone", "learner": "coop"}),
+                          ("nan", dict(ckpt, state={"ctx": ckpt["state"]["ctx"] * float("nan")}))):
+        (tmp_path / name).mkdir()
+        torch.save(content, tmp_path / name / "checkpoint.pt")
+        odd[f"<{name}>"] = str(tmp_path / name)
     return {ROOT: world["root"], CKPT: world["coop"], "<resnet>": str(resnet), "<vit>": str(vit),
             "<unfinished>": str(unfinished), "<truncated>": str(truncated), "<renamed>": str(renamed),
-            "<empty>": str(tmp_path / "empty"), "<file>": str(tmp_path / "file"), "<out>": str(tmp_path / "out")}
+            "<empty>": str(tmp_path / "empty"), "<file>": str(tmp_path / "file"), "<out>": str(tmp_path / "out"),
+            "<dpc>": world["dpc"], **odd}
 
 
 @pytest.mark.parametrize("what, run, flags, fragment", CASES, ids=[c[0] for c in CASES])
@@ -141,6 +174,13 @@ def test_bad_input_gives_one_line_and_writes_nothing(world, tmp_path, capsys, wh
     fails(capsys, run, argv, fragment, tmp_path)
     assert not (tmp_path / "out").exists(), "a failed start wrote a run folder"
     assert before == {f: open(os.path.join(world["coop"], f), "rb").read() for f in before}
+
+
+def test_a_dpc_run_as_backbone_is_not_sent_to_resume(world, tmp_path, capsys):
+    """The message names the DPC run's own backbone and does not suggest `train_backbone.py --resume`."""
+    err = fails(capsys, train_dpc.run, ["--backbone", world["dpc"], "--workers", "0", "--shots", "4",
+                                        "--output-dir", str(tmp_path / "out")], "pass its backbone", tmp_path)
+    assert "--resume" not in err and world["coop"] in err
 
 
 def test_large_and_odd_images_are_converted(tmp_path):
@@ -196,8 +236,17 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(world, tmp_p
     monkeypatch.setattr(prompts.CoOp, "training_loss", nan_in_epoch_2)
     err = fails(capsys, tb.run, common(world["root"]) + ["--learner", "coop", "--epochs", "2", "--output-dir", "nan"],
                 "loss is nan at epoch 2 iteration 1", tmp_path)
-    ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and not ckpt["finished"] and "epoch 1" in err
+
+
+def test_nan_loss_in_the_first_epoch_promises_no_checkpoint(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prompts.CoOp, "training_loss", lambda self, images, labels, classnames:
+                        dict(loss=torch.tensor(float("inf"), requires_grad=True)))
+    err = fails(capsys, tb.run, common(world["root"]) + ["--learner", "coop", "--output-dir", "inf"],
+                "loss is inf at epoch 1 iteration 1", tmp_path)
+    assert "no checkpoint was written" in err and "epoch 0" not in err
+    assert not (tmp_path / "inf" / "checkpoint.pt").exists()
 
 
 def test_not_enough_disk_space_is_refused_before_training(world, tmp_path, monkeypatch, capsys):
@@ -228,12 +277,12 @@ def test_interrupted_run_resumes_to_identical_results(world, tmp_path, how):
         assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted:")
     else:
         assert proc.returncode == -signal.SIGKILL
-    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and not ckpt["finished"]
     subprocess.run(script("train_backbone.py", *flags, "--output-dir", "cut", "--resume"), cwd=tmp_path, env=env,
                    check=True, capture_output=True)
-    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(straight["state"][k], resumed["state"][k]) for k in straight["state"])
     assert json.loads((tmp_path / "straight" / "results.json").read_text()) == \
         json.loads((tmp_path / "cut" / "results.json").read_text())
@@ -257,6 +306,6 @@ def test_interrupted_dpc_run_resumes_to_identical_results(world, tmp_path, monke
     monkeypatch.setattr(tb, "make_loader", real)
     resumed = train_dpc.main(train_dpc.get_args(flags + ["--output-dir", "cut", "--resume"]))
     assert resumed == straight
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["mixed_prompt"]
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["mixed_prompt"]
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["mixed_prompt"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["mixed_prompt"]
     assert all(torch.equal(a[k], b[k]) for k in a)

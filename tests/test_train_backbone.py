@@ -94,7 +94,7 @@ def test_smoke_run_results_and_run_folder(learner, runs):
 @pytest.mark.parametrize("learner", LEARNERS)
 def test_checkpoint_is_small_and_holds_no_frozen_weights(learner, runs):
     path = os.path.join(runs["cwd"], runs[learner]["dir"], "checkpoint.pt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert ckpt["kind"] == "backbone" and ckpt["finished"] and ckpt["learner"] == learner and ckpt["epoch"] == 1
     assert ckpt["state"] and not any(k.startswith(("clip.", "teacher.")) for k in ckpt["state"])
     if learner == "coop":
@@ -182,7 +182,7 @@ def interrupt_final_eval(monkeypatch):
 
 
 def read(run_dir):
-    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
     with open(os.path.join(run_dir, "results.json")) as f:
         return ckpt, json.load(f)
 
@@ -204,7 +204,7 @@ def test_resume_replays_an_interrupted_run_exactly(learner, where, data_root, tm
             interrupt_final_eval(m)
         with pytest.raises(Interrupted):
             main(get_args(common + ["--output-dir", "resumed"]))
-    ckpt = torch.load(os.path.join("resumed", "checkpoint.pt"), map_location="cpu", weights_only=False)
+    ckpt = torch.load(os.path.join("resumed", "checkpoint.pt"), map_location="cpu", weights_only=True)
     assert not ckpt["finished"] and ckpt["epoch"] == (1 if where == "epoch 2" else 2)
     with pytest.raises(train_backbone.RunError, match="--resume"):
         main(get_args(common + ["--output-dir", "resumed"]))   # an unfinished run is not restarted silently

@@ -80,8 +80,8 @@ def test_dpc_run_folder_and_results(runs):
 
 
 def test_only_the_mixed_prompt_trains(runs):
-    ckpt = torch.load(runs["dpc"] / "checkpoint.pt", weights_only=False)
-    backbone = torch.load(runs["backbone"] / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(runs["dpc"] / "checkpoint.pt", weights_only=True)
+    backbone = torch.load(runs["backbone"] / "checkpoint.pt", weights_only=True)
     assert ckpt["finished"] and set(ckpt["tuned_prompt"]) == {"ctx"}
     assert torch.equal(ckpt["tuned_prompt"]["ctx"], backbone["state"]["ctx"])   # P did not move
     assert not torch.equal(ckpt["mixed_prompt"]["ctx"], backbone["state"]["ctx"])  # P̃_b did
@@ -126,10 +126,10 @@ def test_dassl_checkpoint_renames():
              "image_encoder.transformer.resblocks.1.VPT_shallow": torch.ones(4, 16),
              "text_encoder.transformer.resblocks.8.VPT_shallow": torch.ones(4, 8),
              "image_encoder.conv1.weight": torch.zeros(1), "prompt_learner.token_prefix": torch.zeros(1)}
-    out = train_dpc.dassl_state("promptsrc", state)
+    out = tb.dassl_state("promptsrc", state)
     assert set(out) == {"ctx", "visual_prompt", "visual_deep.0", "text_deep.7"}
     assert out["ctx"].dtype == torch.float32
-    assert set(train_dpc.dassl_state("coop", {"ctx": torch.zeros(4, 8), "token_prefix": torch.zeros(1)})) == {"ctx"}
+    assert set(tb.dassl_state("coop", {"ctx": torch.zeros(4, 8), "token_prefix": torch.zeros(1)})) == {"ctx"}
 
 
 def test_dassl_coop_folder_is_accepted(tmp_path, runs):
@@ -197,14 +197,14 @@ def test_dassl_promptkd_student_and_teacher_are_accepted(tmp_path):
         (tmp_path / folder / "VLPromptLearner").mkdir(parents=True)
         torch.save({"state_dict": to_dassl(folder, learner), "epoch": 20},
                    tmp_path / folder / "VLPromptLearner" / "model-best.pth.tar")
-    loaded, name = train_dpc.dassl_learner(str(tmp_path / "student"), "tiny", "cpu",
+    loaded, name = tb.dassl_learner(str(tmp_path / "student"), "tiny", "cpu",
                                            str(tmp_path / "teacher"), "tiny")
     images = torch.randn(2, 3, 32, 32)
     assert name == "promptkd"
     # fp16 storage of the original code: equal up to half-precision rounding
     torch.testing.assert_close(logits(loaded, images, {}), logits(student.eval(), images, {}), atol=0.05, rtol=0.01)
-    with pytest.raises(train_dpc.DPCError, match="--teacher"):
-        train_dpc.dassl_learner(str(tmp_path / "student"), "tiny", "cpu")
+    with pytest.raises(tb.RunError, match="--teacher"):
+        tb.dassl_learner(str(tmp_path / "student"), "tiny", "cpu")
 
 
 def test_cross_dataset_source_trains_on_all_classes(tmp_path, monkeypatch):
@@ -214,7 +214,7 @@ def test_cross_dataset_source_trains_on_all_classes(tmp_path, monkeypatch):
     res = tb.main(tb.get_args(["--learner", "coop", "--epochs", "1", "--batch-size", "8", "--shots", "2",
                                "--subsample", "all"] + common))
     assert set(res) == {"all"} and 0 <= res["all"] <= 100
-    ckpt = torch.load(os.path.join("output", "synthetic", "coop", "seed1", "checkpoint.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join("output", "synthetic", "coop", "seed1", "checkpoint.pt"), weights_only=True)
     assert len(ckpt["classnames"]) == 10   # all classes of the synthetic set
     dpc = train_dpc.main(train_dpc.get_args(["--epochs", "1", "--workers", "0", "--shots", "2"]))
     assert set(dpc) == {"all"}
@@ -224,15 +224,92 @@ def test_cross_dataset_source_trains_on_all_classes(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(prompts.LEARNERS))
-def test_image_prompts_flag_tells_the_truth(name):
-    """DPC reuses the sampler's image features when a learner says f(V) ignores its prompt."""
+def test_image_side_tells_the_truth(name):
+    """DPC reuses, and evaluation caches, image features by what `image_side` says f(V) reads: moving
+    any of those tensors changes f(V), moving any other tensor of the learner leaves it bitwise equal."""
     learner = make_learner(name)
     images = torch.randn(2, 3, 32, 32)
-    tuned = prompts.prompt_tensors(learner)
-    torch.manual_seed(2)
-    moved = {n: t.detach() + 0.1 * torch.randn_like(t) for n, t in tuned.items()}
+    own = {n: t for n, t in learner.named_parameters() if not n.startswith(prompts.FROZEN)}
+    own.update({n: t for n, t in prompts.prompt_tensors(learner).items()})   # PromptKD: the teacher's text prompts
+    side = set(prompts.image_side_tensors(learner))
+    assert side <= set(own) | {n for n, _ in learner.named_buffers()}
     with torch.no_grad():
         before = learner.encode_image(images)
-        with prompts.substitute(learner, moved):
-            after = learner.encode_image(images)
-    assert torch.equal(before, after) != learner.image_prompts
+        for n, t in own.items():
+            torch.manual_seed(2)
+            with prompts.substitute(learner, {n: t.detach() + 0.1 * torch.randn_like(t)}):
+                moved = not torch.equal(learner.encode_image(images), before)
+            assert moved == (n in side), n
+
+
+# -- Eq. (5) at step 0: the untrained DPC model is the backbone, bit for bit --------------------------
+
+OMEGAS = [1e-6, 1e-4, 1e-3, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0] + \
+    [float(w) for w in torch.rand(52, generator=torch.Generator().manual_seed(5))]   # 64 values in (0, 1]
+
+
+@pytest.mark.parametrize("name", list(prompts.LEARNERS))
+def test_an_untrained_dpc_model_is_the_backbone_bitwise_at_every_omega_b(name):
+    learner = make_learner(name)
+    torch.manual_seed(4)
+    with torch.no_grad():   # a tuned P with generic values, not its initialisation
+        for p in prompts.prompt_tensors(learner).values():
+            p.add_(0.05 * torch.randn_like(p))
+    tuned = {n: t.detach().clone() for n, t in prompts.prompt_tensors(learner).items()}
+    mixed = train_dpc.initial_mixed_prompt(tuned)
+    images = torch.randn(3, 3, 32, 32)
+    backbone = logits(learner, images, {})
+    for omega_b in OMEGAS:
+        for mode in ("parallel", "mixed"):
+            prompt = base_class_prompt(mixed, tuned, omega_b, mode)
+            assert all(torch.equal(prompt[k], tuned[k]) for k in tuned), (omega_b, mode)
+        assert torch.equal(logits(learner, images, base_class_prompt(mixed, tuned, omega_b, "parallel")), backbone)
+
+
+def test_train_dpc_starts_from_the_backbone_bitwise(runs, tmp_path, monkeypatch):
+    """train_dpc.main itself: with the optimiser's step switched off, P̃_b stays P bit for bit and the DPC
+    run's base accuracy is the backbone's, at ω_b = 1e-6 (where rounding would be amplified 1e6 times)."""
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
+    monkeypatch.chdir(runs["base"])
+    res = train_dpc.main(train_dpc.get_args(["--backbone", str(runs["backbone"]), "--omega-b", "1e-6", "--epochs", "1",
+                                             "--workers", "0", "--shots", "4", "--output-dir", str(tmp_path / "o")]))
+    ckpt = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(ckpt["mixed_prompt"][k], ckpt["tuned_prompt"][k]) for k in ckpt["tuned_prompt"])
+    backbone = json.loads((runs["backbone"] / "results.json").read_text())
+    assert res["base"] == backbone["base"] and res["new"] == backbone["new"]
+
+
+# -- precision: both stages under autocast on CPU, so dtype mismatches show before a GPU sees them -----
+
+class CountingScaler(torch.amp.GradScaler):
+    calls = 0
+
+    def scale(self, outputs):
+        CountingScaler.calls += 1
+        return super().scale(outputs)
+
+
+@pytest.mark.parametrize("name", list(prompts.LEARNERS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_both_stages_train_under_autocast(name, dtype, tmp_path, monkeypatch):
+    """bf16 autocast as on an A100/H100, and fp16 with loss scaling as on a V100/T4: stage 1 and DPC both
+    step through the scaler (DPC had none) and end with finite prompts."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tb, "autocast", lambda device: torch.autocast("cpu", dtype=dtype))
+    CountingScaler.calls = 0
+    if dtype == torch.float16:
+        monkeypatch.setattr(tb, "grad_scaler", lambda device: CountingScaler("cpu", init_scale=2.0 ** 8))
+    common = ["--data", "synthetic", "--root", str(tmp_path / "data"), "--clip", "tiny", "--workers", "0", "--shots", "2"]
+    if name == "promptkd":
+        tb.main(tb.get_args(["--learner", "promptsrc", "--epochs", "1", "--batch-size", "8", "--output-dir", "teacher"]
+                            + common))
+        common += ["--teacher", "teacher"]
+    tb.main(tb.get_args(["--learner", name, "--epochs", "1", "--batch-size", "8", "--output-dir", "b"] + common))
+    stage1_calls = CountingScaler.calls
+    res = train_dpc.main(train_dpc.get_args(["--backbone", "b", "--epochs", "1", "--workers", "0", "--shots", "2",
+                                             "--output-dir", "d"]))
+    assert 0 <= res["base"] <= 100 and 0 <= res["new"] <= 100
+    ckpt = torch.load(os.path.join("d", "checkpoint.pt"), weights_only=True)
+    assert all(torch.isfinite(t).all() for t in ckpt["mixed_prompt"].values())
+    if dtype == torch.float16:
+        assert stage1_calls > 0 and CountingScaler.calls > stage1_calls
