@@ -782,8 +782,7 @@ def make_toy_dataset(root: str, n_train: int = 32, n_val: int = 8, n_test: int =
     out = os.path.join(root, "toy")
     classes = [(f"base_{i:02d}_{c}_{s}", c, s) for i, (c, s) in enumerate(toy_base_combos())]
     classes += [(f"new_{i:02d}_{c}_{s}", c, s) for i, (c, s) in enumerate(toy_new_combos())]
-    tmp = out + ".part"  # written aside, then renamed: an interrupted run never leaves half a dataset
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = f"{out}.{os.getpid()}.part"  # written aside, then renamed: never half a dataset, nor two mixed
     for split_id, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
         for class_id, (folder, colour, shape) in enumerate(classes if n > 0 else []):  # n = 0: no folder
             class_dir = os.path.join(tmp, split, folder)
@@ -794,5 +793,10 @@ def make_toy_dataset(root: str, n_train: int = 32, n_val: int = 8, n_test: int =
                 Image.fromarray(image).save(os.path.join(class_dir, f"{i:03d}.png"), compress_level=1)
     with open(os.path.join(tmp, "classnames.txt"), "w") as f:
         f.writelines(f"{folder} {toy_classname(c, s)}\n" for folder, c, s in classes)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished the same (deterministic) dataset first: keep its copy
+        shutil.rmtree(tmp)
+        if not os.path.isdir(out):
+            raise
     return out

@@ -1,7 +1,7 @@
 """Evaluate finished runs of train_backbone.py / train_dpc.py and lay them out like the paper's Tab. 1.
 
-DPC paper §4.2 (Tab. 1 base-to-new, Tab. 2 cross-dataset/-domain) and §4.3 (Fig. 6 collaboration
-weights, Tab. 4 top-K, Tab. 5 fewer epochs). Base/new accuracies come from each run's results.json,
+DPC paper §4.2 (Tab. 1 base-to-new, Tab. 2 cross-dataset/-domain) and §4.3 (Tab. 3 components, Fig. 6
+collaboration weights, Tab. 4 top-K, Tab. 5 fewer epochs). Base/new accuracies come from each run's results.json,
 or are recomputed from checkpoint.pt with the training scripts' own evaluation functions
 (train_backbone.base_to_new, train_dpc.evaluate_dpc). Per (learner, row, dataset) the seeds are
 averaged, H is the harmonic mean of the averaged base and new (the CoCoOp/MaPLe convention, also
@@ -16,8 +16,19 @@ Tab. 1 (seeds 1-3 of each dataset, then one table; --out gets results.json and t
 Fig. 6 (evaluation only, no retraining; --out gets sweep.json):
     python evaluate.py output/eurosat/coop_dpc --sweep omega_n --values 0,1e-6,0.01,0.05,0.1,0.2
     python evaluate.py output/eurosat/coop_dpc --sweep omega_b --values 0.1,0.2,0.5,1.0 --base-inference mixed
-Tab. 2 (a run on a source dataset, tested on other datasets' full test split; transfer.json):
-    python evaluate.py output/imagenet/coop_dpc --target caltech101,oxford_pets,dtd --target-root /data
+Tab. 2 (runs on ImageNet's all classes, --subsample all; tested on the source and on other datasets' full
+test split; Source / Avg. of cross-dataset / Avg. of cross-domain beside the paper's; transfer.json):
+    python train_backbone.py --learner coop --data imagenet --root /data --subsample all --output-dir xd/coop/s1
+    python train_dpc.py --backbone xd/coop/s1 --output-dir xd/coop_dpc/s1
+    python evaluate.py xd --target cross-dataset,cross-domain --target-root /data
+Tab. 3 (the component ablation on a CoOp backbone, one command per row; ablation.json):
+    python train_backbone.py --learner coop --data eurosat --root /data --output-dir tab3/coop/s1
+    python train_backbone.py --learner coop --data eurosat --root /data --continue-from tab3/coop/s1 --output-dir tab3/ts/s1
+    python train_dpc.py --backbone tab3/coop/s1 --omega-b 1 --omega-n 1 --output-dir tab3/dhno/s1
+    python train_dpc.py --backbone tab3/coop/s1 --loss learner --base-inference mixed --omega-n 0.2 --output-dir tab3/we/s1
+    python train_dpc.py --backbone tab3/coop/s1 --loss learner --base-inference mixed --output-dir tab3/we_de/s1
+    python train_dpc.py --backbone tab3/coop/s1 --output-dir tab3/dpc/s1
+    python evaluate.py tab3 --ablation
 Ablations that retrain (evaluate one setting's folder at a time: runs are grouped by learner,
 row and dataset only, so two settings in one call would be averaged together):
   Tab. 4, top-K against batch size at b·K = 32 (per dataset and seed; K = 8 is the default run):

@@ -210,15 +210,20 @@ def log(message: str):
 
 
 def save_atomic(obj, path: str):
-    """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint. The temp
+    name is the process's own, so runs writing the same file (a shared feature cache) never mix."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_json_atomic(obj, path: str):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
@@ -790,8 +795,10 @@ def main(args):
     write_json_atomic(dict(results, kind="backbone", learner=args.learner, data=args.data, seed=args.seed,
                            shots=args.shots, epochs=args.epochs), os.path.join(args.output_dir, "results.json"))
     os.makedirs(os.path.dirname(LAST_BACKBONE), exist_ok=True)
-    with open(LAST_BACKBONE, "w") as f:
+    tmp = f"{LAST_BACKBONE}.{os.getpid()}.tmp"   # runs in parallel (tools/reproduce.py) never mix
+    with open(tmp, "w") as f:
         f.write(os.path.abspath(args.output_dir) + "\n")
+    os.replace(tmp, LAST_BACKBONE)
     return results
 
 

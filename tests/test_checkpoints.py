@@ -207,6 +207,9 @@ def test_a_dassl_folder_imports_to_the_learner_it_was_written_from(tmp_path, nam
     write_dassl_folder(str(tmp_path / "run"), name, learner, epoch=5)
     loaded, found = tb.dassl_learner(str(tmp_path / "run"), "tiny", "cpu", teacher_dir, "tiny")
     assert found == name
+    if name == "promptkd":   # a Dassl student names no teacher: it must be given
+        with pytest.raises(tb.RunError, match="--teacher"):
+            tb.dassl_learner(str(tmp_path / "run"), "tiny", "cpu")
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     classes = ["red stripes", "green stripes", "blue stripes"]
     with torch.no_grad():

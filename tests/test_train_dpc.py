@@ -165,48 +165,6 @@ def test_end_to_end_other_learners(name, tmp_path, monkeypatch):
         assert "negatives from 100 (full)" in open(os.path.join("output", "synthetic", "maple_dpc", "seed1", "log.txt")).read()
 
 
-def to_dassl(name, learner):
-    """Our learner state under the original code's key names (backbones.md §6.2, §7.3)."""
-    out = {}
-    for key, value in prompts.learner_state(learner).items():
-        parts = key.split(".")
-        if key == "ctx":
-            key = "prompt_learner.ctx"
-        elif key == "visual_prompt":
-            key = "image_encoder.VPT"
-        elif parts[0] in ("visual_deep", "text_deep"):
-            tower = "image_encoder" if parts[0] == "visual_deep" else "text_encoder"
-            key = f"{tower}.transformer.resblocks.{int(parts[1]) + 1}.VPT_shallow"
-        elif parts[0] == "projector":
-            key = f"VPT_image_trans.conv1.{parts[1]}.{parts[2]}"
-            if parts[1] in ("0", "3") and parts[2] == "weight":
-                value = value[:, :, None, None]
-        out[key] = value.half() if value.is_floating_point() else value
-    out["image_encoder.conv1.weight"] = torch.zeros(1)  # frozen CLIP copies are ignored
-    return out
-
-
-def test_dassl_promptkd_student_and_teacher_are_accepted(tmp_path):
-    # both towers on the fixed random CLIP that `--clip tiny` loads
-    student = prompts.PromptKD(clip_model.random_clip("tiny", 0), prompts.PromptSRC(clip_model.random_clip("tiny", 0)))
-    with torch.no_grad():
-        for p in prompts.trainable_parameters(student).values():
-            p.add_(0.1 * torch.randn_like(p))
-        student.projector[1].running_mean.normal_()
-    for folder, learner in (("teacher", student.teacher), ("student", student)):
-        (tmp_path / folder / "VLPromptLearner").mkdir(parents=True)
-        torch.save({"state_dict": to_dassl(folder, learner), "epoch": 20},
-                   tmp_path / folder / "VLPromptLearner" / "model-best.pth.tar")
-    loaded, name = tb.dassl_learner(str(tmp_path / "student"), "tiny", "cpu",
-                                           str(tmp_path / "teacher"), "tiny")
-    images = torch.randn(2, 3, 32, 32)
-    assert name == "promptkd"
-    # fp16 storage of the original code: equal up to half-precision rounding
-    torch.testing.assert_close(logits(loaded, images, {}), logits(student.eval(), images, {}), atol=0.05, rtol=0.01)
-    with pytest.raises(tb.RunError, match="--teacher"):
-        tb.dassl_learner(str(tmp_path / "student"), "tiny", "cpu")
-
-
 def test_cross_dataset_source_trains_on_all_classes(tmp_path, monkeypatch):
     """Tab. 2: a source run on all classes, its DPC run, and both tested on another class list."""
     monkeypatch.chdir(tmp_path)

@@ -1,0 +1,212 @@
+"""tools/reproduce.py: the whole base-to-new protocol in one command (paper Tab. 1), CPU only.
+
+End to end in the toy world (a smaller copy of its benchmark, so that 11 runs fit in well under a
+minute): coop and promptkd (with its teacher) on two seeds, interrupted with Ctrl-C while a teacher
+trains, then rerun in the multi-GPU mode; the second call must run exactly what the first left.
+The other tests plan on fake checkpoints (only their `finished` flag is read) and run no training.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import train_backbone as tb
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import reproduce  # noqa: E402
+
+LINE = re.compile(r"^(skip \(finished\)|resume|run|done|failed): (\S+)")
+
+
+def toy_argv(tmp, *more):
+    return ["--datasets", "toy", "--root", str(tmp / "data"), "--clip", "toy", "--teacher-clip", "toy",
+            "--seeds", "1,2", "--learners", "coop,promptkd", "--out", str(tmp / "runs"),
+            "--backbone-flags", "--epochs 1 --workers 0 --shots 4",
+            "--teacher-flags", "--epochs 3 --workers 0 --shots 4 --print-every 1",
+            "--dpc-flags", "--epochs 1 --workers 0 --shots 4", *more]
+
+
+def actions(stdout: str) -> dict:
+    """{run folder: [what the tool said about it, in order]} from its log lines."""
+    said = {}
+    for line in stdout.splitlines():
+        m = LINE.match(line)
+        if m:
+            said.setdefault(m.group(2), []).append(m.group(1))
+    return said
+
+
+def snapshot(runs):
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in runs.rglob("checkpoint.pt")}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reproduce")
+    data.make_toy_dataset(str(tmp / "data"), n_train=16, n_val=0, n_test=4)   # the toy world, fewer images
+    cmd = [sys.executable, os.path.join(REPO, "tools", "reproduce.py")] + toy_argv(tmp)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")      # first call: one chain at a time
+    teacher = tmp / "runs" / "teachers" / "toy" / "seed1"
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    first = []
+    for line in proc.stdout:
+        first.append(line)
+        if line.startswith(f"run: {teacher}"):
+            break
+    while "epoch 2/3 it 1/" not in ((teacher / "log.txt").read_text() if (teacher / "log.txt").exists() else ""):
+        assert proc.poll() is None and time.time() - t0 < 120, "the teacher never reached epoch 2"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C in a terminal: the tool and its run
+    out, err = proc.communicate(timeout=60)
+    first = "".join(first) + out
+    before = {str(p.parent): tb.read_checkpoint(str(p))["finished"] for p in (tmp / "runs").rglob("checkpoint.pt")}
+    kept = snapshot(tmp / "runs")
+    env["CUDA_VISIBLE_DEVICES"] = "0,1"         # second call: two chains at a time, one per "GPU"
+    second = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    return dict(tmp=tmp, first=first, first_rc=proc.returncode, first_err=err, before=before, kept=kept,
+                second=second, seconds=time.time() - t0)
+
+
+def test_interrupted_then_rerun_runs_only_what_is_missing(toy):
+    tmp, runs = toy["tmp"], toy["tmp"] / "runs"
+    assert toy["first_rc"] == 130 and toy["first_err"].strip().splitlines()[-1].startswith("interrupted:")
+    first = actions(toy["first"])
+    order = [str(runs / "toy" / "coop" / "seed1"), str(runs / "toy" / "coop_dpc" / "seed1"),
+             str(runs / "teachers" / "toy" / "seed1")]
+    assert list(first) == order and first[order[0]] == first[order[1]] == ["run", "done"]
+    assert first[order[2]] == ["run"]                                  # stopped during its epoch 2
+    assert toy["before"] == {order[0]: True, order[1]: True, order[2]: False}
+
+    assert toy["second"].returncode == 0, toy["second"].stderr
+    second = actions(toy["second"].stdout)
+    every = {str(runs / d / f"seed{s}") for s in (1, 2) for d in ("toy/coop", "toy/coop_dpc", "toy/promptkd",
+                                                                   "toy/promptkd_dpc", "teachers/toy")}
+    assert set(second) == every
+    expected = {True: ["skip (finished)"], False: ["resume", "done"], None: ["run", "done"]}
+    for run_dir, said in second.items():   # finished: skipped; interrupted: resumed; never started: run
+        assert said == expected[toy["before"].get(run_dir)], run_dir
+    assert re.search(r"\[GPU [01]\]", toy["second"].stdout)           # the chains went to the two devices
+    after = snapshot(runs)
+    assert all(after[p] == kept for p, kept in toy["kept"].items() if toy["before"][os.path.dirname(p)])
+    assert tb.read_checkpoint(os.path.join(order[2], "checkpoint.pt"))["epoch"] == 3
+    table = (runs / "evaluation" / "table.md").read_text()
+    assert "CoOp" in table and "PromptKD" in table and "+ DPC" in table and "Teacher" not in table
+    print(f"end to end (both calls): {toy['seconds']:.0f} s")
+
+
+def test_dry_run_after_everything_finished_is_empty(toy, capsys):
+    tb.run_cli(reproduce.main, reproduce.get_args, toy_argv(toy["tmp"], "--dry-run"))
+    assert capsys.readouterr().out.strip() == ""
+
+
+def fake_run(run_dir, finished, kind="backbone"):
+    """A checkpoint of the scripts' schema with no tensors: what the tool reads of it is `finished`."""
+    os.makedirs(run_dir, exist_ok=True)
+    ckpt = {key: {} for key in tb.RUN_KEYS[kind]}
+    ckpt.update(kind=kind, learner="coop", clip="toy", data="toy", epoch=1, finished=finished)
+    torch.save(ckpt, os.path.join(run_dir, "checkpoint.pt"))
+    assert tb.read_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["finished"] is finished
+
+
+@pytest.fixture()
+def half_done(tmp_path):
+    """seed 1: coop finished, its DPC interrupted, the teacher finished; seed 2: nothing yet."""
+    runs = tmp_path / "runs"
+    fake_run(runs / "toy" / "coop" / "seed1", True)
+    fake_run(runs / "toy" / "coop_dpc" / "seed1", False, "dpc")
+    fake_run(runs / "teachers" / "toy" / "seed1", True)
+    return tmp_path
+
+
+def dry_run(tmp, capsys, *more):
+    tb.run_cli(reproduce.main, reproduce.get_args, toy_argv(tmp, "--dry-run", *more))
+    out = capsys.readouterr()
+    return out.out.strip().splitlines(), out.err
+
+
+def test_dry_run_lines_are_chains_in_dependency_order(half_done, capsys):
+    lines, err = dry_run(half_done, capsys)
+    runs, py = half_done / "runs", "python " + REPO
+    assert len(lines) == 4
+    assert lines[0] == (f"{py}/train_dpc.py --backbone {runs}/toy/coop/seed1 --epochs 1 --workers 0 --shots 4 "
+                        f"--output-dir {runs}/toy/coop_dpc/seed1 --resume")      # only the interrupted DPC run
+    student, kd_dpc = lines[1].split(" && ")                               # the finished teacher is left out
+    assert student.startswith(f"{py}/train_backbone.py --learner promptkd --teacher {runs}/teachers/toy/seed1 ")
+    assert student.endswith(f"--output-dir {runs}/toy/promptkd/seed1") and "--clip toy" in student
+    assert kd_dpc.startswith(f"{py}/train_dpc.py --backbone {runs}/toy/promptkd/seed1 ")
+    coop, coop_dpc = lines[2].split(" && ")
+    assert " --seed 2 " in coop and f"--output-dir {runs}/toy/coop/seed2" in coop and "--resume" not in lines[2]
+    assert f"--backbone {runs}/toy/coop/seed2 " in coop_dpc
+    teacher, student, kd_dpc = lines[3].split(" && ")
+    recipe = dict(tb.PROMPTKD_TEACHER_RECIPE, clip="toy")
+    for key, value in recipe.items():
+        assert f"--{key.replace('_', '-')} {value} " in teacher
+    assert teacher.endswith(f"--epochs 3 --workers 0 --shots 4 --print-every 1 --output-dir {runs}/teachers/toy/seed2")
+    assert f"--teacher {runs}/teachers/toy/seed2 " in student and f"--backbone {runs}/toy/promptkd/seed2 " in kd_dpc
+    assert "evaluate.py" not in "".join(lines) and "evaluate.py" in err and "teachers" not in err
+
+
+def test_slurm_script_has_one_chain_per_task(half_done, capsys):
+    lines, _ = dry_run(half_done, capsys)
+    path = half_done / "tab1.sbatch"
+    tb.run_cli(reproduce.main, reproduce.get_args, toy_argv(half_done, "--slurm", str(path)))
+    note = capsys.readouterr().out
+    script = path.read_text()
+    assert "#SBATCH --array=0-3\n" in script and "#SBATCH --gres=gpu:1\n" in script
+    assert 'case "$SLURM_ARRAY_TASK_ID" in' in script
+    tasks = re.findall(r"^  (\d+)\) (.*) ;;$", script, re.M)
+    assert tasks == [(str(i), line) for i, line in enumerate(lines)]
+    assert "--dependency=afterok:$jobid" in script and "evaluate.py" in script and "afterok" in note
+    subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_failed_run_stops_its_chain_only(tmp_path, monkeypatch, capsys):
+    """Orchestration without training: the scripts are replaced by a stub that fails for coop stage 1
+    and otherwise marks its folder as finished, recording the GPU it was given."""
+    os.makedirs(tmp_path / "data" / "mine")
+    stub = ("import os, sys; out = sys.argv[sys.argv.index('--output-dir') + 1]\n"
+            "if out.endswith(os.path.join('coop', 'seed1')): sys.exit('error: boom')\n"
+            "open(os.path.join(out, 'gpu'), 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '-'))")
+    monkeypatch.setattr(reproduce, "command", lambda python, argv, resume: [sys.executable, "-c", stub] + argv)
+    monkeypatch.setattr(reproduce, "state", lambda d: "finished" if os.path.exists(os.path.join(d, "gpu")) else "run")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    argv = ["--datasets", "mine", "--root", str(tmp_path / "data"), "--seeds", "1", "--learners", "coop,promptkd",
+            "--out", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit) as e:
+        tb.run_cli(reproduce.main, reproduce.get_args, argv)
+    out = capsys.readouterr()
+    runs = tmp_path / "runs"
+    assert e.value.code == 1 and f"failed: {runs}/mine/coop/seed1 (exit 1): error: boom" in out.err
+    assert not (runs / "mine" / "coop_dpc" / "seed1").exists()                 # its chain stopped
+    gpus = [(runs / d / "seed1" / "gpu").read_text() for d in ("teachers/mine", "mine/promptkd", "mine/promptkd_dpc")]
+    assert len(set(gpus)) == 1 and gpus[0] in ("3", "5")                       # the other chain ran, on one GPU
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--learners", "coop,cocoop"], "--learners: unknown learner 'cocoop' (choose from coop, maple, promptsrc, "),
+    (["--datasets", "eurosat,nope"], "--datasets: unknown dataset 'nope'"),
+    (["--seeds", "1,two"], "--seeds: 'two' is not a non-negative integer"),
+    (["--seeds", "1,-2"], "--seeds: '-2' is not a non-negative integer"),
+    (["--seeds", " , "], "--seeds is empty"),
+    (["--learners", ""], "--learners is empty"),
+    (["--seeds", "1,2,1"], "--seeds lists 1 more than once"),
+    (["--dpc-flags", "--output-dir x"], "--dpc-flags: --output-dir is set by this tool"),
+    (["--backbone-flags=--res"], "--backbone-flags: --res is set by this tool"),
+    (["--teacher-flags", "--epochs '1"], "--teacher-flags: cannot parse"),
+    (["--dry-run", "--slurm", "x"], "argument --slurm: not allowed with argument --dry-run"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        tb.run_cli(reproduce.main, reproduce.get_args, ["--root", str(tmp_path), "--out", str(tmp_path / "o"), *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: " + message)
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,289 @@
+"""Run the whole base-to-new protocol of the DPC paper (Li et al., CVPR 2025, §4.2, Tab. 1) in one command.
+
+Per (dataset, seed, learner) one chain of runs, each a call of the project's own scripts:
+  [promptkd only] its teacher: train_backbone.py with train_backbone.PROMPTKD_TEACHER_RECIPE
+                  (PromptSRC on --teacher-clip) -> RUN_ROOT/teachers/<data>/seed<s>   (not a Tab. 1 row)
+  stage 1         train_backbone.py --learner <l> ...        -> RUN_ROOT/<data>/<l>/seed<s>
+  stage 2         train_dpc.py --backbone <stage-1 folder>   -> RUN_ROOT/<data>/<l>_dpc/seed<s>
+then evaluate.py on every stage-1 and DPC folder -> RUN_ROOT/evaluation (table.md: the Tab. 1 layout).
+
+Each run's state is decided when its turn comes: finished (its checkpoint.pt says so) -> skipped,
+unfinished -> continued with --resume, no checkpoint -> trained. So after a crash, Ctrl-C or a
+reboot, the same command continues where it stopped. A failed run stops its own chain only; the
+failures are listed at the end (exit code 1). With several visible GPUs the chains run at once, one
+per GPU (CUDA_VISIBLE_DEVICES=<id> for its processes); otherwise one after the other. A run's
+output goes to <run folder>/stdout.txt (its training log is <run folder>/log.txt).
+
+    python tools/reproduce.py --datasets eurosat,dtd --root /data --workers 8
+    python tools/reproduce.py --datasets eurosat --learners coop --seeds 1 --backbone-flags "--epochs 10 --lr 0.002"
+    python tools/reproduce.py --root /data --dry-run | parallel -j 4      # one chain per line, any engine
+    python tools/reproduce.py --root /data --slurm tab1.sbatch            # a Slurm job array, one chain per task
+    python tools/reproduce.py --datasets toy --clip toy --teacher-clip toy --workers 0   # the toy world, on a CPU
+"""
+import argparse
+import itertools
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import evaluate  # noqa: E402
+import prompts  # noqa: E402
+import train_backbone as tb  # noqa: E402
+
+GENERATED = ("toy", "synthetic")  # written under --root by the scripts on first use
+# Set by this tool: passed through, they would break the run tree (argparse also takes their prefixes).
+RESERVED = ("--learner", "--data", "--root", "--seed", "--clip", "--teacher", "--backbone", "--output-dir",
+            "--resume", "--overwrite")
+
+
+def get_args(argv=None):
+    p = tb.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--datasets", default=",".join(evaluate.PAPER_DATASETS),
+                   help="comma-separated: Tab. 1 datasets, toy, synthetic or an ImageFolder folder under --root")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated run seeds (the protocol averages 1, 2, 3)")
+    p.add_argument("--learners", default=",".join(prompts.LEARNERS), help="comma-separated prompt learners")
+    p.add_argument("--root", default="data", help="folder holding the datasets")
+    p.add_argument("--out", default=os.path.join("output", "reproduce"), help="RUN_ROOT: where the run folders go")
+    p.add_argument("--clip", default="ViT-B/16", help="CLIP of every stage-1 and DPC run")
+    p.add_argument("--teacher-clip", default="ViT-L/14", help="CLIP of PromptKD's PromptSRC teacher")
+    p.add_argument("--workers", type=int, default=None, help="--workers of every script (default: theirs)")
+    p.add_argument("--backbone-flags", default="", help='more flags of the stage-1 runs, e.g. "--epochs 10" '
+                   '(one flag alone: --backbone-flags=--flag)')
+    p.add_argument("--teacher-flags", default="", help="more flags of the teacher runs (after the recipe's: they win)")
+    p.add_argument("--dpc-flags", default="", help="more flags of the train_dpc.py runs")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the chains left to run, one shell line each")
+    mode.add_argument("--slurm", metavar="FILE", default=None, help="write a Slurm job-array script, one chain a task")
+    args = p.parse_args(argv)
+    args.root, args.out = os.path.abspath(args.root), os.path.abspath(args.out)
+    args.datasets, args.learners, args.seeds = (split_list(getattr(args, n), "--" + n)
+                                                for n in ("datasets", "learners", "seeds"))
+    known = evaluate.PAPER_DATASETS + GENERATED
+    for d in args.datasets:
+        check(d in known or os.path.isdir(os.path.join(args.root, d)),
+              f"--datasets: unknown dataset {d!r} (known: {', '.join(known)}, or a folder under --root {args.root})")
+    for x in args.learners:
+        check(x in prompts.LEARNERS, f"--learners: unknown learner {x!r} (choose from {', '.join(prompts.LEARNERS)})")
+    for s in args.seeds:
+        check(s.isascii() and s.isdigit(), f"--seeds: {s!r} is not a non-negative integer")
+    args.seeds = [int(s) for s in args.seeds]
+    for name in ("backbone_flags", "teacher_flags", "dpc_flags"):
+        setattr(args, name, split_flags(getattr(args, name), "--" + name.replace("_", "-")))
+    args.workers = [] if args.workers is None else ["--workers", str(args.workers)]   # flags of every script
+    return args
+
+
+def check(ok: bool, message: str) -> None:
+    """Input errors end in one line and exit code 2, before anything runs (the project's convention)."""
+    if not ok:
+        raise tb.RunError(message)
+
+
+def split_list(text: str, option: str) -> list[str]:
+    """Duplicates are refused: two chains would train the same folder at once."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    check(bool(items), f"{option} is empty; give a comma-separated list")
+    twice = sorted({x for x in items if items.count(x) > 1})
+    check(not twice, f"{option} lists {', '.join(twice)} more than once")
+    return items
+
+
+def split_flags(text: str, option: str) -> list[str]:
+    """Split as a shell would; the flags this tool sets itself are refused (RESERVED)."""
+    try:
+        flags = shlex.split(text)
+    except ValueError as e:
+        raise tb.RunError(f"{option}: cannot parse {text!r} ({e})") from None
+    for flag in (f.split("=")[0] for f in flags if f.startswith("--")):
+        check(not any(r.startswith(flag) for r in RESERVED),
+              f"{option}: {flag} is set by this tool (reserved: {', '.join(RESERVED)}); use its own options")
+    return flags
+
+
+def plan(args) -> list[list[tuple[str, list[str]]]]:
+    """Every chain of Tab. 1: a list of (run folder, [script, flags...]) in dependency order. Each
+    promptkd chain trains its own teacher (one per dataset and seed), so chains never share a folder."""
+    chains = []
+    for d in args.datasets:
+        for s in args.seeds:
+            for learner in args.learners:
+                common = ["--data", d, "--root", args.root, "--seed", str(s)] + args.workers
+                chain, teacher_flag = [], []
+                stage1, dpc = (os.path.join(args.out, d, name, f"seed{s}") for name in (learner, learner + "_dpc"))
+                if learner == "promptkd":
+                    teacher = os.path.join(args.out, "teachers", d, f"seed{s}")
+                    recipe = dict(tb.PROMPTKD_TEACHER_RECIPE, clip=args.teacher_clip)
+                    flags = [x for k, v in recipe.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+                    chain.append((teacher, ["train_backbone.py"] + flags + common + args.teacher_flags
+                                  + ["--output-dir", teacher]))
+                    teacher_flag = ["--teacher", teacher]
+                chain.append((stage1, ["train_backbone.py", "--learner", learner] + teacher_flag + common
+                              + ["--clip", args.clip] + args.backbone_flags + ["--output-dir", stage1]))
+                chain.append((dpc, ["train_dpc.py", "--backbone", stage1] + args.workers + args.dpc_flags
+                              + ["--output-dir", dpc]))
+                chains.append(chain)
+    return chains
+
+
+def state(run_dir: str) -> str:
+    """'finished', 'resume' (the checkpoint of an unfinished run) or 'run' (none yet). An unreadable
+    checkpoint counts as unfinished: the script then says what is wrong with it."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        return "run"
+    try:
+        return "finished" if tb.read_checkpoint(path)["finished"] else "resume"
+    except tb.RunError:
+        return "resume"
+
+
+def command(python: str, argv: list[str], resume: bool) -> list[str]:
+    """Absolute script paths: the commands work from any folder, and on a cluster node."""
+    return [python, os.path.join(REPO, argv[0])] + argv[1:] + (["--resume"] if resume else [])
+
+
+def shell_lines(chains) -> list[str]:
+    """The chains with work left as shell lines, for --dry-run and --slurm (states as of now)."""
+    lines = []
+    for chain in chains:
+        todo = [command("python", argv, st == "resume") for run_dir, argv in chain
+                if (st := state(run_dir)) != "finished"]
+        lines += [" && ".join(shlex.join(cmd) for cmd in todo)] if todo else []
+    return lines
+
+
+def evaluate_command(python: str, args, chains) -> list[str]:
+    """Tab. 1 over every stage-1 and DPC folder, named one by one (a missing run is an error, not a gap)."""
+    runs = [run_dir for chain in chains for run_dir, _ in chain[-2:]]   # not the teachers
+    return [python, os.path.join(REPO, "evaluate.py")] + runs + ["--out", os.path.join(args.out, "evaluation")] \
+        + args.workers
+
+
+def write_slurm(path: str, lines: list[str], evaluate_line: str, logs: str) -> None:
+    """One chain per array task; the table is a separate job that waits for all of them (afterok)."""
+    tasks = "".join(f"  {i}) {line} ;;\n" for i, line in enumerate(lines))
+    with open(path, "w") as f:
+        f.write(f"#!/bin/bash\n# DPC base-to-new protocol (paper Tab. 1) by tools/reproduce.py: {len(lines)} chains, "
+                f"one per array task.\n# Submit it, then the table, which waits until every task succeeded:\n"
+                f"#   jobid=$(sbatch --parsable {path})\n"
+                f"#   sbatch --dependency=afterok:$jobid --wrap {shlex.quote(evaluate_line)}\n"
+                f"# Fresh / --resume as of writing: after an interruption, write this file again.\n"
+                f"#SBATCH --job-name=dpc-tab1\n#SBATCH --array=0-{len(lines) - 1}\n#SBATCH --gres=gpu:1\n"
+                f"#SBATCH --output={logs}/%A_%a.out\nset -eo pipefail\ncd {shlex.quote(os.getcwd())}\n"
+                f'case "$SLURM_ARRAY_TASK_ID" in\n{tasks}esac\n')
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs to run chains on, one process each. CUDA ignores the entries after an invalid one (-1)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(tb.torch.cuda.device_count())]
+    return list(itertools.takewhile(lambda e: e and not e.startswith("-"), (e.strip() for e in listed.split(","))))
+
+
+def run_chain(chain, gpus: queue.Queue, stop: threading.Event, failed: list) -> None:
+    """One run after the other, each state decided when its turn comes; the first failure ends the chain."""
+    gpu = gpus.get()   # a free GPU for the whole chain: never two processes on one GPU
+    try:
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {}))
+        where = f" [GPU {gpu}]" if gpu else ""
+        for run_dir, argv in chain:
+            if stop.is_set():
+                return
+            st = state(run_dir)
+            print(f"{'skip (finished)' if st == 'finished' else st}: {run_dir}{where}", flush=True)
+            if st == "finished":
+                continue
+            t0, rc = time.time(), run_command(command(sys.executable, argv, st == "resume"), env, run_dir, stop)
+            if stop.is_set() or rc in (130, -signal.SIGINT):   # a Ctrl-C of any run stops the whole tool
+                stop.set()
+                return
+            if rc != 0:   # keep the failure's own message: the scripts end with one `error: ...` line
+                with open(os.path.join(run_dir, "stdout.txt"), errors="replace") as f:
+                    failed.append((run_dir, rc, ([x.strip() for x in f if x.strip()] or [""])[-1]))
+                print(f"failed: {run_dir} (exit {rc}); the other chains go on", flush=True)
+                return
+            print(f"done: {run_dir} ({time.time() - t0:.0f} s)", flush=True)
+    finally:
+        gpus.put(gpu)
+
+
+def run_command(cmd: list[str], env: dict, run_dir: str, stop: threading.Event) -> int:
+    """Output to <run folder>/stdout.txt (chains on several GPUs would interleave on a terminal).
+    On stop, the run gets one Ctrl-C of its own, so it exits cleanly keeping its last finished epoch."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "stdout.txt"), "a") as out:
+        proc, signalled = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env), False
+        while True:
+            try:
+                return proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                if stop.is_set() and not signalled:
+                    proc.send_signal(signal.SIGINT)
+                    signalled = True
+
+
+def print_plan(args, chains, eval_cmd: str) -> None:
+    """--dry-run: chains on stdout, one per line (for xargs -P / parallel); the table's command on stderr."""
+    lines = shell_lines(chains)
+    if args.dry_run:
+        print("\n".join(lines))
+        print(f"# {len(lines)} chains left; once all succeeded, the table: {eval_cmd}", file=sys.stderr)
+    elif lines:
+        os.makedirs(os.path.join(args.out, "slurm"), exist_ok=True)   # Slurm does not create --output folders
+        write_slurm(args.slurm, lines, eval_cmd, os.path.join(args.out, "slurm"))
+        print(f"wrote {args.slurm}: {len(lines)} array tasks. Submit it, then the table:\n  jobid=$(sbatch "
+              f"--parsable {args.slurm})\n  sbatch --dependency=afterok:$jobid --wrap {shlex.quote(eval_cmd)}")
+    else:
+        print(f"every run is finished, nothing to submit; the table: {eval_cmd}")
+
+
+def main(args):
+    chains = plan(args)
+    eval_cmd = evaluate_command(sys.executable, args, chains)
+    if args.dry_run or args.slurm:
+        return print_plan(args, chains, shlex.join(["python"] + eval_cmd[1:]))
+    gpus = visible_gpus()
+    if len(gpus) > 1:   # else concurrent chains would all generate the same toy/synthetic folder at once
+        for d in set(args.datasets) & set(GENERATED):
+            tb.load_splits(d, args.root, 0, 1)
+    slots, stop, failed = queue.Queue(), threading.Event(), []
+    for gpu in gpus if len(gpus) > 1 else [None]:
+        slots.put(gpu)
+    print(f"{len(chains)} chains, {sum(map(len, chains))} runs, " + (f"one chain per GPU on {len(gpus)} GPUs"
+          if len(gpus) > 1 else "one chain after the other"), flush=True)
+    pool = ThreadPoolExecutor(slots.qsize())
+    try:
+        for future in [pool.submit(run_chain, chain, slots, stop, failed) for chain in chains]:
+            future.result()
+        if stop.is_set():
+            raise KeyboardInterrupt
+        for run_dir, rc, message in failed:
+            print(f"failed: {run_dir} (exit {rc}): {message}", file=sys.stderr)
+        if failed:
+            print(f"{len(failed)} run(s) failed and stopped their chains; evaluation skipped: fix them and rerun "
+                  f"this command (finished runs are skipped)", file=sys.stderr)
+            sys.exit(1)
+        if subprocess.call(eval_cmd) != 0:
+            print("failed: evaluate.py (its message is above)", file=sys.stderr)
+            sys.exit(1)
+    except BaseException as e:   # Ctrl-C (or an error here): no new run starts, running ones get a Ctrl-C
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(e, KeyboardInterrupt):
+            print("interrupted: finished runs are kept, interrupted ones keep their last finished epoch; "
+                  "rerun the same command to continue", file=sys.stderr)
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    tb.run_cli(main, get_args)
