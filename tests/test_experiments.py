@@ -44,10 +44,14 @@ def tab2(tmp_path_factory):
     return dict(base=base, root=root)
 
 
-def test_transfer_prints_tab2_and_keeps_every_target(tab2, capsys):
+def test_transfer_prints_tab2_and_keeps_every_target(tab2, capsys, monkeypatch):
+    real, calls = tb.encode_images, []
+    monkeypatch.setattr(tb, "encode_images", lambda *a: calls.append(1) or real(*a))
+    tb._MEMO.clear()
     with contextlib.chdir(tab2["base"]):
         out = evaluate.main(evaluate.get_args(["src", "src_dpc", "--target", "other,imagenet_r", "--workers", "0",
                                                "--out", "ev"]))
+    assert len(calls) <= 3   # 2 CoOp runs x 3 test sets, each test set encoded once (the source's: in training)
     per_run = {(r["kind"], r["target"]): r["accuracy"] for r in out["runs"]}
     assert set(per_run) == {(k, t) for k in ("backbone", "dpc") for t in ("synthetic", "other", "imagenet_r")}
     for s in out["mean_over_seeds"]:

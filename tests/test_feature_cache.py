@@ -171,6 +171,11 @@ def test_a_dpc_run_reuses_its_coop_backbones_test_features(tmp_path, cache, monk
     with_cache = run_coop_and_dpc(tmp_path, cache)
     assert len(calls) == 2           # base and new test splits, once, by the backbone run
     assert len(files_in(cache)) == 2
+    tb._MEMO.clear()   # another seed, another process: the test split is the same, so are its features
+    tb.main(tb.get_args(["--learner", "coop", "--data", "synthetic", "--root", str(tmp_path / "data"), "--clip", "tiny",
+                         "--workers", "0", "--epochs", "1", "--batch-size", "8", "--shots", "4", "--seed", "2",
+                         "--output-dir", "coop2", "--feature-cache", cache]))
+    assert len(calls) == 2
     shutil.rmtree("coop"), shutil.rmtree("dpc")
     without = run_coop_and_dpc(tmp_path, "off")
     assert len(calls) == 6 and without == with_cache
