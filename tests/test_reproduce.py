@@ -93,7 +93,7 @@ def test_interrupted_then_rerun_runs_only_what_is_missing(toy):
     assert set(second) == every
     expected = {True: ["skip (finished)"], False: ["resume", "done"], None: ["run", "done"]}
     for run_dir, said in second.items():   # finished: skipped; interrupted: resumed; never started: run
-        assert said == expected[toy["before"].get(run_dir)], run_dir
+        assert said == expected[toy["before"].get(run_dir)], (run_dir, toy["second"].stdout)
     assert re.search(r"\[GPU [01]\]", toy["second"].stdout)           # the chains went to the two devices
     after = snapshot(runs)
     assert all(after[p] == kept for p, kept in toy["kept"].items() if toy["before"][os.path.dirname(p)])
@@ -210,3 +210,14 @@ def test_bad_input_is_one_line(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: " + message)
     assert not (tmp_path / "o").exists()
+
+
+def test_status_lines_of_concurrent_chains_never_run_together():
+    """Chains on several GPUs report from threads; print() writes a line and its newline apart, which
+    glued lines together on a pipe (seen: a lost "resume:" line). say() writes each line whole."""
+    code = ("import sys, threading; sys.path.insert(0, sys.argv[1]); from reproduce import say\n"
+            "ts = [threading.Thread(target=lambda t=t: [say(f'{t}: x') for _ in range(20000)]) for t in 'ab']\n"
+            "[t.start() for t in ts]; [t.join() for t in ts]\n")
+    out = subprocess.run([sys.executable, "-c", code, os.path.join(REPO, "tools")], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert len(out) == 40000 and set(out) == {"a: x", "b: x"}

@@ -189,6 +189,17 @@ def visible_gpus() -> list[str]:
     return list(itertools.takewhile(lambda e: e and not e.startswith("-"), (e.strip() for e in listed.split(","))))
 
 
+_SAY = threading.Lock()
+
+
+def say(line: str) -> None:
+    """One status line from a chain's thread. print() writes the text and its newline separately, so
+    two chains printing at once (several GPUs) would run their lines together: one write, under a lock."""
+    with _SAY:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
 def run_chain(chain, gpus: queue.Queue, stop: threading.Event, failed: list) -> None:
     """One run after the other, each state decided when its turn comes; the first failure ends the chain."""
     gpu = gpus.get()   # a free GPU for the whole chain: never two processes on one GPU
@@ -199,7 +210,7 @@ def run_chain(chain, gpus: queue.Queue, stop: threading.Event, failed: list) -> 
             if stop.is_set():
                 return
             st = state(run_dir)
-            print(f"{'skip (finished)' if st == 'finished' else st}: {run_dir}{where}", flush=True)
+            say(f"{'skip (finished)' if st == 'finished' else st}: {run_dir}{where}")
             if st == "finished":
                 continue
             t0, rc = time.time(), run_command(command(sys.executable, argv, st == "resume"), env, run_dir, stop)
@@ -209,9 +220,9 @@ def run_chain(chain, gpus: queue.Queue, stop: threading.Event, failed: list) -> 
             if rc != 0:   # keep the failure's own message: the scripts end with one `error: ...` line
                 with open(os.path.join(run_dir, "stdout.txt"), errors="replace") as f:
                     failed.append((run_dir, rc, ([x.strip() for x in f if x.strip()] or [""])[-1]))
-                print(f"failed: {run_dir} (exit {rc}); the other chains go on", flush=True)
+                say(f"failed: {run_dir} (exit {rc}); the other chains go on")
                 return
-            print(f"done: {run_dir} ({time.time() - t0:.0f} s)", flush=True)
+            say(f"done: {run_dir} ({time.time() - t0:.0f} s)")
     finally:
         gpus.put(gpu)
 
