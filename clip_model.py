@@ -12,7 +12,8 @@ MIT-licensed open_clip_torch wheel (see assets/README.md). Local changes are mar
   - changed: attention runs batch-first through `F.scaled_dot_product_attention` using the
     checkpoint's `attn.in_proj_*` / `attn.out_proj` tensors (same maths, fused kernel);
   - changed: the text tower stops at the longest EOT of the batch. It is causal, so tokens after
-    the EOT never influence the EOT feature: the truncated pass is exact and 77/len times cheaper;
+    the EOT never influence the EOT feature: the truncated pass computes the same function (equal up
+    to float rounding, not bit for bit: products of other shapes sum in another order) 77/len times cheaper;
   - changed: weights are kept at the checkpoint's values but held in fp32; on GPU the training
     scripts use autocast instead of OpenAI's fp16 conversion (spec DECISIONS #1).
 
@@ -26,15 +27,18 @@ Usage:
     python clip_model.py --download ViT-B/16     # fetch + SHA-256 check (needs network)
 """
 import argparse
+import collections
 import gzip
 import hashlib
 import html
+import io
 import math
 import os
+import pickle
 import shutil
 import sys
 import urllib.request
-import warnings
+import zipfile
 from functools import lru_cache
 
 import ftfy
@@ -87,23 +91,126 @@ def resolve_path(name_or_path: str) -> str:
                         f"(read from {CACHE_DIR}) or the path of a .pt file")
 
 
-def read_state_dict(path: str) -> dict:
-    """Official files are TorchScript archives; ours and open_clip's are plain state dicts."""
+class ScriptObject:
+    """Stands in for a class of a TorchScript archive (`__torch__.*`): its code is never compiled or
+    run; the pickled attributes are kept as plain data (a module's parameters, buffers, submodules)."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class TorchScriptUnpickler(pickle.Unpickler):
+    """Reads the data.pkl of a TorchScript archive without torch.jit.load, which compiles and runs the
+    archive's code (a `__setstate__` can write files). Only module objects (as ScriptObject), tensors
+    and their storages are built; any other global is refused by name."""
+    TENSOR_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+                      ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+                      ("collections", "OrderedDict"): collections.OrderedDict}
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(io.BytesIO(archive.read(prefix + "data.pkl")))
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module, name):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return ScriptObject
+        if (module, name) in self.TENSOR_GLOBALS:
+            return self.TENSOR_GLOBALS[(module, name)]
+        if module == "torch" and name in self.STORAGE_DTYPES:
+            return self.STORAGE_DTYPES[name]   # a storage type stands for its dtype
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    STORAGE_DTYPES = {"HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
+                      "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                      "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                      "BoolStorage": torch.bool}
+
+    def persistent_load(self, pid):
+        kind, dtype, key, _location, numel = pid   # ('storage', torch.HalfStorage, '0', 'cuda:0', n)
+        if kind != "storage" or not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"persistent id {kind!r}")
+        raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+        # not resizable: a tensor whose size or offset runs past the end of its storage cannot grow it
+        if not raw:
+            raise ValueError(f"storage {key} is empty")
+        untyped = torch.frombuffer(raw, dtype=torch.uint8).untyped_storage()
+        storage = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        if len(raw) != numel * dtype.itemsize:
+            raise ValueError(f"storage {key} holds {len(raw)} bytes, not {numel} values of {dtype}")
+        return storage
+
+
+def tensor_problem(t) -> str | None:
+    """What makes a tensor read from a file unusable, or None. A pickle sets a tensor's size, stride and
+    offset freely: a view past the end of its storage reads memory that is not its own, and a stride-0
+    view of a few bytes can claim terabytes; both are refused, as are meta, sparse and quantized tensors."""
+    if not isinstance(t, torch.Tensor):
+        return f"a {type(t).__name__}, not a tensor"
+    if t.layout != torch.strided or t.is_meta or t.is_quantized or t.device.type != "cpu" or t.is_complex():
+        return f"not a dense real CPU tensor ({t.layout}, {t.dtype}, {t.device})"
+    if t.numel() == 0:
+        return None
+    last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    nbytes = t.untyped_storage().nbytes()
+    if t.storage_offset() < 0 or min(t.stride(), default=0) < 0 or (last + 1) * t.element_size() > nbytes \
+            or t.numel() * t.element_size() > nbytes:
+        return f"a view of {tuple(t.shape)} that does not fit its storage of {nbytes} bytes"
+    return None
+
+
+def module_tensors(obj, prefix: str = "") -> dict:
+    """The state dict of an unpickled TorchScript module: every tensor attribute, by dotted path."""
+    out = {}
+    for name, value in (obj.state.items() if isinstance(getattr(obj, "state", None), dict) else ()):
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value
+        elif isinstance(value, ScriptObject):
+            out.update(module_tensors(value, f"{prefix}{name}."))
+    return out
+
+
+def read_torchscript(path: str, archive: zipfile.ZipFile, prefix: str) -> dict:
+    """OpenAI's TorchScript archive (`ViT-B-16.pt`) as a state dict, read as data (TorchScriptUnpickler)."""
     try:
-        with warnings.catch_warnings():  # torch.jit.load is deprecated, but it is the official format
-            warnings.simplefilter("ignore", FutureWarning)
-            return dict(torch.jit.load(path, map_location="cpu").state_dict())
-    except (RuntimeError, ValueError):
-        pass
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors from a truncated or foreign file
+        root = TorchScriptUnpickler(archive, prefix).load()
+    except pickle.UnpicklingError as e:
+        raise CLIPLoadError(
+            f"refusing to read the TorchScript archive {path}: it pickles {e}, which OpenAI's archives do "
+            f"not (only modules and tensors) and which could run code; if you trust the file, convert it once "
+            f"with `python -c \"import torch; torch.save(torch.jit.load('{path}').state_dict(), 'clip.pt')\"` "
+            f"and pass --clip clip.pt") from None
+    except Exception as e:  # zip/pickle damage
         raise CLIPLoadError(f"cannot read CLIP checkpoint {path} ({type(e).__name__}): the file is "
                             f"corrupted or not a CLIP model; download it again") from None
+    return module_tensors(root)
+
+
+def read_state_dict(path: str) -> dict:
+    """Official files are TorchScript archives, read as data (read_torchscript: torch.jit.load would
+    run the archive's code); ours and open_clip's are plain state dicts (torch.load, weights_only).
+    Every tensor is checked to be a dense CPU tensor inside its storage (tensor_problem)."""
+    obj = None
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())   # <archive name>/{data.pkl, constants.pkl, code/, data/}
+            prefix = next((n[:-len("data.pkl")] for n in names if n.endswith("data.pkl") and n.count("/") <= 1
+                           and n[:-len("data.pkl")] + "constants.pkl" in names), None)
+            if prefix is not None:
+                obj = read_torchscript(path, archive, prefix)
+    if obj is None:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle / zip errors from a truncated or foreign file
+            raise CLIPLoadError(f"cannot read CLIP checkpoint {path} ({type(e).__name__}): the file is "
+                                f"corrupted or not a CLIP model; download it again") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise CLIPLoadError(f"{path} does not hold a CLIP state dict")
+    for name, value in obj.items():
+        problem = tensor_problem(value)
+        if problem:
+            raise CLIPLoadError(f"{path} does not hold a CLIP state dict: {name} is {problem}")
     return obj
 
 
@@ -342,7 +449,10 @@ def build_model(state_dict: dict) -> CLIP:
     sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     with torch.device("meta"):  # skip the random init: every tensor comes from the checkpoint
         model = CLIP(**architecture(sd))
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    try:
+        model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    except RuntimeError as e:   # missing, unexpected or misshapen tensors
+        raise CLIPLoadError(f"not a CLIP ViT state dict of a known layout: {str(e).splitlines()[-1].strip()}") from None
     return model.requires_grad_(False).eval()
 
 

@@ -194,10 +194,13 @@ def _read_split_json(path: str, image_dir: str) -> dict[str, list[Item]]:
         for i, entry in enumerate(raw[split]):
             try:
                 rel_path, label, classname = entry
-                items.append(Item(os.path.join(image_dir, rel_path), int(label), str(classname)))
+                if not (isinstance(rel_path, str) and isinstance(label, int) and not isinstance(label, bool)
+                        and label >= 0 and isinstance(classname, str)):
+                    raise ValueError
+                items.append(Item(os.path.join(image_dir, rel_path), label, classname))
             except (TypeError, ValueError) as e:
                 raise DataError(f"{name}: entry {i} of '{split}' is {entry!r}, "
-                                f"expected [path, int label, classname]") from e
+                                f"expected [path, int label >= 0, classname]") from e
         # Checking one file per split catches a wrong image_dir without stat-ing 50k files.
         if items and not os.path.isfile(items[0].path):
             raise DataError(f"image {items[0].path} listed in {name} not found: expected the images under "

@@ -186,16 +186,18 @@ def dpc_settings(ckpt: dict, opts) -> Namespace:
     return s
 
 
-def dpc_prompts(ckpt: dict, omega_b: float, device) -> tuple[dict, dict]:
-    """P and P̃_b for an inference ω_b. The stored P̃_b was mixed with the training ω_b, so for another
-    ω_b we first recover P' = F⁻¹(P̃_b) with the training value, then re-mix (Eq. 12). P' never
-    changes: ω_b then only moves the "mixed" base prompt ω_b P' + (1-ω_b) P."""
-    tuned = {n: t.to(device) for n, t in ckpt["tuned_prompt"].items()}
-    mixed = {n: t.to(device) for n, t in ckpt["mixed_prompt"].items()}
-    trained = ckpt["args"]["omega_b"]
-    if omega_b != trained:  # equal: keep the stored tensors, so recomputing is bitwise what training did
-        mixed = td.weighting(td.decoupling(mixed, tuned, trained), tuned, omega_b)
-    return tuned, mixed
+def dpc_prompts(ckpt: dict, s: Namespace, device) -> tuple[dict, dict]:
+    """(base-class prompt, P̃_n) of a DPC run at the settings s, from its stored P and P̃_b. P' is
+    recovered with the ω_b P̃_b was trained at, so an inference ω_b only moves the "mixed" base prompt
+    (train_dpc.inference_prompts); at the training settings this is bitwise what training evaluated."""
+    tuned, mixed = stored_prompts(ckpt, device)
+    return td.inference_prompts(mixed, tuned, ckpt["args"]["omega_b"], s.omega_b, s.omega_n, s.base_inference)
+
+
+def stored_prompts(ckpt: dict, device) -> tuple[dict, dict]:
+    """P and P̃_b as the DPC run stored them."""
+    return ({n: t.to(device) for n, t in ckpt["tuned_prompt"].items()},
+            {n: t.to(device) for n, t in ckpt["mixed_prompt"].items()})
 
 
 def load_learner(run: str, ckpt: dict, opts):
@@ -228,7 +230,7 @@ def evaluate_run(run: str, ckpt: dict, opts) -> dict:
         learner = load_learner(run, ckpt, opts)
         splits = tb.load_splits(ckpt["data"], root, a["shots"], a["seed"])
         if dpc:
-            results = td.evaluate_dpc(learner, splits, *dpc_prompts(ckpt, s.omega_b, opts.device), s)
+            results = td.evaluate_dpc(learner, splits, *stored_prompts(ckpt, opts.device), a["omega_b"], s)
         else:
             results = tb.base_to_new(learner, splits, opts.device, opts.workers, subsample=a.get("subsample", "base"),
                                      cache=opts.feature_cache)
@@ -397,9 +399,7 @@ def sweep(runs, opts) -> dict:
         accuracies = []
         for v in values:
             s = dpc_settings(ckpt, Namespace(**{**vars(opts), opts.sweep: v}))
-            tuned, mixed = dpc_prompts(ckpt, s.omega_b, opts.device)
-            prompt = (td.base_class_prompt(mixed, tuned, s.omega_b, s.base_inference) if split == "base"
-                      else td.new_class_prompt(mixed, tuned, s.omega_b, s.omega_n))
+            prompt = dpc_prompts(ckpt, s, opts.device)[0 if split == "base" else 1]
             accuracies.append(tb.accuracy(learner, items, data.classnames_of(items), opts.device, opts.workers,
                                           prompt, cache=opts.feature_cache))
         rows.append(dict(run=run, learner=ckpt["learner"], data=ckpt["data"], seed=a["seed"],
@@ -445,7 +445,7 @@ def transfer(runs, opts) -> dict:
         learner = load_learner(run, ckpt, opts)
         if dpc:
             s = dpc_settings(ckpt, opts)
-            tuned, mixed = dpc_prompts(ckpt, s.omega_b, opts.device)
+            base_prompt, new_prompt = dpc_prompts(ckpt, s, opts.device)
         for target in targets:
             if target not in test_sets:
                 root = opts.root or a["root"] if target == ckpt["data"] else opts.target_root or opts.root or a["root"]
@@ -454,9 +454,9 @@ def transfer(runs, opts) -> dict:
             items, classnames = test_sets[target]
             prompt = None
             if dpc and target == ckpt["data"]:  # the source column of Tab. 2
-                prompt = td.base_class_prompt(mixed, tuned, s.omega_b, s.base_inference)
+                prompt = base_prompt
             elif dpc:
-                prompt = td.new_class_prompt(mixed, tuned, s.omega_b, s.omega_n)   # Eq. (13)
+                prompt = new_prompt   # Eq. (13)
             acc = tb.accuracy(learner, items, classnames, opts.device, opts.workers, prompt, cache=opts.feature_cache)
             tb.log(f"=> result ({method(ckpt['learner'], ckpt['kind'])} {ckpt['data']} -> {target}, "
                    f"all {len(classnames)} classes, seed {a['seed']} {run})\n* accuracy: {acc:.2f}%")

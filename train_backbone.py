@@ -14,6 +14,7 @@ checkpoint.pt (trainable tensors + optimiser + class names + CLIP name, written 
 epoch) and results.json. `--resume` continues an interrupted run from its last finished epoch.
 """
 import argparse
+import errno
 import glob
 import hashlib
 import json
@@ -106,6 +107,7 @@ def get_args(argv=None):
                                                       f"seed{args.seed}")
     args.root = os.path.abspath(args.root)  # runs are re-evaluated from other folders
     args.teacher = args.teacher and os.path.abspath(args.teacher)
+    args.clip, args.teacher_clip = clip_path(args.clip), clip_path(args.teacher_clip)
     args.continue_from = args.continue_from and os.path.abspath(args.continue_from)
     check_positive(args, "epochs", "batch_size", "lr")
     check_shots(args.shots)
@@ -214,7 +216,11 @@ def save_atomic(obj, path: str):
     name is the process's own, so runs writing the same file (a shared feature cache) never mix."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:   # torch's zip writer reports a failed open or write (read-only, disk full) so
+            reason = str(e).strip().rsplit(": ", 1)[-1]   # "... open file failed with strerror: Read-only file system"
+            raise OSError(errno.EIO, f"cannot write ({reason})", path) from e
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -294,11 +300,45 @@ def load_safely(path: str, trust: bool = False, inert_objects: bool = False):
                        f"train that run again (--overwrite)") from None
 
 
-# What every checkpoint of ours holds, per kind (train_backbone.checkpoint, train_dpc.checkpoint).
-RUN_KEYS = {"backbone": ("learner", "clip", "data", "classnames", "state", "epoch", "finished", "args", "optimizer"),
+# What every checkpoint of ours holds, per kind (train_backbone.checkpoint, train_dpc.checkpoint), with
+# the types the stages rely on; RUN_ARGS: the entries of its args that are read back.
+RUN_KEYS = {"backbone": ("learner", "clip", "data", "classnames", "state", "epoch", "finished", "args", "optimizer",
+                         "gpa_sum", "best"),
             "dpc": ("learner", "clip", "data", "classnames", "backbone", "tuned_prompt", "mixed_prompt", "epoch",
                     "finished", "args", "optimizer")}
+RUN_TYPES = {"learner": str, "clip": str, "data": str, "classnames": list, "state": dict, "epoch": int,
+             "finished": bool, "args": dict, "optimizer": dict, "backbone": str, "tuned_prompt": dict,
+             "mixed_prompt": dict, "gpa_sum": (dict, type(None)), "best": (tuple, list, type(None))}
+RUN_ARGS = {"backbone": {"seed": int, "root": str, "shots": int},
+            "dpc": {"seed": int, "root": str, "shots": int, "omega_b": (int, float), "omega_n": (int, float),
+                    "base_inference": str}}
 SCRIPT = {"backbone": "train_backbone.py", "dpc": "train_dpc.py"}
+
+
+def schema_problem(ckpt: dict, kind: str) -> str | None:
+    """What is missing or of the wrong type in a checkpoint of ours, or None."""
+    missing = [k for k in RUN_KEYS[kind] if k not in ckpt]
+    if missing:
+        return f"missing {missing}"
+    wrong = [k for k in RUN_KEYS[kind] if not isinstance(ckpt[k], RUN_TYPES[k])
+             or (RUN_TYPES[k] is int and isinstance(ckpt[k], bool))]
+    if wrong:
+        return f"{wrong[0]} is a {type(ckpt[wrong[0]]).__name__}"
+    if ckpt["learner"] not in prompts.LEARNERS:
+        return f"unknown learner {ckpt['learner']!r}"
+    if not all(isinstance(c, str) for c in ckpt["classnames"]):
+        return "classnames are not all strings"
+    for part in ("state",) if kind == "backbone" else ("tuned_prompt", "mixed_prompt"):
+        if not all(isinstance(k, str) for k in ckpt[part]):
+            return f"{part} has names that are not strings"
+    best = ckpt.get("best")
+    if best is not None and not (len(best) == 2 and isinstance(best[0], (int, float)) and isinstance(best[1], dict)):
+        return "best is not (accuracy, state)"
+    args = ckpt["args"]
+    for name, types in RUN_ARGS[kind].items():
+        if not isinstance(args.get(name), types) or isinstance(args.get(name), bool):
+            return f"args[{name!r}] is {args.get(name)!r}"
+    return None
 
 
 def read_checkpoint(path: str, trust: bool = False) -> dict:
@@ -309,21 +349,40 @@ def read_checkpoint(path: str, trust: bool = False) -> dict:
     if kind not in RUN_KEYS:
         raise RunError(f"{path} was not written by train_backbone.py or train_dpc.py (no kind 'backbone' or "
                        f"'dpc'): pass a run folder of this project, or a Dassl folder to train_dpc.py --backbone")
-    missing = [k for k in RUN_KEYS[kind] if k not in ckpt]
-    if missing or ckpt["learner"] not in prompts.LEARNERS or not isinstance(ckpt["args"], dict):
-        raise RunError(f"{path} is an incomplete {kind} checkpoint (missing {missing or 'a valid learner/args'}): "
+    problem = schema_problem(ckpt, kind)
+    if problem:
+        raise RunError(f"{path} is an incomplete or damaged {kind} checkpoint ({problem}): "
                        f"train that run again with {SCRIPT[kind]} --overwrite")
-    tensors = {f"state {k}": v for k, v in ckpt["state"].items()} if kind == "backbone" else \
-        {f"{part} {k}": v for part in ("tuned_prompt", "mixed_prompt") for k, v in ckpt[part].items()}
+    parts = {"state": ckpt["state"], "gpa_sum": ckpt["gpa_sum"] or {}, "best": ckpt["best"][1] if ckpt["best"] else {}} \
+        if kind == "backbone" else {part: ckpt[part] for part in ("tuned_prompt", "mixed_prompt")}
+    tensors = {f"{part} {k}": v for part, values in parts.items() for k, v in values.items()}
     check_finite(tensors, path, f"train that run again with a lower --lr ({SCRIPT[kind]} --overwrite)")
     return ckpt
+
+
+def load_optimizer_state(optimizer, state: dict, path: str) -> None:
+    """Restore an optimiser state dict of a checkpoint (--resume, --continue-from); one error line,
+    not a failure at the first step, when it does not fit this run's tensors."""
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise RunError(f"the optimiser state in {path} does not fit this run ({type(e).__name__}); "
+                       f"train that run again with --overwrite") from None
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            buffer = optimizer.state[p].get("momentum_buffer")
+            if buffer is not None and (not isinstance(buffer, torch.Tensor) or buffer.shape != p.shape):
+                raise RunError(f"the optimiser state in {path} does not fit this run (a momentum buffer of "
+                               f"another shape); train that run again with --overwrite")
 
 
 def check_finite(tensors: dict, path: str, fix: str) -> None:
     """A NaN/inf prompt gives chance accuracy or a diverging DPC run: refuse it where it is read."""
     for name, value in tensors.items():
-        if not isinstance(value, torch.Tensor):
-            raise RunError(f"{path}: {name} is a {type(value).__name__}, not a tensor; {fix}")
+        problem = clip_model.tensor_problem(value)   # a dense CPU tensor inside its storage
+        if problem:
+            raise RunError(f"{path}: {name} is {problem}: the file is damaged or was not written by a training "
+                           f"script; train that run again")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise RunError(f"{path}: {name} holds NaN/inf values (the run diverged); {fix}")
 
@@ -333,6 +392,12 @@ def check_finite(tensors: dict, path: str, fix: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 TOY_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy_clip.pt")
+
+
+def clip_path(name: str) -> str:
+    """A --clip that names a weights file is recorded as an absolute path, so that the run can be
+    evaluated (and DPC trained on it) from another folder; model names are kept as they are."""
+    return os.path.abspath(name) if name not in ("tiny", "toy") and os.path.isfile(name) else name
 
 
 def load_clip(name: str, device):
@@ -477,6 +542,15 @@ def encode_images(learner, items, device, workers, batch_size) -> list:
     return [learner.encode_image(images.to(device)) for images, _, _ in make_loader(test_images, batch_size, False, workers)]
 
 
+def cached_features_fit(stored, n_items: int, batch_size: int, width: int) -> bool:
+    """A cache file holds what encode_images returns for these items: [(B, E), ...] in batches of
+    batch_size, E = CLIP's embedding width, dense tensors inside their storage. Anything else is a miss."""
+    sizes = [min(batch_size, n_items - i) for i in range(0, n_items, batch_size)]
+    return isinstance(stored, list) and len(stored) == len(sizes) and all(
+        clip_model.tensor_problem(f) is None and f.is_floating_point() and tuple(f.shape) == (b, width)
+        for f, b in zip(stored, sizes))
+
+
 def image_features(learner, items, device, workers, batch_size, cache) -> list:
     """encode_images, or the same tensors from an earlier pass: in this process (sweeps, transfer, base
     and new of several runs), or from disk under `cache` for CLIP's plain encoder (a DPC run of a CoOp
@@ -493,7 +567,7 @@ def image_features(learner, items, device, workers, batch_size, cache) -> list:
     if persistent and os.path.isfile(path):
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
-            if sum(f.shape[0] for f in stored) == len(items):
+            if cached_features_fit(stored, len(items), batch_size, learner.clip.text_projection.shape[1]):
                 features = [f.to(device) for f in stored]
         except Exception:   # a damaged cache file is a miss, then rewritten
             features = None
@@ -616,6 +690,9 @@ def dassl_state(name: str, state: dict) -> dict:
     out = {}
     for key, value in state.items():
         parts = key.split(".")
+        if key.endswith(".VPT_shallow") and not (len(parts) > 3 and parts[3].isdigit()):
+            raise RunError(f"the Dassl {name} checkpoint holds {key!r}, which the original code never writes "
+                           f"(expected <encoder>.transformer.resblocks.<i>.VPT_shallow): is it damaged?")
         if name in ("promptsrc", "promptkd"):
             if key == "prompt_learner.ctx" and name == "promptsrc":
                 key = "ctx"
@@ -645,7 +722,7 @@ def read_dassl_checkpoint(path: str, trust: bool = False) -> dict:
     "val_result"}), read without running code: the pickled optimiser/scheduler objects become Inert."""
     ckpt = load_safely(path, trust, inert_objects=True)
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise RunError(f"{path} is not a Dassl checkpoint (no 'state_dict'): pass the run folder of the original "
                        f"code that holds <{'|'.join(DASSL_FOLDERS)}>/model.pth.tar-N")
     check_finite({f"state_dict {k}": v for k, v in state.items()}, path, "use another epoch's file of that run")
@@ -657,8 +734,8 @@ def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None,
     """The learner of a stage-1 folder of the original code: <run>/<name>/model.pth.tar-N (newest N)
     or model-best.pth.tar. A PromptKD student also needs its teacher (load_teacher)."""
     for folder, name in DASSL_FOLDERS.items():
-        files = sorted(glob.glob(os.path.join(run_dir, folder, "model.pth.tar-*")),
-                       key=lambda p: int(p.rsplit("-", 1)[1]))
+        files = sorted((p for p in glob.glob(os.path.join(run_dir, folder, "model.pth.tar-*"))
+                        if p.rsplit("-", 1)[1].isdigit()), key=lambda p: int(p.rsplit("-", 1)[1]))
         files = files or glob.glob(os.path.join(run_dir, folder, "model-best.pth.tar"))
         if files:
             break
@@ -730,11 +807,11 @@ def main(args):
     gpa_sum, best, start_epoch = None, None, 1   # best: (base test accuracy, learner state)
     if continued is not None and previous is None:  # same prompt and optimiser state; the schedule restarts
         prompts.load_learner_state(learner, continued["state"])
-        optimizer.load_state_dict(continued["optimizer"])
+        load_optimizer_state(optimizer, continued["optimizer"], os.path.join(args.continue_from, "checkpoint.pt"))
         log(f"continuing the finished run {args.continue_from} (epoch {continued['epoch']}) for {args.epochs} epochs")
     if previous is not None:
         prompts.load_learner_state(learner, previous["state"])
-        optimizer.load_state_dict(previous["optimizer"])
+        load_optimizer_state(optimizer, previous["optimizer"], os.path.join(args.output_dir, "checkpoint.pt"))
         gpa_sum, best, start_epoch = previous["gpa_sum"], previous.get("best"), previous["epoch"] + 1
         log(f"resuming after epoch {previous['epoch']}")
 

@@ -89,10 +89,11 @@ def _check_same_tensors(a: dict, b: dict, what: str) -> None:
 
 def weighting(parallel_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor], omega_b: float) -> dict:
     """F: combine the dual prompts into the mixed prompt for base classes.
-    Written as ω_b P' + (1-ω_b) P (not P + ω_b (P' - P)) so that ω_b = 1 gives P' bitwise."""
+    Evaluated with torch.lerp, which is exact where the algebra is: P' itself at ω_b = 1, and P itself
+    when P' = P (an untrained run), for every ω_b; ω_b P + (1-ω_b) P is not P for most ω_b."""
     _check_same_tensors(parallel_prompt, tuned_prompt, "parallel_prompt")
     # Eq. (12): P̃_b = F(P') = ω_b P' + (1 - ω_b) P
-    return {k: omega_b * parallel_prompt[k] + (1.0 - omega_b) * tuned_prompt[k] for k in tuned_prompt}
+    return {k: torch.lerp(tuned_prompt[k], parallel_prompt[k], omega_b) for k in tuned_prompt}
 
 
 def decoupling(mixed_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor], omega_b: float) -> dict:
@@ -108,17 +109,18 @@ def decoupling(mixed_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor],
 def new_class_prompt(mixed_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor],
                      omega_b: float, omega_n: float) -> dict:
     """P̃_n for new classes: mostly the tuned prompt P, which holds the backbone's generalisation.
-    With ω_n = 0.0 this is 0·P' + 1·P, which is P bitwise for finite P', so new-class accuracy
-    equals the backbone's exactly (the paper's tables show identical new accuracy)."""
+    Evaluated with torch.lerp (as F): P bitwise at ω_n = 0 for finite P', so new-class accuracy equals
+    the backbone's exactly (the paper's tables show identical new accuracy); P bitwise at any ω_n when
+    P' = P (an untrained run); P' bitwise at ω_n = 1 (Tab. 3 row 2)."""
     parallel_prompt = decoupling(mixed_prompt, tuned_prompt, omega_b)
     # Eq. (13): P̃_n = ω_n F⁻¹(P̃_b) + (1 - ω_n) P
-    return {k: omega_n * parallel_prompt[k] + (1.0 - omega_n) * tuned_prompt[k] for k in tuned_prompt}
+    return {k: torch.lerp(tuned_prompt[k], parallel_prompt[k], omega_n) for k in tuned_prompt}
 
 
 def initial_mixed_prompt(tuned_prompt: dict[str, Tensor]) -> dict[str, nn.Parameter]:
     """P̃_b at step 0: an exact copy of P. Eq. (5) sets P' := P, and Eq. (12) at P' = P is P̃_b = P; the
-    copy is P bit for bit (ω_b P + (1-ω_b) P is not, for most ω_b), so that F⁻¹(P̃_b) = P exactly and
-    an untrained DPC model is the backbone bitwise, at any ω_b."""
+    copy is P bit for bit, so that F⁻¹(P̃_b) = P exactly and an untrained DPC model is the backbone
+    bitwise, on base and new classes, at any ω_b and ω_n."""
     return {n: nn.Parameter(t.detach().clone()) for n, t in tuned_prompt.items()}
 
 
@@ -376,6 +378,8 @@ def get_args(argv=None):
 
 def main(args):
     args.backbone = find_backbone(args.backbone)
+    args.teacher = args.teacher and os.path.abspath(args.teacher)   # a Dassl run is re-evaluated from other folders
+    args.clip, args.teacher_clip = tb.clip_path(args.clip), tb.clip_path(args.teacher_clip)
     if os.path.isfile(os.path.join(args.backbone, "checkpoint.pt")):
         learner, backbone, _ = tb.load_backbone(args.backbone, args.device, args.trust_checkpoint)
     else:
@@ -421,10 +425,15 @@ def main(args):
     scaler = tb.grad_scaler(args.device)   # fp16 autocast only (GPUs without bf16), as in stage 1
     start_epoch = 1
     if previous is not None:
+        path = os.path.join(args.output_dir, "checkpoint.pt")
+        stored = previous["mixed_prompt"]
+        if set(stored) != set(mixed_prompt) or any(stored[n].shape != p.shape for n, p in mixed_prompt.items()):
+            raise DPCError(f"the mixed prompt in {path} does not fit the backbone's prompt: the run was made on "
+                           f"another backbone; pass --overwrite or another --output-dir")
         with torch.no_grad():
             for n, p in mixed_prompt.items():
-                p.copy_(previous["mixed_prompt"][n])
-        optimizer.load_state_dict(previous["optimizer"])
+                p.copy_(stored[n])
+        tb.load_optimizer_state(optimizer, previous["optimizer"], path)
         start_epoch = previous["epoch"] + 1
     log_start(args, tuned_prompt, train_items, pool, topk)
 
@@ -472,7 +481,7 @@ def main(args):
     if threads is not None:
         threads.shutdown()
 
-    results = evaluate_dpc(learner, splits, tuned_prompt, mixed_prompt, args)
+    results = evaluate_dpc(learner, splits, tuned_prompt, mixed_prompt, args.omega_b, args)
     tb.log_results(results, f"{args.learner} + DPC")
     tb.save_atomic(checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, args.epochs, optimizer, True),
                    os.path.join(args.output_dir, "checkpoint.pt"))
@@ -483,11 +492,25 @@ def main(args):
     return results
 
 
-def evaluate_dpc(learner, splits, tuned_prompt, mixed_prompt, args) -> dict:
-    """Weighting-Decoupling at inference (Fig. 4): base classes with P' (or P̃_b), new with P̃_n."""
+def inference_prompts(mixed_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor], trained_omega_b: float,
+                      omega_b: float, omega_n: float, base_inference: str) -> tuple[dict, dict]:
+    """Weighting-Decoupling at inference (Fig. 4): (base-class prompt, new-class prompt P̃_n).
+    P' = F⁻¹(P̃_b) is always recovered with the ω_b that P̃_b was trained at (trained_omega_b); an
+    inference ω_b (evaluate.py --omega-b, the Fig. 6a sweep) only re-mixes the "mixed" base prompt
+    ω_b P' + (1-ω_b) P. So P' and P̃_n are the trained ones bit for bit whatever ω_b is asked for."""
+    if base_inference == "mixed" and omega_b != trained_omega_b:
+        parallel_prompt = decoupling(mixed_prompt, tuned_prompt, trained_omega_b)
+        base_prompt = weighting(parallel_prompt, tuned_prompt, omega_b)   # Eq. (12) at the inference ω_b
+    else:
+        base_prompt = base_class_prompt(mixed_prompt, tuned_prompt, trained_omega_b, base_inference)
+    return base_prompt, new_class_prompt(mixed_prompt, tuned_prompt, trained_omega_b, omega_n)   # Eq. (13)
+
+
+def evaluate_dpc(learner, splits, tuned_prompt, mixed_prompt, trained_omega_b, args) -> dict:
+    """Base accuracy with the base-class prompt, new accuracy with P̃_n (inference_prompts)."""
     with torch.no_grad():
-        base_prompt = base_class_prompt(mixed_prompt, tuned_prompt, args.omega_b, args.base_inference)
-        new_prompt = new_class_prompt(mixed_prompt, tuned_prompt, args.omega_b, args.omega_n)   # Eq. (13)
+        base_prompt, new_prompt = inference_prompts(mixed_prompt, tuned_prompt, trained_omega_b, args.omega_b,
+                                                    args.omega_n, args.base_inference)
     return tb.base_to_new(learner, splits, args.device, args.workers, base_prompt, new_prompt,
                           getattr(args, "subsample", "base"), args.feature_cache)
 

@@ -52,15 +52,21 @@ def hostile_copy(run: str, dst, marker, **changes) -> str:
     return str(dst)
 
 
-def refused(capsys, run, argv, cwd) -> str:
-    """run(argv) stops with exit code 2 and ONE stderr line that names the offending global."""
+def one_error_line(capsys, run, argv, cwd) -> str:
+    """run(argv) stops with exit code 2 and ONE `error:` line on stderr."""
     with contextlib.chdir(cwd):
         with pytest.raises(SystemExit) as exit_:
             run(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: refusing to load"), err
-    assert "posix.system" in err[0] and "--trust-checkpoint" in err[0], err[0]
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
+
+
+def refused(capsys, run, argv, cwd) -> str:
+    """One error line that refuses the file, naming the offending global."""
+    err = one_error_line(capsys, run, argv, cwd)
+    assert err.startswith("error: refusing to load") and "posix.system" in err and "--trust-checkpoint" in err, err
+    return err
 
 
 def dassl_folder(tmp_path, name, marker=None) -> str:
@@ -109,6 +115,72 @@ def test_a_payload_in_our_checkpoints_never_runs(world, tmp_path, capsys, place)
                 + out, tmp_path)
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
+
+
+# Plain-data checkpoints (nothing to refuse for the loader) whose fields are of the wrong kind: each
+# must end in one `error:` line where it is read, not in a traceback further on.
+def _args(ckpt, **changes):
+    return dict(ckpt["args"], **changes)
+
+
+DAMAGED_BACKBONES = {
+    "state is a list": lambda c: dict(c, state=[]),
+    "a state name that is not a string": lambda c: dict(c, state={0: c["state"]["ctx"]}),
+    "learner is a list": lambda c: dict(c, learner=["coop"]),
+    "clip is a number": lambda c: dict(c, clip=5),
+    "data is a number": lambda c: dict(c, data=5),
+    "classnames is a number": lambda c: dict(c, classnames=5),
+    "args without seed": lambda c: dict(c, args={}),
+    "root is a number": lambda c: dict(c, args=_args(c, root=5)),
+    "seed is a string": lambda c: dict(c, args=_args(c, seed="x")),
+    "finished is a tensor": lambda c: dict(c, finished=torch.tensor([1, 1])),
+    "gpa_sum is a list": lambda c: dict(c, gpa_sum=[]),
+    "best is a number": lambda c: dict(c, best=3),
+    "ctx is complex": lambda c: dict(c, state={"ctx": c["state"]["ctx"].to(torch.complex64)}),
+    "ctx is a meta tensor": lambda c: dict(c, state={"ctx": torch.empty(c["state"]["ctx"].shape, device="meta")}),
+    "ctx is a stride-0 view beyond its storage": lambda c: dict(c, state={"ctx": torch.zeros(1).expand(2 ** 30)}),
+}
+DAMAGED_DPC_RUNS = {
+    "tuned_prompt is a list": lambda c: dict(c, tuned_prompt=[]),
+    "backbone is a number": lambda c: dict(c, backbone=5),
+    "omega_b is a string": lambda c: dict(c, args=_args(c, omega_b="x")),
+    "args without omega_b": lambda c: dict(c, args={k: v for k, v in c["args"].items() if k != "omega_b"}),
+    "base_inference unknown": lambda c: dict(c, args=_args(c, base_inference="bogus")),
+    "mixed prompt of another shape": lambda c: dict(c, mixed_prompt={"ctx": torch.zeros(3)}),
+}
+
+
+def damaged_copy(run, dst, damage):
+    run = shutil.copytree(run, dst)
+    torch.save(damage(torch.load(run / "checkpoint.pt", weights_only=True)), run / "checkpoint.pt")
+    return run
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_BACKBONES))
+def test_a_damaged_backbone_checkpoint_is_one_error_line(world, tmp_path, capsys, damage):
+    run = damaged_copy(world["coop"], tmp_path / "run", DAMAGED_BACKBONES[damage])
+    one_error_line(capsys, evaluate.run, [str(run), "--recompute", "--workers", "0", "--out", "ev"], tmp_path)
+    one_error_line(capsys, train_dpc.run, ["--backbone", str(run), "--workers", "0", "--shots", "2",
+                                           "--output-dir", "out"], tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_DPC_RUNS))
+def test_a_damaged_dpc_checkpoint_is_one_error_line(world, tmp_path, capsys, damage):
+    run = damaged_copy(world["dpc"], tmp_path / "run", DAMAGED_DPC_RUNS[damage])
+    one_error_line(capsys, evaluate.run, [str(run), "--recompute", "--workers", "0", "--out", "ev"], tmp_path)
+    one_error_line(capsys, train_dpc.run, ["--backbone", world["coop"], "--workers", "0", "--shots", "2", "--resume",
+                                           "--output-dir", str(run)], tmp_path)
+
+
+def test_an_optimiser_state_that_does_not_fit_is_one_error_line(world, tmp_path, capsys):
+    run = shutil.copytree(world["coop"], tmp_path / "run")
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    bad = {"state": {0: {"momentum_buffer": torch.zeros(7)}}, "param_groups": ckpt["optimizer"]["param_groups"]}
+    torch.save(dict(ckpt, finished=False, epoch=0, optimizer=bad), run / "checkpoint.pt")
+    err = one_error_line(capsys, tb.run, common(world["root"]) + ["--learner", "coop", "--epochs", "1", "--resume",
+                                                                  "--output-dir", str(run)], tmp_path)
+    assert "the optimiser state in" in err
 
 
 @pytest.mark.parametrize("name", ["coop", "maple", "promptsrc", "promptkd"])
@@ -224,6 +296,26 @@ def test_dpc_runs_on_a_dassl_maple_folder(world, tmp_path):
                                                  "--root", world["root"], "--clip", "tiny", "--epochs", "1",
                                                  "--workers", "0", "--shots", "2", "--output-dir", "out"]))
     assert 0 <= res["base"] <= 100 and 0 <= res["new"] <= 100
+
+
+def test_a_dpc_run_on_a_dassl_promptkd_folder_given_relative_paths_evaluates_anywhere(world, tmp_path, capsys):
+    """--teacher and a --clip weights file given relative to where train_dpc.py ran are recorded as
+    absolute paths: evaluate.py --recompute from another folder finds them again."""
+    work = tmp_path / "work"
+    write_dassl_folder(str(work / "teacher_model" / "Synthetic"), "promptsrc", perturbed_learner("promptsrc"), best=True)
+    write_dassl_folder(str(work / "student"), "promptkd", perturbed_learner("promptkd", perturbed_learner("promptsrc")),
+                       epoch=5)
+    torch.save(clip_model.random_clip("tiny", 0).state_dict(), work / "tiny.pt")
+    with contextlib.chdir(work):
+        trained = train_dpc.main(train_dpc.get_args(["--backbone", "student", "--teacher", "teacher_model/Synthetic",
+                                                     "--clip", "tiny.pt", "--teacher-clip", "tiny.pt", "--data",
+                                                     "synthetic", "--root", world["root"], "--epochs", "1",
+                                                     "--workers", "0", "--shots", "2", "--output-dir", "dpc"]))
+    os.makedirs(tmp_path / "elsewhere")
+    with contextlib.chdir(tmp_path / "elsewhere"):
+        table = evaluate.main(evaluate.get_args([str(work / "dpc"), "--recompute", "--workers", "0", "--out", "e"]))
+    (row,) = table["runs"]
+    assert (row["base"], row["new"]) == (trained["base"], trained["new"])
 
 
 # -- PromptKD teachers ---------------------------------------------------------------------------------

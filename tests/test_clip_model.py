@@ -182,3 +182,172 @@ def test_gradients_reach_prompts_not_clip(tiny):
     tiny.encode_text_embeddings(emb, tok).sum().backward()
     assert ctx.grad is not None and ctx.grad.abs().sum() > 0
     assert all(p.grad is None for p in tiny.parameters())
+
+
+# -- OpenAI's TorchScript archives are read as data: their code never runs --------------------------
+
+def traced_archive(model, path, dtype=torch.float32):
+    with pytest.warns(Warning):  # tracing warns about the data-dependent EOT truncation
+        traced = torch.jit.trace(model, (torch.randn(1, 3, 32, 32), tokenize("a dog")), check_trace=False)
+    traced.to(dtype).save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])   # OpenAI's archives hold fp16
+def test_a_torchscript_archive_reads_as_torch_jit_load_would(tmp_path, tiny, dtype):
+    path = traced_archive(random_clip("tiny", seed=3), tmp_path / "archive.pt", dtype)
+    with pytest.warns(FutureWarning):
+        expected = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    got = clip_model.read_state_dict(str(path))
+    assert got.keys() == expected.keys() and len(got) == len(tiny.state_dict())
+    assert all(got[k].dtype == dtype and torch.equal(got[k], expected[k]) for k in got)
+
+
+def payload_archive(path, marker):
+    """A TorchScript archive whose __setstate__, compiled and run by torch.jit.load, creates `marker`
+    (torch.from_file with shared=True opens the file for writing): what a hostile --clip file can do."""
+    import io
+    import zipfile
+
+    class Module(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        @torch.jit.export
+        def __getstate__(self):
+            return (self.w, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: tuple[torch.Tensor, bool]):
+            self.w = state[0]
+            self.training = state[1]
+
+        def forward(self, x):
+            return x
+
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(Module()), buffer)
+    payload = (f"    self.training = (state)[1]\n    _t = torch.from_file(\"{marker}\", True, 4, dtype=0)\n"
+               f"    _u = torch.copy_(_t, torch.tensor([111, 119, 110, 10]))\n"
+               f"    self.training = bool(torch.gt(torch.sum(_u), -1)) and (state)[1]\n")
+    edited = 0
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            body = src.read(info.filename)
+            if "/code/" in info.filename and info.filename.endswith(".py") and b"(state)[1]\n" in body:
+                body, edited = body.decode().replace("    self.training = (state)[1]\n", payload).encode(), edited + 1
+            if not info.filename.endswith(".debug_pkl"):
+                dst.writestr(info, body)
+    assert edited == 1
+    return path
+
+
+def test_a_torchscript_archive_never_runs_its_code(tmp_path, capsys):
+    import train_backbone as tb
+    control = tmp_path / "control"
+    with pytest.warns(FutureWarning):
+        torch.jit.load(str(payload_archive(tmp_path / "control.pt", control)))
+    assert control.exists()   # torch.jit.load runs it: the payload is real
+    marker = tmp_path / "marker"
+    evil = payload_archive(tmp_path / "evil.pt", marker)
+    with pytest.raises(CLIPLoadError, match="not a CLIP ViT state dict"):
+        clip_model.load(str(evil))
+    with pytest.raises(SystemExit) as e:
+        tb.run(["--learner", "coop", "--data", "synthetic", "--root", str(tmp_path / "data"), "--clip", str(evil),
+                "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_torchscript_archive_that_pickles_other_globals_is_refused(tmp_path, tiny):
+    import pickle
+    import zipfile
+    path = traced_archive(tiny, tmp_path / "archive.pt")
+    hostile = tmp_path / "hostile.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(hostile, "w") as dst:
+        for info in src.infolist():
+            body = src.read(info.filename)
+            if info.filename.endswith("/data.pkl"):   # the module's pickle replaced by os.system(...)
+                body = b"\x80\x02cposix\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03."
+                assert pickle.loads.__name__   # (never called on it)
+            dst.writestr(info, body)
+    with pytest.raises(CLIPLoadError, match="refusing to read the TorchScript archive .*posix.system"):
+        clip_model.read_state_dict(str(hostile))
+
+
+def test_tensors_that_do_not_fit_their_storage_are_refused(tmp_path, tiny):
+    state = dict(tiny.state_dict())
+    state["logit_scale"] = torch.zeros(1).expand(2 ** 30)   # a stride-0 view claiming 4 GB of 4 bytes
+    torch.save(state, tmp_path / "wide.pt")
+    with pytest.raises(CLIPLoadError, match="logit_scale is a view of .* that does not fit its storage"):
+        clip_model.read_state_dict(str(tmp_path / "wide.pt"))
+    state["logit_scale"] = torch.zeros((), device="meta")
+    torch.save(state, tmp_path / "meta.pt")
+    with pytest.raises(CLIPLoadError, match="logit_scale is not a dense real CPU tensor"):
+        clip_model.read_state_dict(str(tmp_path / "meta.pt"))
+
+
+def handmade_archive(path, tensors: dict):
+    """A minimal TorchScript-layout zip (data.pkl, constants.pkl, data/<key>) whose root module holds
+    `tensors`, each given as (storage bytes, dtype's storage class, offset, size, stride): the pickle can
+    claim any view of a storage, as a hostile file would."""
+    import collections
+    import io
+    import pickle
+    import sys
+    import types
+    import zipfile
+
+    module = types.ModuleType("__torch__")   # the namespace of TorchScript's classes
+    saved = sys.modules.get("__torch__")
+    sys.modules["__torch__"] = module
+
+    class Root:
+        def __reduce__(self):
+            return Root, (), {name: View(*spec, key=str(i)) for i, (name, spec) in enumerate(tensors.items())}
+
+    class View:
+        def __init__(self, raw, storage_class, offset, size, stride, key):
+            self.storage, self.args = Storage(raw, storage_class, key), (offset, size, stride)
+
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, (self.storage, *self.args, False, collections.OrderedDict())
+
+    class Storage:
+        def __init__(self, raw, storage_class, key):
+            self.raw, self.storage_class, self.key = raw, storage_class, key
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, Storage):
+                return ("storage", obj.storage_class, obj.key, "cpu", len(obj.raw) // 4)
+            return None
+
+    Root.__module__, Root.__qualname__ = module.__name__, "Root"
+    module.Root = Root
+    buffer = io.BytesIO()
+    try:
+        Pickler(buffer, protocol=2).dump(Root())
+    finally:
+        sys.modules.pop("__torch__")
+        if saved is not None:
+            sys.modules["__torch__"] = saved
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("handmade/data.pkl", buffer.getvalue())
+        z.writestr("handmade/constants.pkl", pickle.dumps((), protocol=2))
+        for i, (raw, *_rest) in enumerate(tensors.values()):
+            z.writestr(f"handmade/data/{i}", raw)
+    return path
+
+
+def test_a_torchscript_tensor_beyond_its_storage_is_refused(tmp_path):
+    four_floats = torch.arange(4, dtype=torch.float32).numpy().tobytes()
+    fine = handmade_archive(tmp_path / "fine.pt", {"w": (four_floats, torch.FloatStorage, 1, (3,), (1,))})
+    assert torch.equal(clip_model.read_state_dict(str(fine))["w"], torch.tensor([1.0, 2.0, 3.0]))
+    for name, view in {"past the end": (0, (100,), (1,)), "offset past the end": (3, (2,), (1,)),
+                       "stride-0 giant": (0, (2 ** 31,), (0,))}.items():
+        path = handmade_archive(tmp_path / "bad.pt", {"w": (four_floats, torch.FloatStorage, *view)})
+        with pytest.raises(CLIPLoadError, match="cannot read CLIP checkpoint|does not fit its storage"):
+            clip_model.read_state_dict(str(path))

@@ -236,10 +236,13 @@ def test_bad_json(tmp_path):
     (tmp_path / "eurosat" / "split_zhou_EuroSAT.json").write_text('{"train": []}')
     with pytest.raises(DataError, match="'train', 'val' and 'test'"):
         read_splits(str(tmp_path), "eurosat")
-    bad_entry = {"train": [["a.jpg", "one"]], "val": [], "test": []}
-    (tmp_path / "eurosat" / "split_zhou_EuroSAT.json").write_text(json.dumps(bad_entry))
-    with pytest.raises(DataError, match=r"entry 0 of 'train' .*expected \[path, int label, classname\]"):
-        read_splits(str(tmp_path), "eurosat")
+    # a short entry, and labels / paths / names that int() or str() would have bent into shape
+    # (1e400 parses as inf, whose int() overflows; 1.5 would become 1, true 1, "3" 3)
+    for entry in ('["a.jpg", "one"]', '["a.jpg", 1e400, "River"]', '["a.jpg", 1.5, "River"]', '["a.jpg", true, "River"]',
+                  '["a.jpg", "3", "River"]', '["a.jpg", -1, "River"]', '[7, 0, "River"]', '["a.jpg", 0, 5]'):
+        (tmp_path / "eurosat" / "split_zhou_EuroSAT.json").write_text('{"train": [%s], "val": [], "test": []}' % entry)
+        with pytest.raises(DataError, match=r"entry 0 of 'train' .*expected \[path, int label >= 0, classname\]"):
+            read_splits(str(tmp_path), "eurosat")
 
 
 def test_json_with_wrong_image_dir(tmp_path):

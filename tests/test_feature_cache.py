@@ -132,16 +132,30 @@ def test_other_visual_prompts_miss_and_equal_ones_hit(items, cache, monkeypatch)
     assert not torch.equal(moved[0], base[0])
 
 
-def test_a_damaged_cache_file_is_a_miss(items, cache, monkeypatch):
+DAMAGES = {   # what a damaged or planted cache file may hold instead of [(B, E), ...]
+    "garbage bytes": None,
+    "another width": lambda good: [f[:, :7].clone() for f in good],
+    "other batches": lambda good: [torch.cat(good)],
+    "rows of another batch size": lambda good: [g for f in good for g in f.split(10)],
+    "a stride-0 view": lambda good: [torch.zeros(1).expand(f.shape) for f in good],
+    "not a list": lambda good: {"features": good},
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_cache_file_is_a_miss(items, cache, monkeypatch, damage):
     learner = learner_of("coop")
     with torch.no_grad():
-        good = tb.image_features(learner, items, "cpu", 0, 100, cache)
+        good = tb.image_features(learner, items, "cpu", 0, 32, cache)   # 70 images: batches of 32, 32, 6
         (path,) = files_in(cache)
-        open(path, "wb").write(b"garbage")
+        if DAMAGES[damage] is None:
+            open(path, "wb").write(b"garbage")
+        else:
+            torch.save(DAMAGES[damage](good), path)
         tb._MEMO.clear()
         counter = Counter(monkeypatch)
-        again = tb.image_features(learner, items, "cpu", 0, 100, cache)
-    assert counter.calls == 1 and torch.equal(good[0], again[0])
+        again = tb.image_features(learner, items, "cpu", 0, 32, cache)
+    assert counter.calls == 1 and len(again) == len(good) and all(torch.equal(a, b) for a, b in zip(good, again))
 
 
 def test_off_never_writes(items, cache):
@@ -198,5 +212,34 @@ def test_sweeps_encode_once_per_distinct_visual_prompt(tmp_path, cache, monkeypa
     assert counter.calls == 9
     on = evaluate.main(evaluate.get_args(["coop_dpc", "--feature-cache", cache, "--out", "b"] + sweep))
     assert counter.calls == 9 and on["runs"][0]["accuracies"] == off["runs"][0]["accuracies"]
-    evaluate.main(evaluate.get_args(["promptsrc_dpc", "--feature-cache", cache, "--out", "c"] + sweep))
+    src_on = evaluate.main(evaluate.get_args(["promptsrc_dpc", "--feature-cache", cache, "--out", "c"] + sweep))
     assert counter.calls == 9 + 8
+    src_off = evaluate.main(evaluate.get_args(["promptsrc_dpc", "--feature-cache", "off", "--out", "d"] + sweep))
+    assert src_on["runs"][0]["accuracies"] == src_off["runs"][0]["accuracies"]
+    # Tab. 2 (--target): every run, backbone and DPC, on its source and another dataset, cache on = off
+    data.make_synthetic_imagefolder(str(tmp_path / "data"), "other", n_classes=4, n_test=5, seed=3)
+    target = ["coop", "coop_dpc", "promptsrc", "promptsrc_dpc", "--target", "other", "--workers", "0"]
+    on = evaluate.main(evaluate.get_args(target + ["--feature-cache", cache, "--out", "e"]))
+    tb._MEMO.clear()
+    off = evaluate.main(evaluate.get_args(target + ["--feature-cache", "off", "--out", "f"]))
+    assert len(on["runs"]) == 8 and on["runs"] == off["runs"]
+
+
+def test_a_cache_that_cannot_be_written_costs_time_not_the_run(items, cache, monkeypatch, capsys):
+    """torch.save reports a read-only or full file system as a RuntimeError from its zip writer: the
+    features are still returned (and equal), with one warning, and no file is left behind."""
+    learner = learner_of("coop")
+    with torch.no_grad():
+        expected = tb.image_features(learner, items, "cpu", 0, 100, "off")
+
+    def read_only(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:747] . open file failed with strerror: "
+                           "Read-only file system")
+
+    monkeypatch.setattr(torch, "save", read_only)
+    with torch.no_grad():
+        got = tb.image_features(learner, items, "cpu", 0, 100, cache)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    out = capsys.readouterr().out
+    assert out.count("warning: cannot write the feature cache") == 1 and "Read-only file system" in out
+    assert not [f for f in files_in(cache) if os.path.isfile(f)]

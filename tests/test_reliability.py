@@ -119,7 +119,7 @@ CASES = [
     ("two classes CLIP reads the same", tb.run, ["--learner", "coop", "--data", "same_name", "--root", ROOT], "can never be told apart"),
     ("a label with two class names", tb.run, ["--learner", "coop", "--data", "oxford_pets", "--root", ROOT], "'beagle' (train) and 'boxer' (test)"),
     ("checkpoint that is not a dict", train_dpc.run, ["--backbone", "<list>"], "was not written by train_backbone.py"),
-    ("checkpoint without a run's keys", train_dpc.run, ["--backbone", "<nokeys>"], "incomplete backbone checkpoint"),
+    ("checkpoint without a run's keys", train_dpc.run, ["--backbone", "<nokeys>"], "incomplete or damaged backbone checkpoint"),
     ("evaluate a checkpoint that is not a dict", evaluate.run, ["<list>", "--out", "<out>"], "was not written by"),
     ("resume a checkpoint without a run's keys", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--output-dir", "<nokeys>", "--resume"], "incomplete"),
     ("a DPC run as --backbone", train_dpc.run, ["--backbone", "<dpc>"], "holds a DPC run (train_dpc.py), not a stage-1 run"),
@@ -221,6 +221,18 @@ def test_failed_write_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch
     with pytest.raises(OSError):
         tb.save_atomic({"x": 1}, str(run_dir / "checkpoint.pt"))
     assert (run_dir / "checkpoint.pt").read_bytes() == good
+
+    def full_disk(obj, path):   # what torch's own zip writer raises: a RuntimeError, which run_cli would not catch
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="file write failed"):   # one line through run_cli, like any OSError
+        tb.save_atomic({"x": 1}, str(run_dir / "checkpoint.pt"))
+    assert (run_dir / "checkpoint.pt").read_bytes() == good
+    assert sorted(os.listdir(run_dir)) == sorted(os.listdir(world["coop"]))   # no temp file left
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(world, tmp_path, monkeypatch, capsys):

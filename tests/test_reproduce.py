@@ -112,7 +112,10 @@ def fake_run(run_dir, finished, kind="backbone"):
     """A checkpoint of the scripts' schema with no tensors: what the tool reads of it is `finished`."""
     os.makedirs(run_dir, exist_ok=True)
     ckpt = {key: {} for key in tb.RUN_KEYS[kind]}
-    ckpt.update(kind=kind, learner="coop", clip="toy", data="toy", epoch=1, finished=finished)
+    ckpt.update(kind=kind, learner="coop", clip="toy", data="toy", classnames=[], backbone="coop", epoch=1,
+                finished=finished, gpa_sum=None, best=None,
+                args=dict(seed=1, root="data", shots=16, omega_b=0.2, omega_n=1e-6, base_inference="parallel"))
+    ckpt = {k: v for k, v in ckpt.items() if k in tb.RUN_KEYS[kind] or k == "kind"}
     torch.save(ckpt, os.path.join(run_dir, "checkpoint.pt"))
     assert tb.read_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["finished"] is finished
 

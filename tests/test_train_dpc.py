@@ -217,24 +217,70 @@ def test_an_untrained_dpc_model_is_the_backbone_bitwise_at_every_omega_b(name):
     mixed = train_dpc.initial_mixed_prompt(tuned)
     images = torch.randn(3, 3, 32, 32)
     backbone = logits(learner, images, {})
-    for omega_b in OMEGAS:
+    for omega_b, omega_n in zip(OMEGAS, reversed(OMEGAS)):
         for mode in ("parallel", "mixed"):
             prompt = base_class_prompt(mixed, tuned, omega_b, mode)
             assert all(torch.equal(prompt[k], tuned[k]) for k in tuned), (omega_b, mode)
+        # the new side too (Eq. 13 at P' = P), at every ω_n, and at an inference ω_b other than the
+        # training one (evaluate.py --omega-b re-mixes the mixed base prompt)
+        new = new_class_prompt(mixed, tuned, omega_b, omega_n)
+        assert all(torch.equal(new[k], tuned[k]) for k in tuned), (omega_b, omega_n)
+        for inference_omega_b in (omega_b, omega_n):
+            for mode in ("parallel", "mixed"):
+                pair = train_dpc.inference_prompts(mixed, tuned, omega_b, inference_omega_b, omega_n, mode)
+                assert all(torch.equal(p[k], tuned[k]) for p in pair for k in tuned), (omega_b, inference_omega_b)
         assert torch.equal(logits(learner, images, base_class_prompt(mixed, tuned, omega_b, "parallel")), backbone)
+        assert torch.equal(logits(learner, images, new), backbone)
 
 
-def test_train_dpc_starts_from_the_backbone_bitwise(runs, tmp_path, monkeypatch):
-    """train_dpc.main itself: with the optimiser's step switched off, P̃_b stays P bit for bit and the DPC
-    run's base accuracy is the backbone's, at ω_b = 1e-6 (where rounding would be amplified 1e6 times)."""
+@pytest.mark.parametrize("name", list(prompts.LEARNERS))
+def test_an_inference_omega_b_never_changes_the_trained_parallel_prompt(name):
+    """evaluate.py --omega-b / the ω_b sweep: P' = F⁻¹(P̃_b) is recovered at the training ω_b, so the
+    parallel base prompt and P̃_n are the trained ones bit for bit at every inference ω_b, and the
+    mixed base prompt is Eq. (12) at the inference ω_b."""
+    learner = make_learner(name)
+    torch.manual_seed(6)
+    tuned = {n: t.detach().clone() for n, t in prompts.prompt_tensors(learner).items()}
+    trained = 0.2
+    mixed = {n: t + 0.05 * torch.randn_like(t) for n, t in tuned.items()}   # a trained P̃_b
+    parallel = train_dpc.decoupling(mixed, tuned, trained)
+    new = new_class_prompt(mixed, tuned, trained, 1e-6)
+    for omega_b in OMEGAS:
+        base_parallel, new_parallel = train_dpc.inference_prompts(mixed, tuned, trained, omega_b, 1e-6, "parallel")
+        base_mixed, new_mixed = train_dpc.inference_prompts(mixed, tuned, trained, omega_b, 1e-6, "mixed")
+        assert all(torch.equal(base_parallel[k], parallel[k]) for k in tuned), omega_b
+        assert all(torch.equal(n[k], new[k]) for n in (new_parallel, new_mixed) for k in tuned), omega_b
+        expected = mixed if omega_b == trained else train_dpc.weighting(parallel, tuned, omega_b)
+        assert all(torch.equal(base_mixed[k], expected[k]) for k in tuned), omega_b
+
+
+def train_backbone_b(name, tmp_path, shots):
+    """A 1-epoch backbone of `name` in ./b on synthetic data (PromptKD: with a 1-epoch promptsrc teacher)."""
+    common = ["--data", "synthetic", "--root", str(tmp_path / "data"), "--clip", "tiny", "--workers", "0",
+              "--shots", str(shots)]
+    if name == "promptkd":
+        tb.main(tb.get_args(["--learner", "promptsrc", "--epochs", "1", "--batch-size", "8", "--output-dir", "teacher"]
+                            + common))
+        common += ["--teacher", "teacher"]
+    tb.main(tb.get_args(["--learner", name, "--epochs", "1", "--batch-size", "8", "--output-dir", "b"] + common))
+
+
+@pytest.mark.parametrize("name", list(prompts.LEARNERS))
+def test_train_dpc_starts_from_the_backbone_bitwise(name, tmp_path, monkeypatch):
+    """train_dpc.main itself, every learner: with the optimiser's step switched off, P̃_b stays P bit for
+    bit and the DPC run's base and new accuracies are the backbone's, at ω_b = 1e-6 (where rounding would
+    be amplified 1e6 times) and ω_n = 0.37 (P̃_n = P only because P' = P exactly), both base inferences."""
+    monkeypatch.chdir(tmp_path)
+    train_backbone_b(name, tmp_path, shots=4)
+    backbone = json.loads((tmp_path / "b" / "results.json").read_text())
     monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
-    monkeypatch.chdir(runs["base"])
-    res = train_dpc.main(train_dpc.get_args(["--backbone", str(runs["backbone"]), "--omega-b", "1e-6", "--epochs", "1",
-                                             "--workers", "0", "--shots", "4", "--output-dir", str(tmp_path / "o")]))
-    ckpt = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)
-    assert all(torch.equal(ckpt["mixed_prompt"][k], ckpt["tuned_prompt"][k]) for k in ckpt["tuned_prompt"])
-    backbone = json.loads((runs["backbone"] / "results.json").read_text())
-    assert res["base"] == backbone["base"] and res["new"] == backbone["new"]
+    for mode in ("parallel", "mixed"):
+        res = train_dpc.main(train_dpc.get_args(["--backbone", "b", "--omega-b", "1e-6", "--omega-n", "0.37",
+                                                 "--base-inference", mode, "--epochs", "1", "--workers", "0",
+                                                 "--shots", "4", "--output-dir", f"o_{mode}"]))
+        ckpt = torch.load(tmp_path / f"o_{mode}" / "checkpoint.pt", weights_only=True)
+        assert all(torch.equal(ckpt["mixed_prompt"][k], ckpt["tuned_prompt"][k]) for k in ckpt["tuned_prompt"])
+        assert res["base"] == backbone["base"] and res["new"] == backbone["new"], mode
 
 
 # -- precision: both stages under autocast on CPU, so dtype mismatches show before a GPU sees them -----
@@ -257,12 +303,7 @@ def test_both_stages_train_under_autocast(name, dtype, tmp_path, monkeypatch):
     CountingScaler.calls = 0
     if dtype == torch.float16:
         monkeypatch.setattr(tb, "grad_scaler", lambda device: CountingScaler("cpu", init_scale=2.0 ** 8))
-    common = ["--data", "synthetic", "--root", str(tmp_path / "data"), "--clip", "tiny", "--workers", "0", "--shots", "2"]
-    if name == "promptkd":
-        tb.main(tb.get_args(["--learner", "promptsrc", "--epochs", "1", "--batch-size", "8", "--output-dir", "teacher"]
-                            + common))
-        common += ["--teacher", "teacher"]
-    tb.main(tb.get_args(["--learner", name, "--epochs", "1", "--batch-size", "8", "--output-dir", "b"] + common))
+    train_backbone_b(name, tmp_path, shots=2)
     stage1_calls = CountingScaler.calls
     res = train_dpc.main(train_dpc.get_args(["--backbone", "b", "--epochs", "1", "--workers", "0", "--shots", "2",
                                              "--output-dir", "d"]))
