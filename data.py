@@ -49,9 +49,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-# Dataset images are the user's own files, not untrusted uploads: decode large ones instead of
-# refusing them as decompression bombs (PIL's default above 179M pixels).
-Image.MAX_IMAGE_PIXELS = None
+# Dataset images are the user's own files, not untrusted uploads: decode large ones (PIL refuses
+# more than 179M pixels by default), but not a header that claims more than 1G pixels (3 GB decoded).
+Image.MAX_IMAGE_PIXELS = 2 ** 30 // 2   # PIL raises DecompressionBombError at twice this
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
@@ -183,7 +183,7 @@ def _read_split_json(path: str, image_dir: str) -> dict[str, list[Item]]:
     try:
         with open(path) as f:
             raw = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:   # RecursionError: nesting deeper than Python's stack
         raise DataError(f"cannot parse split file {path}: {e}; "
                         f"re-download it from the links in CoOp's DATASETS.md") from e
     if not isinstance(raw, dict) or any(not isinstance(raw.get(k), list) for k in ("train", "val", "test")):
@@ -211,8 +211,7 @@ def _read_split_json(path: str, image_dir: str) -> dict[str, list[Item]]:
 
 def _read_aircraft(folder: str) -> dict[str, list[Item]]:
     """FGVCAircraft from its official lists: label = line index in variants.txt (as in CoOp)."""
-    with open(os.path.join(folder, "variants.txt")) as f:
-        classnames = [line.strip() for line in f if line.strip()]
+    classnames = [line.strip() for line in read_text_lines(os.path.join(folder, "variants.txt")) if line.strip()]
     label_of = {c: i for i, c in enumerate(classnames)}
     splits = {}
     for split in ("train", "val", "test"):
@@ -312,12 +311,22 @@ def _read_classnames_txt(path: str, required: bool) -> dict[str, str]:
                             f"one '<folder> <name>' per line")
         return {}
     names = {}
-    with open(path) as f:
-        for line in f:
-            folder, _, name = line.strip().partition(" ")
-            if folder:
-                names[folder] = name.strip() or folder
+    for line in read_text_lines(path):
+        folder, _, name = line.strip().partition(" ")
+        if folder:
+            names[folder] = name.strip() or folder
+    if required and not names:
+        raise DataError(f"{path} is empty: it maps class folders to names, one '<folder> <name>' per line")
     return names
+
+
+def read_text_lines(path: str) -> list[str]:
+    """The lines of a class-name list (classnames.txt, variants.txt): UTF-8, with or without a BOM."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
 
 
 def _list_images(class_dir: str) -> list[str]:
@@ -511,7 +520,10 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def load_image(path: str) -> Image.Image:
-    """Decode one image to 8-bit RGB, or raise DataError naming the file."""
+    """Decode one image to 8-bit RGB, or raise DataError naming the file (a FIFO or device listed as an
+    image would block the run forever: only regular files are opened)."""
+    if not os.path.isfile(path):
+        raise DataError(f"cannot read image {path}: not a regular file; remove it or fix the split file")
     try:
         with Image.open(path) as im:
             im.load()

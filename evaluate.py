@@ -447,11 +447,11 @@ def transfer(runs, opts) -> dict:
             s = dpc_settings(ckpt, opts)
             base_prompt, new_prompt = dpc_prompts(ckpt, s, opts.device)
         for target in targets:
-            if target not in test_sets:
-                root = opts.root or a["root"] if target == ckpt["data"] else opts.target_root or opts.root or a["root"]
+            root = opts.root or a["root"] if target == ckpt["data"] else opts.target_root or opts.root or a["root"]
+            if (root, target) not in test_sets:   # runs from other roots read their own copy
                 items = data.read_splits(root, target)["test"]
-                test_sets[target] = (items, data.classnames_of(items))
-            items, classnames = test_sets[target]
+                test_sets[root, target] = (items, data.classnames_of(items))
+            items, classnames = test_sets[root, target]
             prompt = None
             if dpc and target == ckpt["data"]:  # the source column of Tab. 2
                 prompt = base_prompt
@@ -574,6 +574,7 @@ def ablation(runs, opts) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 def main(args):
+    tb.check_run_flags(args)
     runs = find_runs(args.runs, args.trust_checkpoint)
     if args.sweep:
         out = sweep(runs, args)

@@ -111,6 +111,18 @@ def get_args(argv=None):
     args.continue_from = args.continue_from and os.path.abspath(args.continue_from)
     check_positive(args, "epochs", "batch_size", "lr")
     check_shots(args.shots)
+    check_run_flags(args)
+    if args.n_ctx is not None and args.n_ctx < 1:
+        raise RunError(f"--n-ctx must be at least 1, got {args.n_ctx}")
+    if args.learner == "promptsrc":
+        check_positive(args, "gpa_std")
+        if not math.isfinite(args.gpa_mean):
+            raise RunError(f"--gpa-mean must be finite, got {args.gpa_mean}")
+    if args.learner == "promptkd":
+        check_positive(args, "kd_weight")
+        if args.batch_size < 2:
+            raise RunError(f"--batch-size {args.batch_size}: PromptKD's projector has BatchNorm, which needs at "
+                           f"least 2 images a batch")
     return args
 
 
@@ -139,8 +151,36 @@ def check_shots(shots: int) -> None:
 
 def check_positive(args, *names):
     for name in names:
-        if not getattr(args, name) > 0:
-            raise RunError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        value = getattr(args, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise RunError(f"--{name.replace('_', '-')} must be positive and finite, got {value}")
+
+
+def check_run_flags(args) -> None:
+    """The flags every script reads, checked before anything is written."""
+    if args.workers < 0:
+        raise RunError(f"--workers must be 0 (load in the main process) or positive, got {args.workers}")
+    if getattr(args, "print_every", 1) < 1:
+        raise RunError(f"--print-every must be at least 1, got {args.print_every}")
+    if getattr(args, "seed", None) is not None and not -2 ** 63 <= args.seed < 2 ** 63:
+        raise RunError(f"--seed must fit in 64 bits, got {args.seed}")
+    device = args.device
+    known = device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)
+    if not known or (device.startswith("cuda") and not (torch.cuda.is_available() and
+                                                        int(device.partition(":")[2] or 0) < torch.cuda.device_count())):
+        raise RunError(f"--device {device} is not available here: pass --device cpu" +
+                       (" or cuda[:N]" if torch.cuda.is_available() else " (no CUDA GPU is visible)"))
+    if getattr(args, "feature_cache", None) == "":
+        raise RunError("--feature-cache '' names no folder: give a folder, or 'off'")
+
+
+def check_not_a_source(output_dir: str, **sources) -> None:
+    """--output-dir must not be a run this one reads (--backbone, --teacher, --continue-from):
+    writing there, even with --overwrite, would destroy the run it starts from."""
+    for flag, folder in sources.items():
+        if folder and os.path.realpath(folder) == os.path.realpath(output_dir):
+            raise RunError(f"--output-dir {output_dir} is the --{flag.replace('_', '-')} run itself: writing there "
+                           f"would destroy it; choose another --output-dir")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,6 +454,14 @@ def load_clip(name: str, device):
     return clip_model.load(name).to(device)
 
 
+def check_halves(splits: dict, dataset: str, subsample: str) -> None:
+    """Base-to-new needs two classes in each half: one class is always right (100%, and no negatives)."""
+    n = {half: len(data.classnames_of(splits[half]["train"])) for half in ("base", "new")}
+    if subsample == "base" and min(n.values()) < 2:
+        raise RunError(f"{dataset} has {n['base'] + n['new']} classes: base-to-new needs at least 4 (2 base, "
+                       f"2 new), since a half of one class is always right; add classes or pass --subsample all")
+
+
 def load_splits(dataset: str, root: str, shots: int, seed: int) -> dict:
     """Few-shot sets drawn over all classes (Dassl order), then the base/new views (DECISIONS #3).
 
@@ -458,6 +506,15 @@ def grad_scaler(device: str):
     """Loss scaling for fp16 autocast (GPUs without bf16: V100, T4), where small gradients underflow;
     a no-op for bf16 and fp32. Both stages use it (DECISIONS #1)."""
     return torch.amp.GradScaler(enabled=device.startswith("cuda") and not torch.cuda.is_bf16_supported())
+
+
+def check_diverged(prompt: dict, epoch: int) -> None:
+    """The trained tensors after an epoch: a step can turn them NaN/inf even when every loss before it
+    was finite (the last step of a run); such an epoch is never saved, let alone as finished."""
+    bad = next((n for n, t in prompt.items() if not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise RunError(f"{bad} holds NaN/inf after epoch {epoch} (the run diverged): lower --lr; "
+                       + kept_checkpoint(epoch))
 
 
 def kept_checkpoint(epoch: int) -> str:
@@ -732,7 +789,9 @@ def read_dassl_checkpoint(path: str, trust: bool = False) -> dict:
 def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None, teacher_clip: str = None,
                   trust: bool = False):
     """The learner of a stage-1 folder of the original code: <run>/<name>/model.pth.tar-N (newest N)
-    or model-best.pth.tar. A PromptKD student also needs its teacher (load_teacher)."""
+    or model-best.pth.tar. A PromptKD student is read from model-best.pth.tar when the folder has one,
+    as the released DPC code does (PromptKD saves its best-val student; spec dpc_official_code §1.2),
+    and also needs its teacher (load_teacher)."""
     for folder, name in DASSL_FOLDERS.items():
         files = sorted((p for p in glob.glob(os.path.join(run_dir, folder, "model.pth.tar-*"))
                         if p.rsplit("-", 1)[1].isdigit()), key=lambda p: int(p.rsplit("-", 1)[1]))
@@ -746,6 +805,9 @@ def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None,
     teacher = None
     if any(k.startswith("VPT_image_trans") for k in state):
         name = "promptkd"
+        best = os.path.join(run_dir, folder, "model-best.pth.tar")
+        if files[-1] != best and os.path.isfile(best):
+            files, state = [best], read_dassl_checkpoint(best, trust)
         if not teacher_dir:
             raise RunError(f"{run_dir} is a Dassl PromptKD run: pass --teacher with its PromptSRC teacher "
                            f"folder (teacher_model/<Dataset>) and --teacher-clip")
@@ -762,11 +824,13 @@ def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None,
 # ------------------------------------------------------------------------------------------------
 
 def main(args):
+    check_not_a_source(args.output_dir, continue_from=args.continue_from, teacher=args.teacher)
     previous = check_run_folder(args)
     torch.manual_seed(args.seed)
     clip = load_clip(args.clip, args.device)
     image_size = clip.visual.input_resolution
     splits = load_splits(args.data, args.root, args.shots, args.seed)
+    check_halves(splits, args.data, args.subsample)
 
     # PromptKD distils on unlabeled images of all classes; the others train on the base classes
     # (or on all of them for the cross-dataset protocol).
@@ -855,6 +919,7 @@ def main(args):
                            args.device, args.workers, cache=args.feature_cache)
             best = (acc, prompts.learner_state(learner)) if best is None or acc > best[0] else best
             log(f"epoch {epoch}: base test accuracy {acc:.2f} (best {best[0]:.2f})")
+        check_diverged(params, epoch)
         save_atomic(checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, best, finished=False),
                     os.path.join(args.output_dir, "checkpoint.pt"))
 

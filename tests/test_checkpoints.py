@@ -253,8 +253,8 @@ def fp16_exact(learner):
     return learner
 
 
-def perturbed_learner(name, teacher=None):
-    torch.manual_seed(3)
+def perturbed_learner(name, teacher=None, seed=3):
+    torch.manual_seed(seed)
     learner = prompts.build_learner(name, clip_model.random_clip("tiny", 0), teacher,
                                     n_ctx=2 if name == "maple" else None)
     with torch.no_grad():
@@ -286,6 +286,26 @@ def test_a_dassl_folder_imports_to_the_learner_it_was_written_from(tmp_path, nam
     classes = ["red stripes", "green stripes", "blue stripes"]
     with torch.no_grad():
         assert torch.equal(loaded(images, classes), learner(images, classes))
+
+
+@pytest.mark.parametrize("name", ["promptsrc", "promptkd"])
+def test_a_dassl_promptkd_student_is_read_from_its_best_checkpoint(tmp_path, name):
+    """A VLPromptLearner folder with model.pth.tar-20 and model-best.pth.tar: the released DPC code takes a
+    PromptKD student from model-best (PromptKD saves its best-val student); other learners, the newest -N."""
+    teacher = perturbed_learner("promptsrc") if name == "promptkd" else None
+    teacher_dir = None
+    if teacher is not None:
+        teacher_dir = str(tmp_path / "teacher_model" / "Synthetic")
+        write_dassl_folder(teacher_dir, "promptsrc", teacher, best=True)
+    last, best = perturbed_learner(name, teacher, seed=3), perturbed_learner(name, teacher, seed=4)
+    write_dassl_folder(str(tmp_path / "run"), name, last, epoch=20)
+    write_dassl_folder(str(tmp_path / "run"), name, best, best=True)
+    loaded, _ = tb.dassl_learner(str(tmp_path / "run"), "tiny", "cpu", teacher_dir, "tiny")
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    classes = ["red stripes", "green stripes", "blue stripes"]
+    with torch.no_grad():
+        expected = (best if name == "promptkd" else last)(images, classes)
+        assert torch.equal(loaded(images, classes), expected)
 
 
 def test_dpc_runs_on_a_dassl_maple_folder(world, tmp_path):

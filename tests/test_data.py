@@ -182,6 +182,36 @@ def test_imagenet_folders(tmp_path):
     assert splits["test"][0].path == str(images / "val" / "n01" / "x.JPEG")
 
 
+def test_class_name_lists_in_utf8_with_a_bom_read_and_other_encodings_refused(tmp_path):
+    images = tmp_path / "imagenet" / "images"
+    for split in ("train", "val"):
+        for wnid in ("n02", "n01"):
+            save_rgb(str(images / split / wnid / "x.JPEG"))
+    names = tmp_path / "imagenet" / "classnames.txt"
+    names.write_bytes("n01 tenché\r\nn02 goldfish\r\n".encode("utf-8-sig"))   # Windows Notepad's UTF-8
+    assert classnames_of(read_splits(str(tmp_path), "imagenet")["train"]) == ["tenché", "goldfish"]
+    names.write_bytes("n01 tenché\nn02 goldfish\n".encode("latin-1"))
+    with pytest.raises(DataError, match="classnames.txt is not UTF-8 text .*save it as UTF-8"):
+        read_splits(str(tmp_path), "imagenet")
+    names.write_text("\n  \n")   # ImageNet's names are required: an empty file must not give wnids as names
+    with pytest.raises(DataError, match="classnames.txt is empty"):
+        read_splits(str(tmp_path), "imagenet")
+
+
+def test_only_regular_files_are_opened_as_images(tmp_path):
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)   # opening it would block until a writer appears: forever
+    with pytest.raises(DataError, match="fifo.png: not a regular file"):
+        ImageDataset([Item(str(fifo), 0, "x")], lambda im: im)[0]
+
+
+def test_an_image_header_claiming_a_gigapixel_is_refused(tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (40000, 40000)).save(path)   # 200 KB on disk, 4.8 GB as RGB
+    with pytest.raises(DataError, match="bomb.png"):
+        ImageDataset([Item(str(path), 0, "x")], lambda im: im)[0]
+
+
 def test_known_dataset_as_imagefolder(tmp_path):
     make_synthetic_imagefolder(str(tmp_path), "dtd", n_classes=2, n_train=1, n_val=0, n_test=1)
     assert len(read_splits(str(tmp_path), "dtd")["train"]) == 2
@@ -231,6 +261,9 @@ def test_single_class_split(tmp_path):
 def test_bad_json(tmp_path):
     (tmp_path / "eurosat").mkdir()
     (tmp_path / "eurosat" / "split_zhou_EuroSAT.json").write_text('{"train": [[')
+    with pytest.raises(DataError, match="cannot parse split file .*split_zhou_EuroSAT.json"):
+        read_splits(str(tmp_path), "eurosat")
+    (tmp_path / "eurosat" / "split_zhou_EuroSAT.json").write_text("[" * 100000)
     with pytest.raises(DataError, match="cannot parse split file .*split_zhou_EuroSAT.json"):
         read_splits(str(tmp_path), "eurosat")
     (tmp_path / "eurosat" / "split_zhou_EuroSAT.json").write_text('{"train": []}')

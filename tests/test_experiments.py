@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+import data
 import evaluate
 import train_backbone as tb
 import train_dpc
@@ -142,3 +143,19 @@ def test_continue_from_refuses_another_learner(tab3, capsys, tmp_path):
                     "--workers", "0", "--continue-from", "coop", "--output-dir", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--continue-from" in err[0] and not (tmp_path / "x").exists()
+
+
+def test_transfer_reads_each_runs_source_from_its_own_root(tab2, tmp_path, monkeypatch):
+    """Two runs of a dataset named 'synthetic' from different --root folders (10 and 4 classes): each
+    run's source column uses its own root's test split, not the one read first."""
+    monkeypatch.chdir(tmp_path)
+    other_root = str(tmp_path / "data4")
+    data.make_synthetic_imagefolder(other_root, "synthetic", n_classes=4, n_train=4, n_test=3, seed=5)
+    tb.main(tb.get_args(["--learner", "coop", "--epochs", "1", "--batch-size", "8", "--subsample", "all",
+                         "--data", "synthetic", "--root", other_root, "--clip", "tiny", "--workers", "0",
+                         "--shots", "2", "--output-dir", "small"]))
+    src = os.path.join(tab2["base"], "src")
+    both = evaluate.main(evaluate.get_args([src, "small", "--target", "synthetic", "--workers", "0", "--out", "a"]))
+    alone = evaluate.main(evaluate.get_args(["small", "--target", "synthetic", "--workers", "0", "--out", "b"]))
+    small = [r for r in both["runs"] if r["run"] == os.path.abspath("small")]
+    assert [r["accuracy"] for r in small] == [r["accuracy"] for r in alone["runs"]]

@@ -39,6 +39,9 @@ def world(tmp_path_factory):
     variant("empty_class", lambda d: [os.remove(os.path.join(d, "train", "class_03", f))
                                       for f in os.listdir(os.path.join(d, "train", "class_03"))])
     variant("other_test", lambda d: shutil.rmtree(os.path.join(d, "test", "class_09")))
+    variant("three_classes", lambda d: [shutil.rmtree(os.path.join(d, s, c)) for s in ("train", "val", "test")
+                                        for c in os.listdir(os.path.join(d, s)) if c not in ("class_00", "class_01",
+                                                                                             "class_02")])
     variant("bad_image", lambda d: open(os.path.join(d, "train", "class_02", "0.png"), "wb").write(b"not a png"))
     os.makedirs(os.path.join(root, "eurosat"))
     with open(os.path.join(root, "eurosat", "split_zhou_EuroSAT.json"), "w") as f:
@@ -105,6 +108,22 @@ CASES = [
     ("omega_n outside [0, 1]", train_dpc.run, ["--backbone", CKPT, "--omega-n", "-0.1"], "--omega-n must be in [0, 1]"),
     ("omega_b 0 in a sweep", evaluate.run, [CKPT, "--sweep", "omega_b", "--values", "0,0.2", "--out", "<out>"], "--omega-b must be in (0, 1]"),
     ("DPC with negative --shots", train_dpc.run, ["--backbone", CKPT, "--shots", "-1"], "--shots"),
+    ("a dataset of 3 classes (a new half of one class)", tb.run, ["--learner", "coop", "--data", "three_classes", "--root", ROOT], "base-to-new needs at least 4"),
+    ("infinite lr", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--lr", "inf"], "--lr must be positive and finite"),
+    ("negative --workers", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--workers", "-1"], "--workers must be 0"),
+    ("DPC with negative --workers", train_dpc.run, ["--backbone", CKPT, "--workers", "-1"], "--workers must be 0"),
+    ("evaluate with negative --workers", evaluate.run, [CKPT, "--recompute", "--workers", "-1", "--out", "<out>"], "--workers must be 0"),
+    ("--print-every 0", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--print-every", "0"], "--print-every must be at least 1"),
+    ("a seed beyond 64 bits", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--seed", str(10 ** 20)], "--seed must fit in 64 bits"),
+    ("a device this machine lacks", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--device", "cuda:7"], "is not available here"),
+    ("an unknown device", train_dpc.run, ["--backbone", CKPT, "--device", "foo"], "--device foo is not available here"),
+    ("an empty --feature-cache", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--feature-cache", ""], "--feature-cache '' names no folder"),
+    ("negative --n-ctx", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--n-ctx", "-1", "--ctx-init", ""], "--n-ctx must be at least 1"),
+    ("--gpa-std 0", tb.run, ["--learner", "promptsrc", "--data", "synthetic", "--root", ROOT, "--gpa-std", "0"], "--gpa-std must be positive"),
+    ("negative --kd-weight", tb.run, ["--learner", "promptkd", "--data", "synthetic", "--root", ROOT, "--kd-weight", "-5"], "--kd-weight must be positive"),
+    ("PromptKD at batch size 1", tb.run, ["--learner", "promptkd", "--data", "synthetic", "--root", ROOT, "--batch-size", "1"], "BatchNorm"),
+    ("DPC --output-dir is its --backbone", train_dpc.run, ["--backbone", CKPT, "--output-dir", CKPT, "--overwrite"], "is the --backbone run itself"),
+    ("--output-dir is the --continue-from run", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--continue-from", CKPT, "--output-dir", CKPT, "--overwrite"], "is the --continue-from run itself"),
     ("missing CLIP weights", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--clip", "/no/ViT-B-16.pt"], "not found"),
     ("ResNet checkpoint", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--clip", "<resnet>"], "only ViT backbones"),
     ("resume with another learner", tb.run, ["--learner", "maple", "--data", "synthetic", "--root", ROOT, "--output-dir", "<unfinished>", "--resume"], "this command asks for"),
@@ -259,6 +278,40 @@ def test_nan_loss_in_the_first_epoch_promises_no_checkpoint(world, tmp_path, mon
                 "loss is inf at epoch 1 iteration 1", tmp_path)
     assert "no checkpoint was written" in err and "epoch 0" not in err
     assert not (tmp_path / "inf" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("stage", ["backbone", "dpc"])
+def test_a_run_that_diverges_on_its_last_step_is_never_saved_as_finished(world, tmp_path, monkeypatch, capsys, stage):
+    """Every loss finite, the very last SGD step makes the prompt NaN (as --lr 1e30 can): the epoch is not
+    saved, the run does not end as 'finished' with chance accuracy, and the message keeps the promise."""
+    real_step = torch.optim.SGD.step
+    steps = {"n": 0}
+
+    def last_step_diverges(self, closure=None):
+        real_step(self, closure)
+        steps["n"] += 1
+        if steps["n"] == steps["last"]:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.fill_(float("nan"))
+
+    epochs = ["--epochs", "2"]
+    if stage == "backbone":
+        argv, run = common(world["root"]) + ["--learner", "coop", "--output-dir", "diverged"] + epochs, tb.run
+    else:
+        argv, run = ["--backbone", world["coop"], "--workers", "0", "--shots", "4", "--output-dir", "diverged"] + epochs, \
+            train_dpc.run
+    with contextlib.chdir(tmp_path):   # count the steps of a clean run first
+        monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: (real_step(self, closure),
+                                                                                steps.__setitem__("n", steps["n"] + 1)))
+        run(argv[:argv.index("--output-dir")] + ["--output-dir", "clean"] + epochs)
+    steps["last"], steps["n"] = steps["n"], 0
+    monkeypatch.setattr(torch.optim.SGD, "step", last_step_diverges)
+    err = fails(capsys, run, argv, "holds NaN/inf after epoch 2 (the run diverged)", tmp_path)
+    assert "the last good checkpoint (epoch 1) is kept" in err
+    ckpt = torch.load(tmp_path / "diverged" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and not ckpt["finished"] and not (tmp_path / "diverged" / "results.json").exists()
 
 
 def test_not_enough_disk_space_is_refused_before_training(world, tmp_path, monkeypatch, capsys):

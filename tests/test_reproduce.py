@@ -206,10 +206,15 @@ def test_failed_run_stops_its_chain_only(tmp_path, monkeypatch, capsys):
     (["--backbone-flags=--res"], "--backbone-flags: --res is set by this tool"),
     (["--teacher-flags", "--epochs '1"], "--teacher-flags: cannot parse"),
     (["--dry-run", "--slurm", "x"], "argument --slurm: not allowed with argument --dry-run"),
+    (["--out", "<data>/runs"], "--out <data>/runs and --root <data> overlap"),
+    (["--out", "<data>"], "--out <data> and --root <data> overlap"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, flags, message):
+    flags, message = [f.replace("<data>", str(tmp_path / "data")) for f in flags], \
+        message.replace("<data>", str(tmp_path / "data"))
     with pytest.raises(SystemExit) as e:
-        tb.run_cli(reproduce.main, reproduce.get_args, ["--root", str(tmp_path), "--out", str(tmp_path / "o"), *flags])
+        tb.run_cli(reproduce.main, reproduce.get_args, ["--root", str(tmp_path / "data"), "--out", str(tmp_path / "o"),
+                                                        *flags])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: " + message)
     assert not (tmp_path / "o").exists()

@@ -64,6 +64,9 @@ def get_args(argv=None):
     mode.add_argument("--slurm", metavar="FILE", default=None, help="write a Slurm job-array script, one chain a task")
     args = p.parse_args(argv)
     args.root, args.out = os.path.abspath(args.root), os.path.abspath(args.out)
+    check(os.path.commonpath([args.root, args.out]) not in (args.root, args.out),
+          f"--out {args.out} and --root {args.root} overlap: run folders would be written among the datasets "
+          f"(<out>/<dataset>/...); choose an --out outside --root")
     args.datasets, args.learners, args.seeds = (split_list(getattr(args, n), "--" + n)
                                                 for n in ("datasets", "learners", "seeds"))
     known = evaluate.PAPER_DATASETS + GENERATED
