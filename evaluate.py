@@ -383,7 +383,7 @@ def parse_values(text: str) -> list[float]:
 def sweep(runs, opts) -> dict:
     """Base accuracy per ω_b (Fig. 6a) or new accuracy per ω_n (Fig. 6b) of every DPC run."""
     grid = [v for v in PAPER_FIG6[opts.sweep] if v > 0 or opts.sweep == "omega_n"]   # ω_b = 0 cannot decouple
-    values = parse_values(opts.values) if opts.values else grid
+    values = parse_values(opts.values) if opts.values is not None else grid
     split = "base" if opts.sweep == "omega_b" else "new"
     for v in values:  # refuse a bad value before any evaluation (ω_b = 0: Decoupling divides by it)
         td.check_omegas(*((v, 0.0) if opts.sweep == "omega_b" else (1.0, v)))
@@ -575,6 +575,11 @@ def ablation(runs, opts) -> dict:
 
 def main(args):
     tb.check_run_flags(args)
+    if args.target is not None and not args.target.strip(" ,"):
+        raise tb.RunError(f"--target {args.target!r} names no dataset: give dataset names or the groups "
+                          f"'cross-dataset', 'cross-domain'")
+    if args.values is not None and not args.sweep:
+        raise tb.RunError("--values needs --sweep omega_b or --sweep omega_n")
     runs = find_runs(args.runs, args.trust_checkpoint)
     if args.sweep:
         out = sweep(runs, args)

@@ -152,8 +152,8 @@ def check_shots(shots: int) -> None:
 def check_positive(args, *names):
     for name in names:
         value = getattr(args, name)
-        if not (value > 0 and math.isfinite(value)):
-            raise RunError(f"--{name.replace('_', '-')} must be positive and finite, got {value}")
+        if not (value > 0 and value < torch.finfo(torch.float32).max):   # finite in fp32, where it is used
+            raise RunError(f"--{name.replace('_', '-')} must be positive and finite (in fp32), got {value}")
 
 
 def check_run_flags(args) -> None:
