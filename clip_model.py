@@ -130,14 +130,11 @@ class TorchScriptUnpickler(pickle.Unpickler):
         if kind != "storage" or not isinstance(dtype, torch.dtype):
             raise pickle.UnpicklingError(f"persistent id {kind!r}")
         raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
-        # not resizable: a tensor whose size or offset runs past the end of its storage cannot grow it
-        if not raw:
-            raise ValueError(f"storage {key} is empty")
-        untyped = torch.frombuffer(raw, dtype=torch.uint8).untyped_storage()
-        storage = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
-        if len(raw) != numel * dtype.itemsize:
+        if not raw or len(raw) != numel * dtype.itemsize:
             raise ValueError(f"storage {key} holds {len(raw)} bytes, not {numel} values of {dtype}")
-        return storage
+        # not resizable: a tensor whose size or offset runs past the end of its storage cannot grow it
+        untyped = torch.frombuffer(raw, dtype=torch.uint8).untyped_storage()
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
 
 
 def tensor_problem(t) -> str | None:

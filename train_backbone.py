@@ -164,11 +164,9 @@ def check_run_flags(args) -> None:
         raise RunError(f"--print-every must be at least 1, got {args.print_every}")
     if getattr(args, "seed", None) is not None and not -2 ** 63 <= args.seed < 2 ** 63:
         raise RunError(f"--seed must fit in 64 bits, got {args.seed}")
-    device = args.device
-    known = device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)
-    if not known or (device.startswith("cuda") and not (torch.cuda.is_available() and
-                                                        int(device.partition(":")[2] or 0) < torch.cuda.device_count())):
-        raise RunError(f"--device {device} is not available here: pass --device cpu" +
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", args.device)
+    if args.device != "cpu" and not (cuda and int(cuda.group(1) or 0) < torch.cuda.device_count()):
+        raise RunError(f"--device {args.device} is not available here: pass --device cpu" +
                        (" or cuda[:N]" if torch.cuda.is_available() else " (no CUDA GPU is visible)"))
     if getattr(args, "feature_cache", None) == "":
         raise RunError("--feature-cache '' names no folder: give a folder, or 'off'")
@@ -786,6 +784,11 @@ def read_dassl_checkpoint(path: str, trust: bool = False) -> dict:
     return state
 
 
+def is_promptkd_student(state: dict) -> bool:
+    """A Dassl VLPromptLearner state dict of a PromptKD student: it has the projector, a PromptSRC one has not."""
+    return any(k.startswith("VPT_image_trans") for k in state)
+
+
 def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None, teacher_clip: str = None,
                   trust: bool = False):
     """The learner of a stage-1 folder of the original code: <run>/<name>/model.pth.tar-N (newest N)
@@ -801,13 +804,17 @@ def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None,
     else:
         raise RunError(f"no finished backbone run in {run_dir}: expected checkpoint.pt (train_backbone.py) "
                        f"or a Dassl folder <run>/<{'|'.join(DASSL_FOLDERS)}>/model.pth.tar-N")
-    state = read_dassl_checkpoint(files[-1], trust)
+    best, state = os.path.join(run_dir, folder, "model-best.pth.tar"), None
+    if folder == "VLPromptLearner" and os.path.isfile(best):   # read once: a student is taken from its best file
+        state = read_dassl_checkpoint(best, trust)
+        if is_promptkd_student(state):
+            files = [best]
+        elif files[-1] != best:
+            state = None
+    state = read_dassl_checkpoint(files[-1], trust) if state is None else state
     teacher = None
-    if any(k.startswith("VPT_image_trans") for k in state):
+    if is_promptkd_student(state):
         name = "promptkd"
-        best = os.path.join(run_dir, folder, "model-best.pth.tar")
-        if files[-1] != best and os.path.isfile(best):
-            files, state = [best], read_dassl_checkpoint(best, trust)
         if not teacher_dir:
             raise RunError(f"{run_dir} is a Dassl PromptKD run: pass --teacher with its PromptSRC teacher "
                            f"folder (teacher_model/<Dataset>) and --teacher-clip")

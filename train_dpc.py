@@ -429,13 +429,10 @@ def main(args):
     start_epoch = 1
     if previous is not None:
         path = os.path.join(args.output_dir, "checkpoint.pt")
-        stored = previous["mixed_prompt"]
-        if set(stored) != set(mixed_prompt) or any(stored[n].shape != p.shape for n, p in mixed_prompt.items()):
-            raise DPCError(f"the mixed prompt in {path} does not fit the backbone's prompt: the run was made on "
-                           f"another backbone; pass --overwrite or another --output-dir")
+        _check_same_tensors(previous["mixed_prompt"], tuned_prompt, f"the mixed prompt of {path}")
         with torch.no_grad():
             for n, p in mixed_prompt.items():
-                p.copy_(stored[n])
+                p.copy_(previous["mixed_prompt"][n])
         tb.load_optimizer_state(optimizer, previous["optimizer"], path)
         start_epoch = previous["epoch"] + 1
     log_start(args, tuned_prompt, train_items, pool, topk)

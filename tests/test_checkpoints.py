@@ -173,6 +173,14 @@ def test_a_damaged_dpc_checkpoint_is_one_error_line(world, tmp_path, capsys, dam
                                            "--output-dir", str(run)], tmp_path)
 
 
+def test_resuming_a_dpc_run_whose_mixed_prompt_does_not_fit_is_one_error_line(world, tmp_path, capsys):
+    run = damaged_copy(world["dpc"], tmp_path / "run",
+                       lambda c: dict(c, finished=False, epoch=0, mixed_prompt={"ctx": torch.zeros(3)}))
+    err = one_error_line(capsys, train_dpc.run, ["--backbone", world["coop"], "--workers", "0", "--shots", "2",
+                                                 "--resume", "--output-dir", str(run)], tmp_path)
+    assert "the mixed prompt of" in err and "['ctx'] has shape (3,)" in err, err
+
+
 def test_an_optimiser_state_that_does_not_fit_is_one_error_line(world, tmp_path, capsys):
     run = shutil.copytree(world["coop"], tmp_path / "run")
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
