@@ -41,7 +41,6 @@ row and dataset only, so two settings in one call would be averaged together):
     python evaluate.py tab5
 """
 import argparse
-import json
 import os
 import sys
 from argparse import Namespace
@@ -50,52 +49,17 @@ import torch
 
 import data
 import prompts
-import train_backbone as tb
+import run_io
+import scoring
 import train_dpc as td
+from run_io import RunError, log
 
 EPILOG = __doc__[__doc__.index("Tab. 1 ("):]  # the commands, also shown by --help
 
-# ------------------------------------------------------------------------------------------------
-# The paper's numbers (Tab. 1, ViT-B/16; = spec/dpc_official_code.md §8). H is computed, not stored:
-# HM of the rounded averages can differ from the printed H by 0.01 (PromptSRC 78.88 vs 78.87).
-# ------------------------------------------------------------------------------------------------
-
-PAPER_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-                  "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")  # Tab. 1 column order
-_BASE = {  # learner: (backbone base, + DPC base), in PAPER_DATASETS order
-    "coop": ((76.41, 97.55, 95.06, 75.69, 96.96, 90.49, 37.33, 80.99, 80.09, 87.60, 83.66),
-             (77.72, 98.58, 95.80, 81.13, 98.86, 91.15, 45.56, 82.81, 84.61, 93.40, 87.02)),
-    "maple": ((76.91, 97.98, 95.23, 77.63, 97.03, 89.85, 40.82, 81.54, 82.18, 94.96, 84.55),
-              (77.94, 98.64, 95.82, 79.56, 98.20, 91.35, 49.78, 82.02, 85.48, 98.33, 88.14)),
-    "promptsrc": ((77.28, 97.93, 95.41, 76.34, 97.06, 90.83, 39.20, 82.28, 83.45, 92.84, 85.28),
-                  (78.48, 98.90, 96.13, 82.28, 97.44, 91.40, 46.74, 83.63, 86.88, 96.25, 88.99)),
-    "promptkd": ((80.82, 98.90, 96.44, 82.41, 99.24, 92.59, 48.80, 83.53, 85.42, 97.20, 90.12),
-                 (80.25, 98.77, 96.07, 84.17, 98.96, 92.41, 52.94, 83.28, 87.73, 98.29, 90.18)),
-}
-_NEW = {  # new accuracy, the same for the backbone and + DPC in every cell (ω_n ≈ 0)
-    "coop": (68.85, 94.65, 97.60, 70.14, 68.37, 91.47, 24.24, 74.10, 49.88, 51.62, 66.31),
-    "maple": (67.96, 94.50, 97.67, 71.21, 72.67, 90.47, 34.01, 75.93, 55.63, 72.19, 74.15),
-    "promptsrc": (70.72, 94.21, 97.30, 74.98, 73.19, 91.58, 35.33, 78.08, 54.31, 74.73, 78.13),
-    "promptkd": (74.66, 96.29, 97.99, 82.80, 82.91, 93.73, 41.75, 81.07, 71.01, 82.35, 81.50),
-}
-_AVERAGE = {"coop": (81.98, 85.15, 68.84), "maple": (83.52, 85.93, 73.31),  # base, + DPC base, new
-            "promptsrc": (83.45, 86.10, 74.78), "promptkd": (86.86, 87.55, 80.55)}
-PAPER = {(learner, row): {**{d: (_BASE[learner][i][k], _NEW[learner][k]) for k, d in enumerate(PAPER_DATASETS)},
-                          "average": (_AVERAGE[learner][i], _AVERAGE[learner][2])}
-         for learner in _BASE for i, row in enumerate(("backbone", "dpc"))}
-# Fig. 6, CoOp, average over 11 datasets; values with ~ are read off the plot (poster, spec §8).
-PAPER_FIG6 = {"omega_b": {0: 81.98, 0.1: 84.7, 0.2: 85.15, 0.3: 85.1, 0.5: 84.85, 1.0: 84.28},
-              "omega_n": {0: 68.84, 0.01: 68.73, 0.02: 68.65, 0.05: 68.18, 0.1: 67.35, 0.2: 65.88}}
-NAMES = {"coop": "CoOp", "maple": "MaPLe", "promptsrc": "PromptSRC", "promptkd": "PromptKD"}
-
-
-def method(learner: str, kind: str) -> str:
-    return NAMES.get(learner, learner) + (" + DPC" if kind == "dpc" else "")
-
 
 def get_args(argv=None):
-    p = tb.Parser(description=__doc__.split("\n")[0], epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = run_io.Parser(description=__doc__.split("\n")[0], epilog=EPILOG,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders (holding checkpoint.pt) or folders above them")
     p.add_argument("--recompute", action="store_true", help="recompute from checkpoint.pt, not results.json")
     p.add_argument("--zero-shot", action="store_true",
@@ -107,7 +71,7 @@ def get_args(argv=None):
                         "--base-inference mixed; P' is the trained one whatever ω_b (see dpc_prompts)")
     p.add_argument("--omega-n", type=float, default=None, help="ω_n in [0, 1] (0: new classes use P alone)")
     p.add_argument("--base-inference", default=None, choices=td.BASE_INFERENCE_CHOICES,
-                   help="base classes use P' (parallel) or ω_b P' + (1-ω_b) P (mixed); DECISIONS #10")
+                   help="base classes use P' (parallel) or ω_b P' + (1-ω_b) P (mixed); README Differences 6")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--sweep", default=None, choices=("omega_b", "omega_n"),
                       help="Fig. 6: base (ω_b) or new (ω_n) accuracy of DPC runs at each of --values")
@@ -125,55 +89,14 @@ def get_args(argv=None):
                    help="where results.json + table.md, sweep.json, transfer.json or ablation.json go")
     p.add_argument("--workers", type=int, default=4, help="data-loading processes (0 = in the main process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    tb.add_feature_cache_flag(p)
-    tb.add_trust_flag(p)
+    run_io.add_feature_cache_flag(p)
+    run_io.add_trust_flag(p)
     return p.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------
-# Runs: finding them, reading them, recomputing them
+# A run's numbers: read from results.json, or recomputed with the stages' own functions
 # ------------------------------------------------------------------------------------------------
-
-def find_runs(paths, trust: bool = False) -> list[tuple[str, dict]]:
-    """(run folder, checkpoint) of every finished run. A folder named directly must hold a finished
-    run; below a folder named directly, unfinished runs are skipped with a note."""
-    runs = {}
-    for path in paths:
-        named = os.path.isfile(os.path.join(path, "checkpoint.pt"))
-        if not named and not os.path.isdir(path):
-            raise tb.RunError(f"{path} is not a folder: pass run folders (with checkpoint.pt) or folders above them")
-        found = [path] if named else sorted(d for d, _, files in os.walk(path) if "checkpoint.pt" in files)
-        if not found:
-            raise tb.RunError(f"no run in {path}: no checkpoint.pt below it; train one with train_backbone.py")
-        for run in found:
-            ckpt = tb.read_checkpoint(os.path.join(run, "checkpoint.pt"), trust)   # checked: kind, keys, finite
-            if ckpt["finished"]:
-                runs[os.path.abspath(run)] = ckpt
-                continue
-            script = "train_backbone.py" if ckpt["kind"] == "backbone" else "train_dpc.py"
-            message = (f"{run} is an unfinished run (epoch {ckpt['epoch']}/{ckpt['args'].get('epochs')}): "
-                       f"finish it with `{script} --resume --output-dir {run}` and its other flags")
-            if named:
-                raise tb.RunError(message)
-            print(f"skipping: {message}", file=sys.stderr)
-    if not runs:
-        raise tb.RunError(f"no finished run in {', '.join(paths)}")
-    return sorted(runs.items(), key=lambda r: (r[1]["learner"], r[1]["kind"], r[1]["data"], r[1]["args"]["seed"]))
-
-
-def read_results(run: str) -> dict | None:
-    path = os.path.join(run, "results.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            results = json.load(f)
-        if "all" in results:  # a run trained on all classes (Tab. 2 source)
-            return dict(all=float(results["all"]))
-        return dict(base=float(results["base"]), new=float(results["new"]))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise tb.RunError(f"cannot read {path} ({type(e).__name__}: {e}); pass --recompute") from None
-
 
 def dpc_settings(ckpt: dict, opts) -> Namespace:
     """ω_b, ω_n, base inference of a DPC run, overridden by the flags; what evaluate_dpc reads."""
@@ -203,12 +126,10 @@ def stored_prompts(ckpt: dict, device) -> tuple[dict, dict]:
 def load_learner(run: str, ckpt: dict, opts):
     """The learner a run evaluates with: its own (backbone) or its stage-1 run's (DPC), ours or Dassl's."""
     if ckpt["kind"] == "backbone":
-        return tb.load_backbone(run, opts.device, opts.trust_checkpoint)[0]
-    if os.path.isfile(os.path.join(ckpt["backbone"], "checkpoint.pt")):
-        return tb.load_backbone(ckpt["backbone"], opts.device, opts.trust_checkpoint)[0]
+        return run_io.load_backbone(run, opts.device, opts.trust_checkpoint)[0]
     a = ckpt["args"]
-    return tb.dassl_learner(ckpt["backbone"], ckpt["clip"], opts.device, a.get("teacher"), a.get("teacher_clip"),
-                            opts.trust_checkpoint)[0]
+    return run_io.load_stage1(ckpt["backbone"], opts.device, opts.trust_checkpoint, ckpt["clip"], a.get("teacher"),
+                              a.get("teacher_clip"))[0]
 
 
 def evaluate_run(run: str, ckpt: dict, opts) -> dict:
@@ -217,7 +138,7 @@ def evaluate_run(run: str, ckpt: dict, opts) -> dict:
     row = dict(run=run, kind=ckpt["kind"], learner=ckpt["learner"], data=ckpt["data"], seed=a["seed"],
                shots=a.get("shots"), epochs=a.get("epochs"))
     overrides = opts.omega_b is not None or opts.omega_n is not None or opts.base_inference is not None
-    results = None if opts.recompute or (dpc and overrides) else read_results(run)
+    results = None if opts.recompute or (dpc and overrides) else run_io.read_results(run)
     row["source"] = "results.json" if results else "recomputed"
     if dpc:
         s = dpc_settings(ckpt, opts)
@@ -228,17 +149,17 @@ def evaluate_run(run: str, ckpt: dict, opts) -> dict:
     if results is None:
         root = opts.root or a["root"]
         learner = load_learner(run, ckpt, opts)
-        splits = tb.load_splits(ckpt["data"], root, a["shots"], a["seed"])
+        splits = data.load_splits(ckpt["data"], root, a["shots"], a["seed"])
         if dpc:
             results = td.evaluate_dpc(learner, splits, *stored_prompts(ckpt, opts.device), a["omega_b"], s)
         else:
-            results = tb.base_to_new(learner, splits, opts.device, opts.workers, subsample=a.get("subsample", "base"),
-                                     cache=opts.feature_cache)
+            results = scoring.base_to_new(learner, splits, opts.device, opts.workers, subsample=a.get("subsample", "base"),
+                                          cache=opts.feature_cache)
     if "all" in results:
         row.update(all=results["all"])
     else:
-        row.update(base=results["base"], new=results["new"], hm=tb.harmonic_mean(results["base"], results["new"]))
-    tb.log_results(row, f"{method(row['learner'], row['kind'])} {row['data']} seed {row['seed']} "
+        row.update(base=results["base"], new=results["new"], hm=scoring.harmonic_mean(results["base"], results["new"]))
+    scoring.log_results(row, f"{scoring.method(row['learner'], row['kind'])} {row['data']} seed {row['seed']} "
                         f"[{row['source']}] {run}")
     return row
 
@@ -248,27 +169,27 @@ def zero_shot_template(dataset: str) -> str:
     return data.DATASETS[dataset].template if dataset in data.DATASETS else "a photo of a {}."
 
 
-def zero_shot_rows(runs, opts) -> list[dict]:
+def zero_shot_rows(finished, opts) -> list[dict]:
     """Zero-shot CLIP per (dataset, CLIP) of the base-to-new runs, as CoOp's zero-shot CLIP computes the
     "CLIP" row of every base-to-new table: the dataset's own template (zero_shot_template). The test
     splits do not depend on the seed, so one row per dataset."""
-    clips = {ckpt["clip"] for _, ckpt in runs}
+    clips = {ckpt["clip"] for _, ckpt in finished}
     rows, done = [], set()
-    for _, ckpt in runs:
+    for _, ckpt in finished:
         a = ckpt["args"]
         key = (ckpt["data"], ckpt["clip"], opts.root or a["root"])
         if a.get("subsample", "base") == "all" or key in done:  # Tab. 2 sources have no base/new split
             continue
         done.add(key)
         template = zero_shot_template(ckpt["data"])
-        learner = prompts.ZeroShotCLIP(tb.load_clip(ckpt["clip"], opts.device), template)
-        splits = tb.load_splits(ckpt["data"], key[2], 0, a["seed"])
-        results = tb.base_to_new(learner.to(opts.device).eval(), splits, opts.device, opts.workers,
-                                 cache=opts.feature_cache)
+        learner = prompts.ZeroShotCLIP(run_io.load_clip(ckpt["clip"], opts.device), template)
+        splits = data.load_splits(ckpt["data"], key[2], 0, a["seed"])
+        results = scoring.base_to_new(learner.to(opts.device).eval(), splits, opts.device, opts.workers,
+                                      cache=opts.feature_cache)
         name = "Zero-shot CLIP" + ("" if len(clips) == 1 else f" ({ckpt['clip']})")
         row = dict(run=None, kind="zeroshot", learner=name, data=ckpt["data"], seed=a["seed"], clip=ckpt["clip"],
                    template=template, source="computed", base=results["base"], new=results["new"], hm=results["hm"])
-        tb.log_results(row, f"{name} {ckpt['data']} [{ckpt['clip']}, template {template!r}]")
+        scoring.log_results(row, f"{name} {ckpt['data']} [{ckpt['clip']}, template {template!r}]")
         rows.append(row)
     return rows
 
@@ -276,9 +197,6 @@ def zero_shot_rows(runs, opts) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 # Seeds -> datasets -> Tab. 1
 # ------------------------------------------------------------------------------------------------
-
-def mean(xs) -> float:
-    return sum(xs) / len(xs)
 
 
 def aggregate(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -295,75 +213,16 @@ def aggregate(rows: list[dict]) -> tuple[list[dict], list[dict]]:
         if len(set(seeds)) < len(seeds) or len(settings) > 1:  # e.g. two Tab. 4 settings in one call
             print(f"warning: {learner} {kind} {name} averages runs of seeds {seeds} with {len(settings)} "
                   f"different settings: evaluate each setting's folder separately", file=sys.stderr)
-        base, new = mean([r["base"] for r in rs]), mean([r["new"] for r in rs])
+        base, new = scoring.mean([r["base"] for r in rs]), scoring.mean([r["new"] for r in rs])
         cells.append(dict(learner=learner, kind=kind, data=name, seeds=seeds, base=base, new=new,
-                          hm=tb.harmonic_mean(base, new)))
+                          hm=scoring.harmonic_mean(base, new)))
     averages = []
     for learner, kind in dict.fromkeys((c["learner"], c["kind"]) for c in cells):
         cs = [c for c in cells if (c["learner"], c["kind"]) == (learner, kind)]
-        base, new = mean([c["base"] for c in cs]), mean([c["new"] for c in cs])
+        base, new = scoring.mean([c["base"] for c in cs]), scoring.mean([c["new"] for c in cs])
         averages.append(dict(learner=learner, kind=kind, data="average", datasets=[c["data"] for c in cs],
-                             base=base, new=new, hm=tb.harmonic_mean(base, new)))
+                             base=base, new=new, hm=scoring.harmonic_mean(base, new)))
     return cells, averages
-
-
-def paper_cell(learner: str, kind: str, name: str, datasets=None):
-    """(base, new, H) the paper reports, or None. The average is the paper's when we cover its 11
-    datasets, else the mean of its numbers over the same datasets (None if one has no paper number)."""
-    table = PAPER.get((learner, kind), {})
-    if name == "average" and set(datasets) != set(PAPER_DATASETS):
-        if not all(d in table for d in datasets):
-            return None
-        base, new = mean([table[d][0] for d in datasets]), mean([table[d][1] for d in datasets])
-    elif name in table:
-        base, new = table[name]
-    else:
-        return None
-    return base, new, tb.harmonic_mean(base, new)
-
-
-def format_table(cells: list[dict], averages: list[dict], markdown=False, blocks_per_line=3) -> str:
-    """Tab. 1's layout: a (Base, New, H) block for the average and per dataset, a row per learner and a
-    "+ DPC" row; each of our numbers is followed by the paper's, or "–" where it has none (no paper
-    column at all when none of the datasets is in the paper)."""
-    by_key = {(c["learner"], c["kind"], c["data"]): c for c in cells + averages}
-    order = {d: i for i, d in enumerate(PAPER_DATASETS)}
-    names = sorted({c["data"] for c in cells}, key=lambda d: (order.get(d, len(order)), d))
-    n = max(len(a["datasets"]) for a in averages)
-    titles = {"average": f"Avg over {n} dataset{'s' * (n > 1)}",
-              **{d: data.DATASETS[d].display_name if d in data.DATASETS else d for d in names}}
-    learners = {name: i for i, name in enumerate(prompts.LEARNERS)}
-    rows = sorted({(a["learner"], a["kind"]) for a in averages},
-                  key=lambda r: (-1 if r[1] == "zeroshot" else learners.get(r[0], 99), r))  # zero-shot first
-    columns = names if len(names) == 1 else ["average"] + names  # one dataset: its block is the average
-    with_paper = any(d in PAPER_DATASETS for d in names)  # e.g. the toy world has no paper numbers at all
-    lines = []
-    for start in range(0, len(columns), blocks_per_line):
-        chunk = columns[start:start + blocks_per_line]
-        table = [["Method"] + [t for d in chunk for t in (titles[d], "", "")],
-                 [""] + ["Base", "New", "H"] * len(chunk)]
-        for learner, kind in rows:
-            # "+ DPC" under its backbone's row, as in Tab. 1; the full name when that row is missing
-            row = ["+ DPC" if kind == "dpc" and (learner, "backbone") in rows else method(learner, kind)]
-            for d in chunk:
-                ours = by_key.get((learner, kind, d))
-                paper = paper_cell(learner, kind, d, by_key[learner, kind, "average"]["datasets"])
-                row += [("–" if ours is None else f"{ours[m]:.2f}") +
-                        (f" (paper {'–' if paper is None else f'{paper[i]:.2f}'})" if with_paper else "")
-                        for i, m in enumerate(("base", "new", "hm"))]
-            table.append(row)
-        if markdown:  # one header row: "<dataset> Base | New | H"
-            header = ["Method"] + [f"{titles[d]} Base" if m == "Base" else m
-                                   for d in chunk for m in ("Base", "New", "H")]
-            lines += ["| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header)] + table[2:]] + [""]
-        else:
-            widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-            lines += ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in table] + [""]
-    lines += [f"note: the {method(a['learner'], a['kind'])} average is over {', '.join(a['datasets'])} only"
-              for a in averages if len(a["datasets"]) != n]
-    if with_paper and any(set(a["datasets"]) != set(PAPER_DATASETS) for a in averages):
-        lines.append("note: a paper average beside ours is the paper's mean over the same datasets")
-    return "\n".join(lines).rstrip() + "\n"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,71 +235,71 @@ def parse_values(text: str) -> list[float]:
     except ValueError:
         values = []
     if not values:
-        raise tb.RunError(f"--values must be comma-separated numbers, got {text!r}")
+        raise RunError(f"--values must be comma-separated numbers, got {text!r}")
     return values
 
 
-def sweep(runs, opts) -> dict:
+def sweep(finished, opts) -> dict:
     """Base accuracy per ω_b (Fig. 6a) or new accuracy per ω_n (Fig. 6b) of every DPC run."""
-    grid = [v for v in PAPER_FIG6[opts.sweep] if v > 0 or opts.sweep == "omega_n"]   # ω_b = 0 cannot decouple
+    grid = [v for v in scoring.PAPER_FIG6[opts.sweep] if v > 0 or opts.sweep == "omega_n"]   # ω_b = 0 cannot decouple
     values = parse_values(opts.values) if opts.values is not None else grid
     split = "base" if opts.sweep == "omega_b" else "new"
     for v in values:  # refuse a bad value before any evaluation (ω_b = 0: Decoupling divides by it)
         td.check_omegas(*((v, 0.0) if opts.sweep == "omega_b" else (1.0, v)))
-    runs = [(run, ckpt) for run, ckpt in runs if ckpt["kind"] == "dpc"]
-    if not runs:
-        raise tb.RunError("--sweep needs DPC runs (train_dpc.py); only backbone runs were given")
+    finished = [(run, ckpt) for run, ckpt in finished if ckpt["kind"] == "dpc"]
+    if not finished:
+        raise RunError("--sweep needs DPC runs (train_dpc.py); only backbone runs were given")
     rows = []
-    for run, ckpt in runs:
+    for run, ckpt in finished:
         a = ckpt["args"]
         root = opts.root or a["root"]
         learner = load_learner(run, ckpt, opts)
-        items = tb.load_splits(ckpt["data"], root, a["shots"], a["seed"])[split]["test"]
+        items = data.load_splits(ckpt["data"], root, a["shots"], a["seed"])[split]["test"]
         accuracies = []
         for v in values:
             s = dpc_settings(ckpt, Namespace(**{**vars(opts), opts.sweep: v}))
             prompt = dpc_prompts(ckpt, s, opts.device)[0 if split == "base" else 1]
-            accuracies.append(tb.accuracy(learner, items, data.classnames_of(items), opts.device, opts.workers,
-                                          prompt, cache=opts.feature_cache))
+            accuracies.append(scoring.accuracy(learner, items, data.classnames_of(items), opts.device, opts.workers,
+                                               prompt, cache=opts.feature_cache))
         rows.append(dict(run=run, learner=ckpt["learner"], data=ckpt["data"], seed=a["seed"],
                          base_inference=s.base_inference, accuracies=accuracies))
-        print(f"{method(ckpt['learner'], 'dpc')} {ckpt['data']} seed {a['seed']} {split} accuracy: " +
+        print(f"{scoring.method(ckpt['learner'], 'dpc')} {ckpt['data']} seed {a['seed']} {split} accuracy: " +
               "  ".join(f"{opts.sweep}={v:g}: {x:.2f}" for v, x in zip(values, accuracies)))
     if split == "base" and any(r["base_inference"] == "parallel" for r in rows):
         print("note: with base inference 'parallel' (the released code) base classes use P' for every ω_b, so "
               "the sweep is flat; pass --base-inference mixed for ω_b P' + (1-ω_b) P (Eq. 12). The paper's "
-              "Fig. 6a retrained per ω_b (spec §2.5)")
+              "Fig. 6a retrained per ω_b (README Differences 6)")
     means = {}
     for r in rows:
         means.setdefault(f"{r['learner']}/{r['data']}", []).append(r["accuracies"])
-    means = {k: [mean(col) for col in zip(*v)] for k, v in means.items()}
+    means = {k: [scoring.mean(col) for col in zip(*v)] for k, v in means.items()}
     for k, v in means.items():
         print(f"mean over seeds {k}: " + "  ".join(f"{x:.2f}" for x in v))
     print("paper Fig. 6 (CoOp, avg over 11 datasets, read off the plot): " +
-          "  ".join(f"{v:g}: {x:.2f}" for v, x in PAPER_FIG6[opts.sweep].items()))
+          "  ".join(f"{v:g}: {x:.2f}" for v, x in scoring.PAPER_FIG6[opts.sweep].items()))
     return dict(parameter=opts.sweep, split=split, values=values, runs=rows, mean_over_seeds=means,
-                paper_fig6_coop_average=PAPER_FIG6[opts.sweep])
+                paper_fig6_coop_average=scoring.PAPER_FIG6[opts.sweep])
 
 
 def parse_targets(text: str, sources: set) -> list[str]:
     """--target: dataset names, or the groups 'cross-dataset' (Tab. 2's 10 targets: the 11 datasets
     minus ImageNet) and 'cross-domain' (ImageNet-V2, -Sketch, -A, -R)."""
-    groups = {"cross-dataset": [d for d in PAPER_DATASETS if d != "imagenet"], "cross-domain": list(data.CROSS_DOMAIN)}
+    groups = {"cross-dataset": [d for d in scoring.PAPER_DATASETS if d != "imagenet"], "cross-domain": list(data.CROSS_DOMAIN)}
     targets = []
     for t in (t.strip() for t in text.split(",")):
         targets += groups.get(t, [t] if t else [])
     return list(dict.fromkeys(sorted(sources) + targets))   # each run's source is always tested too
 
 
-def transfer(runs, opts) -> dict:
+def transfer(finished, opts) -> dict:
     """Tab. 2: test each run on its source's test split and on other datasets' full test split, all
     classes. DPC runs use the base prompt on the source and the new-class prompt P̃_n (≈ P, paper §4.2;
-    DECISIONS #17) on every target; backbone runs use their learner as it is. Columns: Source, the mean
+    README Differences 14) on every target; backbone runs use their learner as it is. Columns: Source, the mean
     over the cross-dataset targets and the mean over the cross-domain targets (per method, seeds
     averaged first), each beside the paper's Tab. 2 number (an ImageNet source only)."""
-    targets = parse_targets(opts.target, {ckpt["data"] for _, ckpt in runs})
+    targets = parse_targets(opts.target, {ckpt["data"] for _, ckpt in finished})
     test_sets, rows = {}, []
-    for run, ckpt in runs:
+    for run, ckpt in finished:
         a, dpc = ckpt["args"], ckpt["kind"] == "dpc"
         learner = load_learner(run, ckpt, opts)
         if dpc:
@@ -457,23 +316,14 @@ def transfer(runs, opts) -> dict:
                 prompt = base_prompt
             elif dpc:
                 prompt = new_prompt   # Eq. (13)
-            acc = tb.accuracy(learner, items, classnames, opts.device, opts.workers, prompt, cache=opts.feature_cache)
-            tb.log(f"=> result ({method(ckpt['learner'], ckpt['kind'])} {ckpt['data']} -> {target}, "
-                   f"all {len(classnames)} classes, seed {a['seed']} {run})\n* accuracy: {acc:.2f}%")
+            acc = scoring.accuracy(learner, items, classnames, opts.device, opts.workers, prompt, cache=opts.feature_cache)
+            log(f"=> result ({scoring.method(ckpt['learner'], ckpt['kind'])} {ckpt['data']} -> {target}, "
+                f"all {len(classnames)} classes, seed {a['seed']} {run})\n* accuracy: {acc:.2f}%")
             rows.append(dict(run=run, kind=ckpt["kind"], learner=ckpt["learner"], source=ckpt["data"],
                              target=target, seed=a["seed"], accuracy=acc))
     summary = transfer_summary(rows)
-    print("\n" + format_transfer(summary))
-    return dict(runs=rows, mean_over_seeds=summary, paper_tab2=PAPER_TAB2_COLUMNS)
-
-
-# Tab. 2 of the paper (ViT-B/16, ImageNet source): Source, Avg. of cross-dataset, Avg. of cross-domain.
-PAPER_TAB2 = {("coop", "backbone"): (71.25, 64.98, 60.31), ("coop", "dpc"): (71.80, 64.98, 60.31),
-              ("maple", "backbone"): (70.11, 64.79, 60.11), ("maple", "dpc"): (71.36, 64.79, 60.11),
-              ("promptsrc", "backbone"): (70.65, 65.64, 60.58), ("promptsrc", "dpc"): (71.42, 65.64, 60.58),
-              ("promptkd", "backbone"): (72.42, 70.77, 71.47), ("promptkd", "dpc"): (74.43, 70.77, 71.47)}
-PAPER_TAB2_COLUMNS = {f"{learner}/{kind}": dict(zip(("source", "cross_dataset", "cross_domain"), v))
-                      for (learner, kind), v in PAPER_TAB2.items()}
+    print("\n" + scoring.format_transfer(summary))
+    return dict(runs=rows, mean_over_seeds=summary, paper_tab2=scoring.PAPER_TAB2_COLUMNS)
 
 
 def transfer_summary(rows: list[dict]) -> list[dict]:
@@ -483,46 +333,19 @@ def transfer_summary(rows: list[dict]) -> list[dict]:
         per.setdefault((r["learner"], r["kind"], r["source"]), {}).setdefault(r["target"], []).append(r["accuracy"])
     summary = []
     for (learner, kind, source), accs in per.items():
-        accs = {t: mean(v) for t, v in accs.items()}
+        accs = {t: scoring.mean(v) for t, v in accs.items()}
         dataset = [t for t in accs if t != source and t not in data.CROSS_DOMAIN]
         domain = [t for t in accs if t != source and t in data.CROSS_DOMAIN]
         summary.append(dict(learner=learner, kind=kind, source=source, accuracy=accs, source_accuracy=accs[source],
-                            cross_dataset=mean([accs[t] for t in dataset]) if dataset else None,
-                            cross_domain=mean([accs[t] for t in domain]) if domain else None,
+                            cross_dataset=scoring.mean([accs[t] for t in dataset]) if dataset else None,
+                            cross_domain=scoring.mean([accs[t] for t in domain]) if domain else None,
                             cross_dataset_targets=dataset, cross_domain_targets=domain))
     return summary
-
-
-def format_transfer(summary: list[dict]) -> str:
-    """Tab. 2's layout: Method | Source | Avg. of cross-dataset | Avg. of cross-domain, ours (paper)."""
-    learners = {name: i for i, name in enumerate(prompts.LEARNERS)}
-    table = [["Method", "Source", "Avg. of cross-dataset", "Avg. of cross-domain"]]
-    for s in sorted(summary, key=lambda s: (s["source"], learners.get(s["learner"], 99), s["kind"])):
-        paper = PAPER_TAB2.get((s["learner"], s["kind"])) if s["source"] == "imagenet" else None
-        cells = []
-        for i, (value, targets) in enumerate(((s["source_accuracy"], None), (s["cross_dataset"], s["cross_dataset_targets"]),
-                                              (s["cross_domain"], s["cross_domain_targets"]))):
-            text = "–" if value is None else f"{value:.2f}"
-            if targets is not None and value is not None and len(targets) != (10 if i == 1 else 4):
-                text += f" [{len(targets)} of {10 if i == 1 else 4}]"
-            cells.append(text + f" (paper {'–' if paper is None else f'{paper[i]:.2f}'})")
-        name = f"{method(s['learner'], s['kind'])} [{s['source']}]"
-        table.append([name] + cells)
-    widths = [max(len(r[i]) for r in table) for i in range(4)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in table]
-    return "\n".join(lines + ["note: [k of n] = a mean over the targets given, not all of Tab. 2's; paper numbers "
-                               "are for an ImageNet source"]) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------
 # Tab. 3: the component ablation (CoOp backbone), from the run folders of its five commands
 # ------------------------------------------------------------------------------------------------
-
-ABLATION_ROWS = ("backbone", "(1) TS", "(2) TS + DHNO", "(3) TS + WE", "(4) TS + WE + DE", "(5) TS + DHNO + WE + DE")
-# The cells of Tab. 3 that the paper's text attributes (avg over 11 datasets, CoOp); None where it does not.
-PAPER_TAB3 = {"backbone": (81.98, 68.84, 74.84), "(1) TS": (82.69, 68.39, None), "(2) TS + DHNO": (84.28, 64.12, None),
-              "(3) TS + WE": (None, 65.88, None), "(4) TS + WE + DE": (82.23, 68.84, 74.94),
-              "(5) TS + DHNO + WE + DE": (85.15, 68.84, 76.13)}
 
 
 def ablation_row(ckpt: dict) -> str:
@@ -538,82 +361,64 @@ def ablation_row(ckpt: dict) -> str:
     return "(3) TS + WE" if a["omega_n"] == a["omega_b"] else "(4) TS + WE + DE"
 
 
-def format_ablation(cells: list[dict], averages: list[dict]) -> str:
-    """Tab. 3's layout: a row per component set, Base / New / H over the datasets present, ours (paper)."""
-    n = max(len(a["datasets"]) for a in averages)
-    table = [["Row", f"Base (avg over {n} dataset{'s' * (n > 1)})", "New", "H"]]
-    by_row = {a["kind"]: a for a in averages}
-    for row in ABLATION_ROWS:
-        ours, paper = by_row.get(row), PAPER_TAB3[row]
-        table.append([row] + [("–" if ours is None else f"{ours[m]:.2f}") +
-                              f" (paper {'–' if paper[i] is None else f'{paper[i]:.2f}'})"
-                              for i, m in enumerate(("base", "new", "hm"))])
-    widths = [max(len(r[i]) for r in table) for i in range(4)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in table]
-    lines += [f"note: {a['kind']} is averaged over {', '.join(a['datasets'])} only" for a in averages
-              if len(a["datasets"]) != n]
-    return "\n".join(lines + ["note: paper numbers are CoOp's average over 11 datasets; '–' where its text "
-                               "does not attribute the cell"]) + "\n"
-
-
-def ablation(runs, opts) -> dict:
+def ablation(finished, opts) -> dict:
     rows = []
-    for run, ckpt in runs:
+    for run, ckpt in finished:
         row = evaluate_run(run, ckpt, opts)
         row["kind"] = ablation_row(ckpt)
         rows.append(row)
     learners = {r["learner"] for r in rows}
     if len(learners) > 1:
-        raise tb.RunError(f"--ablation lays out one learner's runs (Tab. 3: CoOp); got {sorted(learners)}: pass "
-                          f"one learner's run folders")
+        raise RunError(f"--ablation lays out one learner's runs (Tab. 3: CoOp); got {sorted(learners)}: pass "
+                       f"one learner's run folders")
     cells, averages = aggregate(rows)
-    print("\n" + format_ablation(cells, averages), end="")
-    return dict(runs=rows, groups=cells, averages=averages, paper_tab3=PAPER_TAB3)
+    print("\n" + scoring.format_ablation(cells, averages), end="")
+    return dict(runs=rows, groups=cells, averages=averages, paper_tab3=scoring.PAPER_TAB3)
 
 
 # ------------------------------------------------------------------------------------------------
 
 def main(args):
-    tb.check_run_flags(args)
+    run_io.check_run_flags(args)
     if args.target is not None and not args.target.strip(" ,"):
-        raise tb.RunError(f"--target {args.target!r} names no dataset: give dataset names or the groups "
-                          f"'cross-dataset', 'cross-domain'")
+        raise RunError(f"--target {args.target!r} names no dataset: give dataset names or the groups "
+                       f"'cross-dataset', 'cross-domain'")
     if args.values is not None and not args.sweep:
-        raise tb.RunError("--values needs --sweep omega_b or --sweep omega_n")
-    runs = find_runs(args.runs, args.trust_checkpoint)
+        raise RunError("--values needs --sweep omega_b or --sweep omega_n")
+    finished = run_io.find_runs(args.runs, args.trust_checkpoint)
     if args.sweep:
-        out = sweep(runs, args)
-        tb.write_json_atomic(out, os.path.join(args.out, "sweep.json"))
+        out = sweep(finished, args)
+        run_io.write_json_atomic(out, os.path.join(args.out, "sweep.json"))
     elif args.target:
-        out = transfer(runs, args)
-        tb.write_json_atomic(out, os.path.join(args.out, "transfer.json"))
+        out = transfer(finished, args)
+        run_io.write_json_atomic(out, os.path.join(args.out, "transfer.json"))
     elif args.ablation:
-        out = ablation(runs, args)
-        tb.write_json_atomic(out, os.path.join(args.out, "ablation.json"))
+        out = ablation(finished, args)
+        run_io.write_json_atomic(out, os.path.join(args.out, "ablation.json"))
     else:
-        rows = [evaluate_run(run, ckpt, args) for run, ckpt in runs]
-        rows += zero_shot_rows(runs, args) if args.zero_shot else []
+        rows = [evaluate_run(run, ckpt, args) for run, ckpt in finished]
+        rows += zero_shot_rows(finished, args) if args.zero_shot else []
         if not any("base" in r for r in rows):
-            raise tb.RunError("only runs trained on all classes (Tab. 2 sources) were found: test them on other "
-                              "datasets with --target")
+            raise RunError("only runs trained on all classes (Tab. 2 sources) were found: test them on other "
+                           "datasets with --target")
         cells, averages = aggregate([r for r in rows if "base" in r])  # Tab. 2 sources have no base/new
         for c in cells:
             print(f"{c['learner']} {c['kind']} {c['data']}: seeds {c['seeds']}  base {c['base']:.2f}  "
                   f"new {c['new']:.2f}  HM {c['hm']:.2f}")
         templates = {r["data"]: r["template"] for r in rows if r["kind"] == "zeroshot"}
         notes = "".join(f"note: Zero-shot CLIP on {d} uses the template {t!r}\n" for d, t in templates.items())
-        print("\n" + format_table(cells, averages) + notes, end="")
+        print("\n" + scoring.format_table(cells, averages) + notes, end="")
         out = dict(runs=rows, groups=cells, averages=averages,
                    convention="mean over seeds of base and new; H = harmonic mean of those means")
-        tb.write_json_atomic(out, os.path.join(args.out, "results.json"))   # creates --out (nothing before)
+        run_io.write_json_atomic(out, os.path.join(args.out, "results.json"))   # creates --out (nothing before)
         with open(os.path.join(args.out, "table.md"), "w") as f:
-            f.write(format_table(cells, averages, markdown=True, blocks_per_line=4))
+            f.write(scoring.format_table(cells, averages, markdown=True, blocks_per_line=4))
     print(f"wrote {os.path.abspath(args.out)}")
     return out
 
 
 def run(argv=None):
-    return tb.run_cli(main, get_args, argv, (td.DPCError,))
+    return run_io.run_cli(main, get_args, argv, (td.DPCError,))
 
 
 if __name__ == "__main__":

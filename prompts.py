@@ -25,7 +25,7 @@ Glossary (paper symbol -> code)
 Shape letters: B images, C classes, L = 77 tokens, D width of a tower (D_t text, D_v vision),
 E joint embedding width, M context tokens, K negatives (DPC).
 
-Sources: backbones.md-style reading of the original repos (CoOp ff61507c, multimodal-prompt-
+Sources: the original repositories (CoOp ff61507c, multimodal-prompt-
 learning 69bce21a, PromptSRC bb95c77b, PromptKD ec244f78); the structure, initialisation and
 losses follow them; they ran in pure fp16, we run fp32 / autocast (see README, Differences).
 """
@@ -67,6 +67,7 @@ def encode_prompted_text(clip, ctx, classnames, prefix, cache, deep_prompts=()):
     """g(P_t): [SOT][ctx_1..ctx_M][rest of prefix][class name][.][EOT] -> (C, E)."""
     tokens, embeddings = class_prompts(clip, classnames, prefix, cache)   # (C, L), (C, L, D_t)
     c, m = embeddings.shape[0], ctx.shape[0]
+    # Eq. (2): P = [p]_1 [p]_2 ... [p]_M [CLASS], the context in front of each class name
     x = torch.cat([embeddings[:, :1], ctx.to(embeddings.dtype).expand(c, -1, -1), embeddings[:, 1 + m:]], dim=1)
     return clip.encode_text_embeddings(x, tokens, deep_prompts)
 
@@ -304,7 +305,7 @@ class PromptKD(nn.Module):
     teacher's text space and classified against the teacher's text features of the classes.
     Trainable: `visual_prompt` (4, D_v), `visual_deep[i]` (4, D_v) for blocks 1..8 and `projector`
     (≈1.01M values for ViT-B/16 -> ViT-L/14). The teacher (a trained PromptSRC learner on its own
-    CLIP) is frozen; its text prompts belong to the tuned prompt P of DPC (DECISIONS #15).
+    CLIP) is frozen; its text prompts belong to the tuned prompt P of DPC (README Differences 5).
     Loss: kd_weight · T² · KL(teacher ‖ student) / (B·C) over all classes.
     """
     DEFAULTS = dict(epochs=20, lr=0.005, batch_size=32,
@@ -467,7 +468,7 @@ def trainable_parameters(learner) -> dict:
 
 
 def prompt_tensors(learner) -> dict:
-    """The tuned prompt P of DPC (Eq. 5; DECISIONS #9): every tensor the learner trains, plus the
+    """The tuned prompt P of DPC (Eq. 5; README Differences 5): every tensor the learner trains, plus the
     text-side tensors it uses at inference without training them (PromptKD's teacher prompts)."""
     extra = getattr(learner, "dpc_extra", ())
     return {n: p for n, p in learner.named_parameters() if p.requires_grad or (extra and n.startswith(extra))}

@@ -1,30 +1,26 @@
 """DPC stage 2: tune a parallel prompt P' next to a frozen tuned prompt P on the base classes.
 
-DPC = Dual-Prompt Collaboration for tuning CLIP (Li et al., CVPR 2025), paper §3.2-3.4 and Fig. 3.
-Stage 1 (train_backbone.py) gives the tuned prompt P. This script freezes P, trains P' with the
-Dynamic Hard Negative Optimizer (§3.3: negative sampler, feature filtering, symmetric InfoNCE) and
-combines the two prompts with the Weighting-Decoupling module (§3.4) for base and new inference.
+DPC = Dual-Prompt Collaboration for tuning CLIP (Li et al., CVPR 2025), §3.2-3.4 and Fig. 3. Stage 1
+(train_backbone.py) gives the tuned prompt P; this stage freezes P, trains P' with the Dynamic Hard Negative
+Optimizer (§3.3: negative sampler, feature filtering, symmetric InfoNCE) and combines the two prompts with
+the Weighting-Decoupling module (§3.4) for base and new inference.
 
 Glossary (paper symbol -> name in this file)
-  P       tuned_prompt      frozen named tensors of the stage-1 learner (spec/DECISIONS.md #9)
+  P       tuned_prompt      frozen named tensors of the stage-1 learner (README Differences 5)
   P'      parallel_prompt   = F⁻¹(P̃_b), what the hard-negative loss optimises (Eq. 5: P' := P at start)
-  P̃_b     mixed_prompt      the trainable tensors, ω_b P' + (1-ω_b) P (Eq. 12, DECISIONS #10)
+  P̃_b     mixed_prompt      the trainable tensors, ω_b P' + (1-ω_b) P (Eq. 12, README Differences 6)
   P̃_n     new_class_prompt  ω_n P' + (1-ω_n) P, used for new classes (Eq. 13)
   ω_b/ω_n omega_b/omega_n   --omega-b / --omega-n
   K       topk              top-K classes the frozen backbone (with P) ranks first; K-1 are negatives
   Q       selection_matrix  one-hot L×n matrix picking the mini-batch's text rows (Eq. 8)
   s = 1/τ logit_scale       CLIP's exp(logit_scale) = 100
 
-Shape letters: B batch (the paper's b), n base classes, L pairs in the hard-negative mini-batch
-(L <= B·K), E embedding width, K top-K.
-
+Shapes: B batch (the paper's b), n base classes, L <= B·K pairs of the hard-negative mini-batch, E width.
 Usage:
   python train_dpc.py --topk 8                       # after train_backbone.py: picks up its last run
   python train_dpc.py --backbone output/eurosat/coop/seed1 --omega-b 0.2 --omega-n 1e-6
   python train_dpc.py --backbone /old/dassl/run --data eurosat --root /data   # a Dassl stage-1 folder
-
-The run folder (default output/<data>/<learner>_dpc/seed<seed>) holds args.json, log.txt,
-checkpoint.pt (P, P̃_b, optimiser, written atomically every epoch) and results.json.
+Run folder (default output/<data>/<learner>_dpc/seed<seed>): args.json, log.txt, checkpoint.pt, results.json.
 """
 
 import argparse
@@ -40,15 +36,15 @@ from torch import Tensor, nn
 
 import data
 import prompts
-import train_backbone as tb
+import run_io
+import scoring
+from run_io import log
+from train_backbone import lr_at   # DPC follows the backbone's schedule (Dassl's, README Differences 2)
 
 
 class DPCError(ValueError):
     """A bad flag or mismatched prompt tensors; the one-line message says what to change."""
 
-
-# ---------------------------------------------------------------------------------------------
-# argument checks
 
 def check_omegas(omega_b: float, omega_n: float) -> None:
     """ω_b divides in F⁻¹, so 0 must be refused here (the released code has no guard at ω_b = 0)."""
@@ -72,7 +68,7 @@ def check_topk(topk: int, n_base: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Weighting-Decoupling module (§3.4, Fig. 4)
 # Every prompt is a dict {name: tensor} over the same names as the stage-1 learner's trainable
-# tensors (DECISIONS #9), so one function covers text context, deep prompts, projectors, ...
+# tensors (README Differences 5), so one function covers text context, deep prompts, projectors, ...
 
 def _check_same_tensors(a: dict, b: dict, what: str) -> None:
     """Mixing only makes sense tensor by tensor; a name or shape mismatch means a wrong checkpoint."""
@@ -98,7 +94,7 @@ def weighting(parallel_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor
 
 def decoupling(mixed_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor], omega_b: float) -> dict:
     """F⁻¹: recover P' from the trainable mixed prompt; every forward goes through this, so the
-    gradient reaching P̃_b is (1/ω_b)·∂loss/∂P' (DECISIONS #10: like training P' at lr/ω_b²).
+    gradient reaching P̃_b is (1/ω_b)·∂loss/∂P' (README Differences 6: like training P' at lr/ω_b²).
     (P̃_b - (1-ω_b) P)/ω_b is computed in the algebraically equal form P + (P̃_b - P)/ω_b: at
     initialisation P̃_b = P, so P' = P bitwise and step 0 reproduces the backbone exactly."""
     _check_same_tensors(mixed_prompt, tuned_prompt, "mixed_prompt")
@@ -129,7 +125,7 @@ BASE_INFERENCE_CHOICES = ("parallel", "mixed")
 
 def base_class_prompt(mixed_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor],
                       omega_b: float, base_inference: str) -> dict:
-    """The prompt for base-class inference (DECISIONS #10).
+    """The prompt for base-class inference (README Differences 6).
     "parallel" (default): P' = F⁻¹(P̃_b), what the released code evaluates and what produced the
     paper's numbers. "mixed": P̃_b itself = ω_b P' + (1-ω_b) P, the literal reading of Eq. (12)."""
     if base_inference == "parallel":
@@ -167,15 +163,11 @@ def filter_features(text_features: Tensor, labels: Tensor) -> Tensor:
 
 def hard_negative_loss(image_features: Tensor, text_features: Tensor, logit_scale: float) -> Tensor:
     """Symmetric image-text InfoNCE over the L×L matrix of the hard-negative mini-batch; pair j is
-    (image j, text j), every other row/column is a hard negative.
-
-    Normalisation: ½ [CE(logits, arange L) + CE(logitsᵀ, arange L)], each CE a mean over L. Eq. (9)
-    is -(1/L) Σ_j (log p(y|C'_j) + log p(y|V'_j)) = CE_img + CE_txt, i.e. twice this value. We keep
-    the released code's ½ so the loss is on the scale of one cross-entropy and its lr (0.002)
-    carries over. Eq. (10) as printed sums the diagonal in its denominator; we read it, as the
-    released code does, as the usual softmax over the L texts (and Eq. 11 over the L images).
-    text_features must already be unit rows (filter_features); images are normalised here. The
-    product runs in fp32 with autocast off: at s = 100 a bf16 cosine is off by up to ~0.4 logits."""
+    (image j, text j), every other row/column is a hard negative. ½ [CE(logits) + CE(logitsᵀ)] is half
+    of Eq. (9) as printed, the released code's scale, so its lr carries over; Eq. (10) is read as the
+    usual softmax over the L texts (Eq. 11: images), as the release does (README Differences 8).
+    text_features are unit rows already (filter_features). fp32 with autocast off: at s = 100 a bf16
+    cosine is off by up to ~0.4 logits."""
     assert image_features.shape == text_features.shape and image_features.dim() == 2
     with torch.autocast(device_type=image_features.device.type, enabled=False):
         image_features = image_features.float()  # (L, E)
@@ -188,24 +180,20 @@ def hard_negative_loss(image_features: Tensor, text_features: Tensor, logit_scal
 
 
 # ---------------------------------------------------------------------------------------------
-# Negative sampler (§3.3, DECISIONS #11)
+# Negative sampler (§3.3, README Differences 7)
 
 class HardNegativeBatch(NamedTuple):
-    """What the sampler picked; the caller loads the images. Pair j of the L pairs has class
-    pair_labels[j] and image: batch image positives[j] for j < len(positives), else pool image
-    negative_images[j - len(positives)]."""
+    """What the sampler picked (the caller loads the images). Pair j has class pair_labels[j] and image: batch
+    image positives[j] for j < len(positives), else pool image negative_images[j - len(positives)]."""
     positives: list[int]        # indices into the batch of the kept positive images
     pair_labels: list[int]      # (L,) positives' classes first, then each positive's negatives in turn
     negative_images: list[int]  # (L - len(positives),) indices into the pool, one per negative class
 
 
 class NegativeSampler:
-    """Builds the hard-negative mini-batch from labels and indices only (no images, no model), so it
-    is deterministic given its seed and inputs (main() reseeds it at every epoch).
-
-    pool_labels[j] is the base-class label of image j of the pool negatives are drawn from: the
-    few-shot base train set by default, or the full base train split. Never val/test, never a new
-    class: the scores only cover the n base classes."""
+    """Builds the hard-negative mini-batch from labels and indices only (no images, no model): deterministic
+    given its seed and inputs (main() reseeds it every epoch). pool_labels[j]: the base class of pool image j
+    (the few-shot or the full base train split; never val/test or a new class: scores cover base classes)."""
 
     def __init__(self, pool_labels: list[int], n_base: int, topk: int, seed: int):
         if not 2 <= topk <= n_base:
@@ -252,19 +240,6 @@ class NegativeSampler:
         return HardNegativeBatch(positives, pair_labels, negative_images)
 
 
-def load_negatives(pool: data.ImageDataset, indices: list[int], threads: ThreadPoolExecutor | None) -> list[Tensor]:
-    """The sampled negatives with train augmentation, each (3, H, W). The random views are drawn here,
-    in order, from torch's RNG; decoding and rendering (crop, resize, normalise) run on `threads`,
-    since PIL releases the GIL. So the tensors are those of a serial loop, without its wait."""
-    run = threads.map if threads is not None else map
-    if pool.images is not None:                                        # few-shot pool: decoded once
-        images = [pool.images[j] for j in indices]
-    else:
-        images = list(run(data.load_image, [pool.items[j].path for j in indices]))
-    views = [pool.transform.draw(image) for image in images]           # serial: the RNG order is fixed
-    return list(run(pool.transform.render, images, views))
-
-
 class Step(NamedTuple):
     loss: Tensor           # () the hard-negative loss, Eq. (9), not yet back-propagated
     pairs: int             # L, the pairs of the hard-negative mini-batch
@@ -273,25 +248,23 @@ class Step(NamedTuple):
 
 def dpc_step(learner, images, labels, sampler, pool, threads, tuned_prompt, tuned_text, mixed_prompt, classnames,
              omega_b, logit_scale, device) -> Step:
-    """Steps 2-5 of Fig. 3 on one mini-batch (step 1, P' := P, happened once before training).
-
-    images (B, 3, H, W) on `device`, labels (B,); tuned_text (n, E): the sampler's fixed text
-    features of P over the n base classes."""
+    """Steps 2-5 of Fig. 3 on one mini-batch (step 1, P' := P, happened once before training). images
+    (B, 3, H, W) on `device`, labels (B,); tuned_text (n, E): the sampler's fixed text features of P."""
     # 3. Negative Sampler: the frozen backbone (P) ranks all base classes for each image.
     t0 = time.time()
-    with torch.no_grad(), prompts.substitute(learner, tuned_prompt), tb.autocast(device):
+    with torch.no_grad(), prompts.substitute(learner, tuned_prompt), run_io.autocast(device):
         batch_image = learner.encode_image(images)                                       # (B, E)
     if not learner.image_side:  # CoOp: the loss below reuses these features, so they are not sampler cost
         t0 = time.time()
     picked = sampler.sample(F.normalize(batch_image.float(), dim=-1) @ tuned_text.t(), labels)   # scores (B, n)
-    negatives = load_negatives(pool, picked.negative_images, threads)
+    negatives = data.augmented_images(pool, picked.negative_images, threads)   # [(3, H, W)]
     negatives = torch.stack(negatives).to(device) if negatives else images[:0]           # (L - B', 3, H, W)
     pair_labels = torch.tensor(picked.pair_labels, device=device)                         # (L,)
     sampler_s = time.time() - t0
 
     # 2. Decoupling: every forward uses P' = F⁻¹(P̃_b), so gradients reach P̃_b through it.
     parallel_prompt = decoupling(mixed_prompt, tuned_prompt, omega_b)
-    with prompts.substitute(learner, parallel_prompt), tb.autocast(device):
+    with prompts.substitute(learner, parallel_prompt), run_io.autocast(device):
         if learner.image_side:
             image_features = learner.encode_image(torch.cat([images[picked.positives], negatives]))   # (L, E)
         else:  # f(V) has no prompt (CoOp): the sampler's features of the positives serve as they are
@@ -308,50 +281,27 @@ def learner_loss_step(learner, images, labels, tuned_prompt, mixed_prompt, class
     """Tab. 3 rows (3) and (4), "--loss learner": P' = F⁻¹(P̃_b) trained with the backbone learner's own
     training loss (CoOp: cross-entropy, Eq. 3) on the plain few-shot batch; no negative sampler."""
     parallel_prompt = decoupling(mixed_prompt, tuned_prompt, omega_b)
-    with prompts.substitute(learner, parallel_prompt), tb.autocast(device):
+    with prompts.substitute(learner, parallel_prompt), run_io.autocast(device):
         loss = learner.training_loss(images, labels, classnames)["loss"]
     return Step(loss, images.shape[0], 0.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# The stage-1 run: ours, or a Dassl folder of the original code
-
-def find_backbone(backbone: str) -> str:
-    """--backbone, or the run train_backbone.py wrote last (said aloud, so nobody is surprised)."""
-    if backbone:
-        return backbone
-    if not os.path.isfile(tb.LAST_BACKBONE):
-        raise DPCError(f"no --backbone given and no {tb.LAST_BACKBONE}: run train_backbone.py first "
-                       f"or pass --backbone RUN_DIR")
-    with open(tb.LAST_BACKBONE) as f:
-        backbone = f.read().strip()
-    print(f"using the last backbone run: {backbone}")
-    return backbone
-
-
-def load_dassl_backbone(run_dir: str, args):
-    learner, name = tb.dassl_learner(run_dir, args.clip, args.device, args.teacher, args.teacher_clip,
-                                     args.trust_checkpoint)
-    if not args.data:
-        raise DPCError(f"{run_dir} is a Dassl run: pass --data (and --root, --clip) for it")
-    return learner, dict(learner=name, clip=args.clip, data=args.data, args=dict(seed=args.seed or 1, root=args.root))
 
 
 # ---------------------------------------------------------------------------------------------
 # Arguments
 
 def get_args(argv=None):
-    p = tb.Parser(description="DPC stage 2 (paper §3.2-3.4)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = run_io.Parser(description="DPC stage 2 (paper §3.2-3.4)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--backbone", default=None, help="stage-1 run folder (default: the last train_backbone.py run)")
     p.add_argument("--topk", type=int, default=8, help="K of the Negative Sampler (paper §4.1: K = 8)")
     p.add_argument("--batch-size", type=int, default=4, help="b (paper §4.1: 4, so b·K = 32 as the backbone's batch)")
-    p.add_argument("--epochs", type=int, default=20, help="DPC epochs (the released configs: 20 for every learner; Tab. 5 varies it, e.g. --epochs 10)")
+    p.add_argument("--epochs", type=int, default=20,
+                   help="DPC epochs (the released configs: 20 for every learner; Tab. 5 varies it, e.g. --epochs 10)")
     p.add_argument("--lr", type=float, default=0.002, help="SGD lr on P̃_b (released DPC configs), same schedule as the backbone")
     p.add_argument("--omega-b", type=float, default=None, help="ω_b in (0, 1] (paper §4.1: 0.2; MaPLe 1.0)")
     p.add_argument("--omega-n", type=float, default=1e-6, help="ω_n in [0, 1] (paper §4.1: 1e-6)")
     p.add_argument("--base-inference", default="parallel", choices=BASE_INFERENCE_CHOICES,
                    help="base classes use P' (parallel: the released code and the paper's numbers) or "
-                        "P̃_b = ω_b P' + (1-ω_b) P (mixed: literal Eq. 12); DECISIONS #10")
+                        "P̃_b = ω_b P' + (1-ω_b) P (mixed: literal Eq. 12); README Differences 6")
     p.add_argument("--loss", default="hard-negative", choices=("hard-negative", "learner"),
                    help="what trains P': the hard-negative InfoNCE of DHNO (Eq. 9-11, DPC), or the backbone learner's "
                         "own training loss on the plain few-shot batch (Tab. 3 rows 3-4: weighting without DHNO)")
@@ -359,17 +309,13 @@ def get_args(argv=None):
                    help="where negative images come from: the few-shot base train set, or the full base train split")
     p.add_argument("--shots", type=int, default=16, help="few-shot base train set (also for a PromptKD backbone, paper §4.1)")
     p.add_argument("--seed", type=int, default=None, help="default: the backbone's seed")
-    p.add_argument("--data", default=None, help="dataset (default: the backbone's; required for a Dassl folder)")
-    p.add_argument("--root", default=None, help="dataset root (default: the backbone's)")
-    p.add_argument("--clip", default="ViT-B/16", help="CLIP of a Dassl backbone (ours record their own)")
-    p.add_argument("--teacher", default=None, help="Dassl PromptKD backbone: its Dassl PromptSRC teacher folder")
-    p.add_argument("--teacher-clip", default="ViT-L/14", help="CLIP of that Dassl teacher")
+    run_io.add_backbone_flags(p)   # --data, --root, --clip, --teacher, --teacher-clip: the backbone's unless given
     p.add_argument("--output-dir", default=None, help="run folder (default output/<data>/<learner>_dpc/seed<seed>)")
-    tb.add_run_flags(p)
+    run_io.add_run_flags(p)
     args = p.parse_args(argv)
-    tb.check_positive(args, "epochs", "batch_size", "lr")
-    tb.check_shots(args.shots)
-    tb.check_run_flags(args)
+    run_io.check_positive(args, "epochs", "batch_size", "lr")
+    run_io.check_shots(args.shots)
+    run_io.check_run_flags(args)
     check_topk(args.topk, max(args.topk, 2))  # K < 2 fails before anything is loaded or written
     return args
 
@@ -378,54 +324,36 @@ def get_args(argv=None):
 # Training loop (Fig. 3)
 
 def main(args):
-    args.backbone = find_backbone(args.backbone)
-    args.teacher = args.teacher and os.path.abspath(args.teacher)   # a Dassl run is re-evaluated from other folders
-    args.clip, args.teacher_clip = tb.clip_path(args.clip), tb.clip_path(args.teacher_clip)
-    if os.path.isfile(os.path.join(args.backbone, "checkpoint.pt")):
-        learner, backbone, _ = tb.load_backbone(args.backbone, args.device, args.trust_checkpoint)
-    else:
-        learner, backbone = load_dassl_backbone(args.backbone, args)
-    args.learner, args.clip = backbone["learner"], backbone["clip"]
-    if args.data and args.data != backbone["data"]:
-        raise DPCError(f"--data {args.data}, but the backbone {args.backbone} was trained on {backbone['data']}: "
-                       f"DPC continues on the backbone's own classes; drop --data or pick the matching backbone")
-    args.data = args.data or backbone["data"]
-    args.root = os.path.abspath(args.root or backbone["args"]["root"])
-    args.seed = backbone["args"]["seed"] if args.seed is None else args.seed
+    learner, backbone = run_io.dpc_backbone(args)   # P's learner; DPC continues on its data, root, seed and classes
     args.omega_b = (1.0 if args.learner == "maple" else 0.2) if args.omega_b is None else args.omega_b
     check_omegas(args.omega_b, args.omega_n)
     args.output_dir = args.output_dir or os.path.join("output", args.data, f"{args.learner}_dpc", f"seed{args.seed}")
-    tb.check_not_a_source(args.output_dir, backbone=args.backbone, teacher=args.teacher)
-    previous = tb.check_run_folder(args, "dpc")
-    splits = tb.load_splits(args.data, args.root, args.shots, args.seed)
-    args.subsample = backbone["args"].get("subsample", "base")          # Tab. 2 sources train on all classes
-    tb.check_halves(splits, args.data, args.subsample)
+    run_io.check_not_a_source(args.output_dir, backbone=args.backbone, teacher=args.teacher)
+    previous = run_io.check_run_folder(args, "dpc")
+    splits = data.load_splits(args.data, args.root, args.shots, args.seed)
+    data.check_halves(splits, args.data, args.subsample)
     train_items = splits[args.subsample]["train"]
     classnames = data.classnames_of(train_items)                      # the n base classes
-    trained_on = backbone.get("classnames")                          # None for a Dassl folder
-    if trained_on and args.learner != "promptkd" and trained_on != classnames:
-        raise DPCError(f"the backbone was trained on other classes ({trained_on[:3]}...) than the base classes "
-                       f"of {args.data} under {args.root} ({classnames[:3]}...): wrong --root?")
+    run_io.check_backbone_classes(backbone, classnames, args)
     prompts.check_classnames(learner, data.classnames_of(splits["all"]["train"]), training=args.loss == "learner")
-    image_size = learner.clip.visual.input_resolution
-    train_images = tb.train_set(train_items, image_size)             # decoded once, before anything is written
-    pool = train_items if args.negative_pool == "fewshot" else data.subsample(splits["full"], args.subsample)["train"]
-    pool_images = train_images if args.negative_pool == "fewshot" else tb.train_set(pool, image_size)
+    train_images = data.train_set(train_items, learner.clip.visual.input_resolution)   # decoded once, here
+    pool = train_items if args.negative_pool == "fewshot" else data.subsample(splits["unsampled"], args.subsample)["train"]
+    pool_images = train_images if args.negative_pool == "fewshot" else data.train_set(pool, train_images.transform.size)
     topk = check_topk(args.topk, len(classnames))
-    tb.check_disk(args.output_dir, list(prompts.prompt_tensors(learner).values()) * 2)   # P and P̃_b are both saved
-    tb.start_run(args)
+    run_io.check_disk(args.output_dir, list(prompts.prompt_tensors(learner).values()) * 2)   # P and P̃_b are both saved
+    run_io.start_run(args)
     if topk < args.topk:
-        tb.log(f"warning: --topk {args.topk} > {len(classnames)} base classes; using K = {topk}")
+        log(f"warning: --topk {args.topk} > {len(classnames)} base classes; using K = {topk}")
     sampler = NegativeSampler([item.label for item in pool], len(classnames), topk, args.seed)
     logit_scale = learner.clip.logit_scale.exp().item()               # s = 1/τ = 100, frozen
     learner.eval()  # BN statistics of P stay P's (PromptKD's projector); CLIP has no dropout
 
     # 1. Dual prompt initialisation. Eq. (5): P' := P, with P frozen.
     tuned_prompt = {n: t.detach().clone().requires_grad_(False) for n, t in prompts.prompt_tensors(learner).items()}
-    # 2. Weighting-Decoupling: the trainable tensor is the mixed prompt P̃_b (DECISIONS #10).
+    # 2. Weighting-Decoupling: the trainable tensor is the mixed prompt P̃_b (README Differences 6).
     mixed_prompt = initial_mixed_prompt(tuned_prompt)
     optimizer = torch.optim.SGD(mixed_prompt.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    scaler = tb.grad_scaler(args.device)   # fp16 autocast only (GPUs without bf16), as in stage 1
+    scaler = run_io.grad_scaler(args.device)   # fp16 autocast only (GPUs without bf16), as in stage 1
     start_epoch = 1
     if previous is not None:
         path = os.path.join(args.output_dir, "checkpoint.pt")
@@ -433,26 +361,29 @@ def main(args):
         with torch.no_grad():
             for n, p in mixed_prompt.items():
                 p.copy_(previous["mixed_prompt"][n])
-        tb.load_optimizer_state(optimizer, previous["optimizer"], path)
+        run_io.load_optimizer_state(optimizer, previous["optimizer"], path)
         start_epoch = previous["epoch"] + 1
-    log_start(args, tuned_prompt, train_items, pool, topk)
+    log(f"DPC on {args.learner} backbone {args.backbone}: P = {len(tuned_prompt)} tensors, "
+        f"{sum(t.numel() for t in tuned_prompt.values()):,} values; b = {args.batch_size}, K = {topk}, "
+        f"ω_b = {args.omega_b}, ω_n = {args.omega_n}, base inference {args.base_inference}, loss {args.loss}; "
+        f"{len(train_items)} train images, negatives from {len(pool)} ({args.negative_pool})")
 
     # The sampler's frozen text features of P over all base classes never change: computed once.
-    with torch.no_grad(), prompts.substitute(learner, tuned_prompt), tb.autocast(args.device):
+    with torch.no_grad(), prompts.substitute(learner, tuned_prompt), run_io.autocast(args.device):
         tuned_text = F.normalize(learner.encode_text(classnames).float(), dim=-1)   # (n, E)
 
     threads = ThreadPoolExecutor(args.workers) if args.workers > 0 else None   # renders the negatives
     for epoch in range(start_epoch, args.epochs + 1):
         torch.manual_seed(args.seed * 1000 + epoch)     # a resumed run replays exactly this epoch
         sampler.rng.seed(args.seed * 1000 + epoch)
-        loader = tb.make_loader(train_images, args.batch_size, True, args.workers,
-                                seed=args.seed * 1000 + epoch, drop_last=True)
-        lr = tb.lr_at(epoch, args.lr, args.epochs)
+        loader = data.make_loader(train_images, args.batch_size, True, args.workers,
+                                  seed=args.seed * 1000 + epoch, drop_last=True)
+        lr = lr_at(epoch, args.lr, args.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        t_epoch, t_wait, t_sampler, t_last, pairs = time.time(), 0.0, 0.0, time.time(), 0
+        progress, t_sampler, pairs = run_io.Progress(epoch, args.epochs, len(loader), args.print_every), 0.0, 0
         for it, (images, labels, _) in enumerate(loader, 1):
-            t_wait += time.time() - t_last
+            progress.waited()
             images = images.to(args.device, non_blocking=True)
             if args.loss == "hard-negative":
                 step = dpc_step(learner, images, labels, sampler, pool_images, threads, tuned_prompt, tuned_text,
@@ -462,34 +393,29 @@ def main(args):
                                          classnames, args.omega_b, args.device)
             if not torch.isfinite(step.loss):
                 raise DPCError(f"loss is {step.loss.item()} at epoch {epoch} iteration {it}: lower --lr or raise "
-                               f"--omega-b; " + tb.kept_checkpoint(epoch))
+                               f"--omega-b; " + run_io.kept_checkpoint(epoch))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(step.loss).backward()
             scaler.step(optimizer)
             scaler.update()
             pairs += step.pairs
             t_sampler += step.sampler_s
-            t_last = time.time()
-            if it % args.print_every == 0 or it == len(loader):
-                elapsed = time.time() - t_epoch
-                left = (args.epochs - epoch) * len(loader) + len(loader) - it
-                tb.log(f"epoch {epoch}/{args.epochs} it {it}/{len(loader)} loss {step.loss.item():.4f} lr {lr:.2e} "
-                       f"L {pairs / it:.1f} {pairs / elapsed:.1f} pairs/s sampler {100 * t_sampler / elapsed:.0f}% "
-                       f"data-wait {100 * t_wait / elapsed:.0f}% eta {left * elapsed / it / 60:.1f} min")
-        tb.check_diverged(mixed_prompt, epoch)
-        tb.save_atomic(checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, epoch, optimizer, False),
-                       os.path.join(args.output_dir, "checkpoint.pt"))
+            progress.done(it, lambda s: f"loss {step.loss.item():.4f} lr {lr:.2e} L {pairs / it:.1f} "
+                                        f"{pairs / s:.1f} pairs/s sampler {100 * t_sampler / s:.0f}%")
+        run_io.check_diverged(mixed_prompt, epoch)
+        run_io.save_atomic(run_io.dpc_checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, epoch, optimizer,
+                                                 False), os.path.join(args.output_dir, "checkpoint.pt"))
     if threads is not None:
         threads.shutdown()
 
     results = evaluate_dpc(learner, splits, tuned_prompt, mixed_prompt, args.omega_b, args)
-    tb.log_results(results, f"{args.learner} + DPC")
-    tb.save_atomic(checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, args.epochs, optimizer, True),
-                   os.path.join(args.output_dir, "checkpoint.pt"))
-    tb.write_json_atomic(dict(results, kind="dpc", learner=args.learner, data=args.data, seed=args.seed,
-                              omega_b=args.omega_b, omega_n=args.omega_n, base_inference=args.base_inference,
-                              loss=args.loss, topk=topk, epochs=args.epochs, backbone=os.path.abspath(args.backbone)),
-                         os.path.join(args.output_dir, "results.json"))
+    scoring.log_results(results, f"{args.learner} + DPC")
+    run_io.save_atomic(run_io.dpc_checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, args.epochs, optimizer,
+                                             True), os.path.join(args.output_dir, "checkpoint.pt"))
+    run_io.write_json_atomic(dict(results, kind="dpc", learner=args.learner, data=args.data, seed=args.seed,
+                                  omega_b=args.omega_b, omega_n=args.omega_n, base_inference=args.base_inference,
+                                  loss=args.loss, topk=topk, epochs=args.epochs, backbone=os.path.abspath(args.backbone)),
+                             os.path.join(args.output_dir, "results.json"))
     return results
 
 
@@ -512,28 +438,12 @@ def evaluate_dpc(learner, splits, tuned_prompt, mixed_prompt, trained_omega_b, a
     with torch.no_grad():
         base_prompt, new_prompt = inference_prompts(mixed_prompt, tuned_prompt, trained_omega_b, args.omega_b,
                                                     args.omega_n, args.base_inference)
-    return tb.base_to_new(learner, splits, args.device, args.workers, base_prompt, new_prompt,
-                          getattr(args, "subsample", "base"), args.feature_cache)
-
-
-def checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, epoch, optimizer, finished):
-    """Small and self-describing: P and P̃_b (the learner's tensors only), never the frozen CLIP."""
-    return dict(kind="dpc", learner=args.learner, clip=backbone["clip"], data=args.data, classnames=classnames,
-                backbone=os.path.abspath(args.backbone), epoch=epoch, finished=finished, args=vars(args),
-                tuned_prompt={n: t.detach().cpu() for n, t in tuned_prompt.items()},
-                mixed_prompt={n: t.detach().cpu() for n, t in mixed_prompt.items()},
-                optimizer=optimizer.state_dict())
-
-
-def log_start(args, tuned_prompt, train_items, pool, topk):
-    tb.log(f"DPC on {args.learner} backbone {args.backbone}: P = {len(tuned_prompt)} tensors, "
-           f"{sum(t.numel() for t in tuned_prompt.values()):,} values; b = {args.batch_size}, K = {topk}, "
-           f"ω_b = {args.omega_b}, ω_n = {args.omega_n}, base inference {args.base_inference}, loss {args.loss}; "
-           f"{len(train_items)} train images, negatives from {len(pool)} ({args.negative_pool})")
+    return scoring.base_to_new(learner, splits, args.device, args.workers, base_prompt, new_prompt,
+                               getattr(args, "subsample", "base"), args.feature_cache)
 
 
 def run(argv=None):
-    return tb.run_cli(main, get_args, argv, (DPCError,))
+    return run_io.run_cli(main, get_args, argv, (DPCError,))
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ class ConstantWarmupScheduler(LRScheduler):
 
 
 def dassl_state_dict(name: str, learner) -> dict:
-    """Our learner's tensors under the original code's names (backbones.md §4.2, §5.2, §6.2, §7.3), fp16
-    where the original holds fp16, plus the frozen copies a whole-model checkpoint carries."""
+    """Our learner's tensors under the original code's names (README Differences 11), fp16 where the
+    original holds fp16, plus the frozen copies a whole-model checkpoint carries."""
     out = {}
     for key, value in prompts.learner_state(learner).items():
         parts = key.split(".")

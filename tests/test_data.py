@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from data import (CLIP_MEAN, CLIP_STD, DATASETS, DataError, ImageDataset, Item, classnames_of, few_shot,
-                  load_image, make_synthetic_imagefolder, read_splits, subsample, test_transform,
+                  load_image, read_splits, subsample, test_transform,
                   train_transform)
+from toy_world import make_synthetic_imagefolder
 
 
 def fake_items(counts: dict[int, int], interleave: bool = True) -> list[Item]:

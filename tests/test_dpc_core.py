@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import data
+import toy_world
 from train_dpc import (DPCError, NegativeSampler, base_class_prompt, check_omegas, check_topk, decoupling,
-                       filter_features, hard_negative_loss, load_negatives, new_class_prompt, selection_matrix,
+                       filter_features, hard_negative_loss, new_class_prompt, selection_matrix,
                        weighting)
 
 
@@ -111,7 +112,7 @@ def test_new_class_prompt_with_omega_n_zero_is_tuned_exactly():
 
 def test_decoupling_at_initialisation_returns_tuned():
     tuned = prompts(0, scale=1.0)
-    mixed = {k: v.clone() for k, v in tuned.items()}  # DECISIONS #10: P̃_b starts at P
+    mixed = {k: v.clone() for k, v in tuned.items()}  # README Differences 6: P̃_b starts at P
     for omega_b in (0.2, 0.5, 1.0, 0.07):
         p = decoupling(mixed, tuned, omega_b)
         assert all(torch.equal(p[k], tuned[k]) for k in tuned)
@@ -176,7 +177,7 @@ def test_check_topk():
 
 
 # ---------------------------------------------------------------------------------------------
-# Negative sampler (§3.3, DECISIONS #11)
+# Negative sampler (§3.3, README Differences 7)
 
 def test_sampler_small_example():
     # classes 0..4, two images each; batch of 3 with a repeated class
@@ -271,7 +272,7 @@ def test_sampler_is_deterministic_per_seed():
 def test_negatives_rendered_on_threads_equal_a_serial_loop(tmp_path, cache):
     """The thread pool only renders: the views come from torch's RNG in order, so the tensors (and the
     RNG state after them) are those of calling the dataset one image at a time."""
-    data.make_synthetic_imagefolder(str(tmp_path), n_classes=3, n_train=4, n_val=0, n_test=1, size=48)
+    toy_world.make_synthetic_imagefolder(str(tmp_path), n_classes=3, n_train=4, n_val=0, n_test=1, size=48)
     pool = data.ImageDataset(data.read_splits(str(tmp_path), "synthetic")["train"], data.train_transform(32), cache=cache)
     indices = [5, 0, 11, 5, 7, 2, 9]
     torch.manual_seed(0)
@@ -279,9 +280,9 @@ def test_negatives_rendered_on_threads_equal_a_serial_loop(tmp_path, cache):
     after_serial = torch.rand(1)
     with ThreadPoolExecutor(3) as threads:
         torch.manual_seed(0)
-        parallel = load_negatives(pool, indices, threads)
+        parallel = data.augmented_images(pool, indices, threads)
         after_parallel = torch.rand(1)
     assert len(parallel) == len(indices) and all(torch.equal(a, b) for a, b in zip(serial, parallel))
     assert torch.equal(after_serial, after_parallel)
     torch.manual_seed(0)
-    assert all(torch.equal(a, b) for a, b in zip(serial, load_negatives(pool, indices, None)))
+    assert all(torch.equal(a, b) for a, b in zip(serial, data.augmented_images(pool, indices, None)))

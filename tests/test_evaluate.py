@@ -11,7 +11,11 @@ import shutil
 import pytest
 import torch
 
+import clip_model
+import data
 import evaluate
+import run_io
+import scoring
 import train_backbone as tb
 import train_dpc as td
 
@@ -88,7 +92,7 @@ def test_hm_is_taken_of_the_seed_means_not_averaged(runs, tmp_path):
     HM of means = 2·60·35/95 = 44.2105; the mean of per-seed HMs would be 44.2045."""
     for seed, (base, new) in ((1, (70.0, 40.0)), (2, (50.0, 30.0))):
         run = copy_run(runs[f"coop/seed{seed}"], tmp_path / "runs" / f"seed{seed}")
-        tb.write_json_atomic(dict(results_json(run), base=base, new=new), os.path.join(run, "results.json"))
+        run_io.write_json_atomic(dict(results_json(run), base=base, new=new), os.path.join(run, "results.json"))
     out = evaluate_main(tmp_path / "runs", "--out", tmp_path / "ev")
     (group,) = out["groups"]
     assert (group["base"], group["new"]) == (60.0, 35.0)
@@ -147,23 +151,23 @@ def test_table_puts_the_paper_number_beside_ours():
     averages = [dict(learner="coop", kind="backbone", data="average", datasets=["eurosat", "synthetic"],
                      base=75.06, new=45.0, hm=56.27),
                 dict(learner="coop", kind="dpc", data="average", datasets=["eurosat"], base=90.0, new=50.0, hm=64.3)]
-    text = evaluate.format_table(cells, averages)
+    text = scoring.format_table(cells, averages)
     assert "80.12 (paper 87.60)" in text and "51.62" in text and "90.00 (paper 93.40)" in text
     assert "70.00 (paper –)" in text and "75.06 (paper –)" in text  # no paper number for synthetic
     assert "Avg over 2 datasets" in text and "average is over eurosat only" in text
     assert "+ DPC" in text and text.index("CoOp") < text.index("+ DPC")
-    markdown = evaluate.format_table(cells, averages, markdown=True)
+    markdown = scoring.format_table(cells, averages, markdown=True)
     assert "| CoOp | 75.06 (paper –) |" in markdown and "EuroSAT Base" in markdown
 
 
 def test_paper_numbers_are_consistent_with_tab1():
     """The stored averages are the means of the per-dataset numbers, and the computed H matches Tab. 1."""
-    for (learner, row), table in evaluate.PAPER.items():
+    for (learner, row), table in scoring.PAPER.items():
         for i in range(2):
-            per_dataset = sum(table[d][i] for d in evaluate.PAPER_DATASETS) / 11
+            per_dataset = sum(table[d][i] for d in scoring.PAPER_DATASETS) / 11
             assert per_dataset == pytest.approx(table["average"][i], abs=0.006), (learner, row, i)
-    assert evaluate.paper_cell("coop", "backbone", "eurosat")[2] == pytest.approx(64.96, abs=0.005)
-    assert evaluate.paper_cell("coop", "dpc", "average", evaluate.PAPER_DATASETS)[2] == pytest.approx(76.13, abs=0.005)
+    assert scoring.paper_cell("coop", "backbone", "eurosat")[2] == pytest.approx(64.96, abs=0.005)
+    assert scoring.paper_cell("coop", "dpc", "average", scoring.PAPER_DATASETS)[2] == pytest.approx(76.13, abs=0.005)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,13 +203,13 @@ def test_zero_shot_uses_each_datasets_coop_template(runs, tmp_path, monkeypatch,
     rows = {r["data"]: r for r in out["runs"] if r["kind"] == "zeroshot"}
     assert rows["dtd"]["template"] == "{} texture." and rows["synthetic"]["template"] == "a photo of a {}."
     assert "note: Zero-shot CLIP on dtd uses the template '{} texture.'" in capsys.readouterr().out
-    clip = tb.load_clip("tiny", "cpu")
-    splits = tb.load_splits("dtd", root, 0, 1)
+    clip = run_io.load_clip("tiny", "cpu")
+    splits = data.load_splits("dtd", root, 0, 1)
     items = splits["base"]["test"]
-    names = [c.replace("_", " ") for c in tb.data.classnames_of(items)]
+    names = [c.replace("_", " ") for c in data.classnames_of(items)]
     with torch.no_grad():
-        text = torch.nn.functional.normalize(clip.encode_text(tb.clip_model.tokenize([f"{n} texture." for n in names])), dim=-1)
-        images = torch.stack([tb.data.test_transform(32)(tb.data.load_image(it.path)) for it in items])
+        text = torch.nn.functional.normalize(clip.encode_text(clip_model.tokenize([f"{n} texture." for n in names])), dim=-1)
+        images = torch.stack([data.test_transform(32)(data.load_image(it.path)) for it in items])
         image = torch.nn.functional.normalize(clip.encode_image(images), dim=-1)
     expected = 100.0 * ((image @ text.t()).argmax(-1) == torch.tensor([it.label for it in items])).float().mean().item()
     assert abs(rows["dtd"]["base"] - expected) < 1e-6

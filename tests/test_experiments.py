@@ -8,8 +8,9 @@ import shutil
 import pytest
 import torch
 
-import data
 import evaluate
+import scoring
+import toy_world
 import train_backbone as tb
 import train_dpc
 
@@ -46,9 +47,9 @@ def tab2(tmp_path_factory):
 
 
 def test_transfer_prints_tab2_and_keeps_every_target(tab2, capsys, monkeypatch):
-    real, calls = tb.encode_images, []
-    monkeypatch.setattr(tb, "encode_images", lambda *a: calls.append(1) or real(*a))
-    tb._MEMO.clear()
+    real, calls = scoring.encode_images, []
+    monkeypatch.setattr(scoring, "encode_images", lambda *a: calls.append(1) or real(*a))
+    scoring._MEMO.clear()
     with contextlib.chdir(tab2["base"]):
         out = evaluate.main(evaluate.get_args(["src", "src_dpc", "--target", "other,imagenet_r", "--workers", "0",
                                                "--out", "ev"]))
@@ -71,7 +72,7 @@ def test_transfer_prints_tab2_and_keeps_every_target(tab2, capsys, monkeypatch):
 def test_target_groups_expand_to_the_papers_targets():
     assert evaluate.parse_targets("cross-domain", {"imagenet"}) == ["imagenet", "imagenet_v2", "imagenet_sketch",
                                                                     "imagenet_a", "imagenet_r"]
-    assert evaluate.parse_targets("cross-dataset", {"imagenet"})[1:] == [d for d in evaluate.PAPER_DATASETS][1:]
+    assert evaluate.parse_targets("cross-dataset", {"imagenet"})[1:] == [d for d in scoring.PAPER_DATASETS][1:]
 
 
 # -- Tab. 3 ---------------------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def test_tab3_rows_are_what_their_flags_say(tab3):
     r2 = ckpt(tab3, "row2")
     mixed, tuned = r2["mixed_prompt"], r2["tuned_prompt"]
     assert all(torch.equal(b, n) for b, n in zip(train_dpc.base_class_prompt(mixed, tuned, 1.0, "parallel").values(),
-                                                  train_dpc.new_class_prompt(mixed, tuned, 1.0, 1.0).values()))
+                                                 train_dpc.new_class_prompt(mixed, tuned, 1.0, 1.0).values()))
     # (3) and (4) train the same P' (same seed, same loss): only their inference differs
     r3, r4 = ckpt(tab3, "row3"), ckpt(tab3, "row4")
     assert all(torch.equal(r3["mixed_prompt"][k], r4["mixed_prompt"][k]) for k in r3["mixed_prompt"])
@@ -126,8 +127,8 @@ def test_evaluate_lays_out_tab3(tab3, capsys):
         out = evaluate.main(evaluate.get_args(["coop", "row1", "row2", "row3", "row4", "row5", "--ablation",
                                                "--out", "ev"]))
     rows = {a["kind"]: a for a in out["averages"]}
-    assert set(rows) == set(evaluate.ABLATION_ROWS)
-    for row, run in zip(evaluate.ABLATION_ROWS, ("coop", "row1", "row2", "row3", "row4", "row5")):
+    assert set(rows) == set(scoring.ABLATION_ROWS)
+    for row, run in zip(scoring.ABLATION_ROWS, ("coop", "row1", "row2", "row3", "row4", "row5")):
         assert (rows[row]["base"], rows[row]["new"]) == (results(tab3, run)["base"], results(tab3, run)["new"]), row
     printed = capsys.readouterr().out
     assert "(1) TS" in printed and "(paper 82.69)" in printed and "(paper 85.15)" in printed
@@ -150,7 +151,7 @@ def test_transfer_reads_each_runs_source_from_its_own_root(tab2, tmp_path, monke
     run's source column uses its own root's test split, not the one read first."""
     monkeypatch.chdir(tmp_path)
     other_root = str(tmp_path / "data4")
-    data.make_synthetic_imagefolder(other_root, "synthetic", n_classes=4, n_train=4, n_test=3, seed=5)
+    toy_world.make_synthetic_imagefolder(other_root, "synthetic", n_classes=4, n_train=4, n_test=3, seed=5)
     tb.main(tb.get_args(["--learner", "coop", "--epochs", "1", "--batch-size", "8", "--subsample", "all",
                          "--data", "synthetic", "--root", other_root, "--clip", "tiny", "--workers", "0",
                          "--shots", "2", "--output-dir", "small"]))

@@ -3,7 +3,7 @@
 Shape, gradient flow, checkpoint round trips, the prompt-embedding path against CLIP's token path,
 where the deep prompts enter the towers, the ViT-B/16 parameter counts, PromptSRC's and PromptKD's
 losses against hand computations, and `substitute` (the hook DPC uses). CPU only, on a tiny random
-CLIP (clip_model.random_clip); nothing here reads the spec folder.
+CLIP (clip_model.random_clip); nothing here reads files outside the repository.
 """
 import math
 
@@ -405,7 +405,7 @@ def test_promptsrc_text_target_stays_fp32_under_autocast(clip):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_training_loss_under_bf16_autocast(name, clip, teacher, images, labels):
-    """The GPU path (train_backbone.autocast) on CPU: finite fp32 loss, fp32 gradients on fp32 prompts."""
+    """The GPU path (run_io.autocast) on CPU: finite fp32 loss, fp32 gradients on fp32 prompts."""
     learner = build(name, clip, teacher).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = learner.training_loss(images, labels, CLASSES)

@@ -16,6 +16,8 @@ from PIL import Image
 import data
 import evaluate
 import prompts
+import run_io
+import toy_world
 import train_backbone as tb
 import train_dpc
 
@@ -27,7 +29,7 @@ def world(tmp_path_factory):
     """A synthetic dataset, broken variants of it, and one finished CoOp backbone run."""
     base = tmp_path_factory.mktemp("reliability")
     root = str(base / "data")
-    data.make_synthetic_imagefolder(root, "synthetic")
+    toy_world.make_synthetic_imagefolder(root, "synthetic")
     src = os.path.join(root, "synthetic")
 
     def variant(name, edit):
@@ -242,7 +244,7 @@ def test_failed_write_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        tb.save_atomic({"x": 1}, str(run_dir / "checkpoint.pt"))
+        run_io.save_atomic({"x": 1}, str(run_dir / "checkpoint.pt"))
     assert (run_dir / "checkpoint.pt").read_bytes() == good
 
     def full_disk(obj, path):   # what torch's own zip writer raises: a RuntimeError, which run_cli would not catch
@@ -253,7 +255,7 @@ def test_failed_write_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match="file write failed"):   # one line through run_cli, like any OSError
-        tb.save_atomic({"x": 1}, str(run_dir / "checkpoint.pt"))
+        run_io.save_atomic({"x": 1}, str(run_dir / "checkpoint.pt"))
     assert (run_dir / "checkpoint.pt").read_bytes() == good
     assert sorted(os.listdir(run_dir)) == sorted(os.listdir(world["coop"]))   # no temp file left
 
@@ -308,7 +310,7 @@ def test_a_run_that_diverges_on_its_last_step_is_never_saved_as_finished(world, 
             train_dpc.run
     with contextlib.chdir(tmp_path):   # count the steps of a clean run first
         monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: (real_step(self, closure),
-                                                                                steps.__setitem__("n", steps["n"] + 1)))
+                                                                                 steps.__setitem__("n", steps["n"] + 1)))
         run(argv[:argv.index("--output-dir")] + ["--output-dir", "clean"] + epochs)
     steps["last"], steps["n"] = steps["n"], 0
     monkeypatch.setattr(torch.optim.SGD, "step", last_step_diverges)
@@ -361,18 +363,18 @@ def test_interrupted_dpc_run_resumes_to_identical_results(world, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     flags = ["--backbone", world["coop"], "--epochs", "2", "--workers", "0", "--shots", "4"]
     straight = train_dpc.main(train_dpc.get_args(flags + ["--output-dir", "straight"]))
-    real = tb.make_loader
+    real = data.make_loader
 
     def crash_in_epoch_2(dataset, batch_size, shuffle, workers, seed=0, drop_last=False):
         if shuffle and seed % 1000 == 2:
             raise KeyboardInterrupt
         return real(dataset, batch_size, shuffle, workers, seed=seed, drop_last=drop_last)
 
-    monkeypatch.setattr(tb, "make_loader", crash_in_epoch_2)
+    monkeypatch.setattr(data, "make_loader", crash_in_epoch_2)
     with pytest.raises(SystemExit) as exit_:
         train_dpc.run(flags + ["--output-dir", "cut"])
     assert exit_.value.code == 130
-    monkeypatch.setattr(tb, "make_loader", real)
+    monkeypatch.setattr(data, "make_loader", real)
     resumed = train_dpc.main(train_dpc.get_args(flags + ["--output-dir", "cut", "--resume"]))
     assert resumed == straight
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["mixed_prompt"]

@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 
-import data
-import train_backbone as tb
+import run_io
+import toy_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -50,7 +50,7 @@ def snapshot(runs):
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reproduce")
-    data.make_toy_dataset(str(tmp / "data"), n_train=16, n_val=0, n_test=4)   # the toy world, fewer images
+    toy_world.make_toy_dataset(str(tmp / "data"), n_train=16, n_val=0, n_test=4)   # the toy world, fewer images
     cmd = [sys.executable, os.path.join(REPO, "tools", "reproduce.py")] + toy_argv(tmp)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")      # first call: one chain at a time
     teacher = tmp / "runs" / "teachers" / "toy" / "seed1"
@@ -68,7 +68,7 @@ def toy(tmp_path_factory):
     os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C in a terminal: the tool and its run
     out, err = proc.communicate(timeout=60)
     first = "".join(first) + out
-    before = {str(p.parent): tb.read_checkpoint(str(p))["finished"] for p in (tmp / "runs").rglob("checkpoint.pt")}
+    before = {str(p.parent): run_io.read_checkpoint(str(p))["finished"] for p in (tmp / "runs").rglob("checkpoint.pt")}
     kept = snapshot(tmp / "runs")
     env["CUDA_VISIBLE_DEVICES"] = "0,1"         # second call: two chains at a time, one per "GPU"
     second = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
@@ -89,7 +89,7 @@ def test_interrupted_then_rerun_runs_only_what_is_missing(toy):
     assert toy["second"].returncode == 0, toy["second"].stderr
     second = actions(toy["second"].stdout)
     every = {str(runs / d / f"seed{s}") for s in (1, 2) for d in ("toy/coop", "toy/coop_dpc", "toy/promptkd",
-                                                                   "toy/promptkd_dpc", "teachers/toy")}
+                                                                  "toy/promptkd_dpc", "teachers/toy")}
     assert set(second) == every
     expected = {True: ["skip (finished)"], False: ["resume", "done"], None: ["run", "done"]}
     for run_dir, said in second.items():   # finished: skipped; interrupted: resumed; never started: run
@@ -97,27 +97,27 @@ def test_interrupted_then_rerun_runs_only_what_is_missing(toy):
     assert re.search(r"\[GPU [01]\]", toy["second"].stdout)           # the chains went to the two devices
     after = snapshot(runs)
     assert all(after[p] == kept for p, kept in toy["kept"].items() if toy["before"][os.path.dirname(p)])
-    assert tb.read_checkpoint(os.path.join(order[2], "checkpoint.pt"))["epoch"] == 3
+    assert run_io.read_checkpoint(os.path.join(order[2], "checkpoint.pt"))["epoch"] == 3
     table = (runs / "evaluation" / "table.md").read_text()
     assert "CoOp" in table and "PromptKD" in table and "+ DPC" in table and "Teacher" not in table
     print(f"end to end (both calls): {toy['seconds']:.0f} s")
 
 
 def test_dry_run_after_everything_finished_is_empty(toy, capsys):
-    tb.run_cli(reproduce.main, reproduce.get_args, toy_argv(toy["tmp"], "--dry-run"))
+    run_io.run_cli(reproduce.main, reproduce.get_args, toy_argv(toy["tmp"], "--dry-run"))
     assert capsys.readouterr().out.strip() == ""
 
 
 def fake_run(run_dir, finished, kind="backbone"):
     """A checkpoint of the scripts' schema with no tensors: what the tool reads of it is `finished`."""
     os.makedirs(run_dir, exist_ok=True)
-    ckpt = {key: {} for key in tb.RUN_KEYS[kind]}
+    ckpt = {key: {} for key in run_io.RUN_KEYS[kind]}
     ckpt.update(kind=kind, learner="coop", clip="toy", data="toy", classnames=[], backbone="coop", epoch=1,
                 finished=finished, gpa_sum=None, best=None,
                 args=dict(seed=1, root="data", shots=16, omega_b=0.2, omega_n=1e-6, base_inference="parallel"))
-    ckpt = {k: v for k, v in ckpt.items() if k in tb.RUN_KEYS[kind] or k == "kind"}
+    ckpt = {k: v for k, v in ckpt.items() if k in run_io.RUN_KEYS[kind] or k == "kind"}
     torch.save(ckpt, os.path.join(run_dir, "checkpoint.pt"))
-    assert tb.read_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["finished"] is finished
+    assert run_io.read_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["finished"] is finished
 
 
 @pytest.fixture()
@@ -131,7 +131,7 @@ def half_done(tmp_path):
 
 
 def dry_run(tmp, capsys, *more):
-    tb.run_cli(reproduce.main, reproduce.get_args, toy_argv(tmp, "--dry-run", *more))
+    run_io.run_cli(reproduce.main, reproduce.get_args, toy_argv(tmp, "--dry-run", *more))
     out = capsys.readouterr()
     return out.out.strip().splitlines(), out.err
 
@@ -150,7 +150,7 @@ def test_dry_run_lines_are_chains_in_dependency_order(half_done, capsys):
     assert " --seed 2 " in coop and f"--output-dir {runs}/toy/coop/seed2" in coop and "--resume" not in lines[2]
     assert f"--backbone {runs}/toy/coop/seed2 " in coop_dpc
     teacher, student, kd_dpc = lines[3].split(" && ")
-    recipe = dict(tb.PROMPTKD_TEACHER_RECIPE, clip="toy")
+    recipe = dict(run_io.PROMPTKD_TEACHER_RECIPE, clip="toy")
     for key, value in recipe.items():
         assert f"--{key.replace('_', '-')} {value} " in teacher
     assert teacher.endswith(f"--epochs 3 --workers 0 --shots 4 --print-every 1 --output-dir {runs}/teachers/toy/seed2")
@@ -161,7 +161,7 @@ def test_dry_run_lines_are_chains_in_dependency_order(half_done, capsys):
 def test_slurm_script_has_one_chain_per_task(half_done, capsys):
     lines, _ = dry_run(half_done, capsys)
     path = half_done / "tab1.sbatch"
-    tb.run_cli(reproduce.main, reproduce.get_args, toy_argv(half_done, "--slurm", str(path)))
+    run_io.run_cli(reproduce.main, reproduce.get_args, toy_argv(half_done, "--slurm", str(path)))
     note = capsys.readouterr().out
     script = path.read_text()
     assert "#SBATCH --array=0-3\n" in script and "#SBATCH --gres=gpu:1\n" in script
@@ -185,12 +185,12 @@ def test_failed_run_stops_its_chain_only(tmp_path, monkeypatch, capsys):
     argv = ["--datasets", "mine", "--root", str(tmp_path / "data"), "--seeds", "1", "--learners", "coop,promptkd",
             "--out", str(tmp_path / "runs")]
     with pytest.raises(SystemExit) as e:
-        tb.run_cli(reproduce.main, reproduce.get_args, argv)
+        run_io.run_cli(reproduce.main, reproduce.get_args, argv)
     out = capsys.readouterr()
-    runs = tmp_path / "runs"
-    assert e.value.code == 1 and f"failed: {runs}/mine/coop/seed1 (exit 1): error: boom" in out.err
-    assert not (runs / "mine" / "coop_dpc" / "seed1").exists()                 # its chain stopped
-    gpus = [(runs / d / "seed1" / "gpu").read_text() for d in ("teachers/mine", "mine/promptkd", "mine/promptkd_dpc")]
+    tree = tmp_path / "runs"
+    assert e.value.code == 1 and f"failed: {tree}/mine/coop/seed1 (exit 1): error: boom" in out.err
+    assert not (tree / "mine" / "coop_dpc" / "seed1").exists()                 # its chain stopped
+    gpus = [(tree / d / "seed1" / "gpu").read_text() for d in ("teachers/mine", "mine/promptkd", "mine/promptkd_dpc")]
     assert len(set(gpus)) == 1 and gpus[0] in ("3", "5")                       # the other chain ran, on one GPU
 
 
@@ -213,8 +213,8 @@ def test_bad_input_is_one_line(tmp_path, capsys, flags, message):
     flags, message = [f.replace("<data>", str(tmp_path / "data")) for f in flags], \
         message.replace("<data>", str(tmp_path / "data"))
     with pytest.raises(SystemExit) as e:
-        tb.run_cli(reproduce.main, reproduce.get_args, ["--root", str(tmp_path / "data"), "--out", str(tmp_path / "o"),
-                                                        *flags])
+        run_io.run_cli(reproduce.main, reproduce.get_args, ["--root", str(tmp_path / "data"), "--out", str(tmp_path / "o"),
+                                                            *flags])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: " + message)
     assert not (tmp_path / "o").exists()

@@ -28,6 +28,8 @@ from PIL import Image
 import clip_model
 import data
 import evaluate
+import run_io
+import toy_world
 import train_backbone as tb
 import train_dpc
 
@@ -44,53 +46,53 @@ def read_tree(folder):
 
 
 def test_toy_generator_is_deterministic(tmp_path):
-    one = data.make_toy_dataset(str(tmp_path / "a"), n_train=2, n_val=1, n_test=1)
-    two = data.make_toy_dataset(str(tmp_path / "b"), n_train=2, n_val=1, n_test=1)
-    other = data.make_toy_dataset(str(tmp_path / "c"), n_train=2, n_val=1, n_test=1, seed=1)
+    one = toy_world.make_toy_dataset(str(tmp_path / "a"), n_train=2, n_val=1, n_test=1)
+    two = toy_world.make_toy_dataset(str(tmp_path / "b"), n_train=2, n_val=1, n_test=1)
+    other = toy_world.make_toy_dataset(str(tmp_path / "c"), n_train=2, n_val=1, n_test=1, seed=1)
     a, b, c = read_tree(one), read_tree(two), read_tree(other)
-    n_classes = len(data.toy_base_combos()) + len(data.toy_new_combos())
+    n_classes = len(toy_world.toy_base_combos()) + len(toy_world.toy_new_combos())
     assert len(a) == n_classes * 4 and a.keys() == b.keys() == c.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not any(np.array_equal(a[k], c[k]) for k in a)  # another seed, other images
     assert open(os.path.join(one, "classnames.txt")).read() == open(os.path.join(two, "classnames.txt")).read()
     # one image depends only on its key, not on what was drawn before it
-    rng = data.toy_rng(0, 2, 5, 0)
-    look = data.sample_toy_look(rng, data.TOY_BENCHMARK_CONDITIONS)
-    image = data.render_toy_image(*data.toy_base_combos()[5], look, rng)
+    rng = toy_world.toy_rng(0, 2, 5, 0)
+    look = toy_world.sample_toy_look(rng, toy_world.TOY_BENCHMARK_CONDITIONS)
+    image = toy_world.render_toy_image(*toy_world.toy_base_combos()[5], look, rng)
     assert np.array_equal(image, a[os.path.join("test", sorted(os.listdir(os.path.join(one, "test")))[5], "000.png")])
 
 
 def test_held_out_pairs_never_reach_pretraining(tmp_path):
-    new, base, seen = data.toy_new_combos(), data.toy_base_combos(), data.toy_pretraining_combos()
-    held_out = data.toy_held_out_combos()
+    new, base, seen = toy_world.toy_new_combos(), toy_world.toy_base_combos(), toy_world.toy_pretraining_combos()
+    held_out = toy_world.toy_held_out_combos()
     assert len(set(new)) == len(set(base)) == 8 and len(set(held_out)) == 16 and len(set(seen)) == 64
     assert set(new) <= set(held_out) and not set(held_out) & set(seen) and set(base) <= set(seen)
     # every colour and every shape of a new class was seen, just never that pair
     assert {c for c, _ in new} <= {c for c, _ in seen} and {s for _, s in new} <= {s for _, s in seen}
-    # the benchmark's design (data.TOY_BASE / TOY_NEW): base and new classes share no colour, and
+    # the benchmark's design (toy_world.TOY_BASE / TOY_NEW): base and new classes share no colour, and
     # each new colour comes on two shapes, so only the shape tells those two apart
     assert not {c for c, _ in new} & {c for c, _ in base}
     assert all(sum(c == colour for c, _ in new) == 2 for colour, _ in new)
     # the captions pretraining draws (several steps of its data stream) never name a held-out pair
-    names = [data.toy_classname(*p) for p in held_out]
+    names = [toy_world.toy_classname(*p) for p in held_out]
     for step in (0, 1, 777):
         _, captions = pretrain_toy_clip.batch(step, seed=0, size=256, combos=seen)
         assert not [c for c in captions for name in names if f" {name}" in c]
     # the benchmark's new half (subsample's ceil(n/2) rule) is exactly the new classes
-    root = data.make_toy_dataset(str(tmp_path), n_train=1, n_val=0, n_test=1)
+    root = toy_world.make_toy_dataset(str(tmp_path), n_train=1, n_val=0, n_test=1)
     splits = data.read_splits(str(tmp_path), "toy")
     assert os.path.basename(root) == "toy"
-    assert data.classnames_of(data.subsample(splits, "new")["train"]) == [data.toy_classname(*p) for p in new]
-    assert data.classnames_of(data.subsample(splits, "base")["train"]) == [data.toy_classname(*p) for p in base]
+    assert data.classnames_of(data.subsample(splits, "new")["train"]) == [toy_world.toy_classname(*p) for p in new]
+    assert data.classnames_of(data.subsample(splits, "base")["train"]) == [toy_world.toy_classname(*p) for p in base]
 
 
 def test_toy_clip_checkpoint():
-    path = tb.TOY_CLIP
+    path = run_io.TOY_CLIP
     assert os.path.getsize(path) <= 10_000_000
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert all(t.dtype == torch.float16 for t in state.values())
     assert clip_model.architecture(state) == pretrain_toy_clip.TOY_ARCH  # the checkpoint is the config
-    clip = tb.load_clip("toy", "cpu")  # build_model loads with strict=True
+    clip = run_io.load_clip("toy", "cpu")  # build_model loads with strict=True
     assert len(clip.visual.transformer.resblocks) >= 10 and len(clip.transformer.resblocks) >= 10
     assert abs(clip.logit_scale.exp().item() - 100) < 0.1
 
@@ -161,7 +163,7 @@ def test_dpc_claims_on_the_toy_world(toy_runs, capsys):
     lines.append("ω_b sweep (base, mixed inference, P' trained at ω_b = 0.2): " + "  ".join(
         f"{v:g}: {x:.2f}" for v, x in zip(toy_runs["sweep"]["values"], sweep["accuracies"])))
     lines.append("K (b·K = 32): " + "  ".join(f"K={k}: base {r['base']:.2f} new {r['new']:.2f} H {r['hm']:.2f}"
-                                               for k, r in sorted(toy_runs["k"].items())))
+                                              for k, r in sorted(toy_runs["k"].items())))
     with capsys.disabled():
         print("\n[toy world claim check]\n  " + "\n  ".join(lines))
     # The problem DPC addresses (paper Fig. 1, Tab. 3 row 1, Tab. 5): tuning on the base classes

@@ -12,6 +12,9 @@ import torch
 
 import data
 import prompts
+import run_io
+import scoring
+import toy_world
 import train_backbone
 from train_backbone import get_args, lr_at, main
 
@@ -22,7 +25,7 @@ TEACHER = os.path.join("output", "synthetic", "promptsrc", "seed1")   # the prom
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    data.make_synthetic_imagefolder(str(root), "synthetic")   # 10 classes: 5 base, 5 new
+    toy_world.make_synthetic_imagefolder(str(root), "synthetic")   # 10 classes: 5 base, 5 new
     return str(root)
 
 
@@ -42,7 +45,7 @@ def runs(tmp_path_factory, data_root):
         mp.chdir(cwd)
         for learner in LEARNERS:
             results = main(get_args(argv(learner, data_root)))
-            with open(train_backbone.LAST_BACKBONE) as f:
+            with open(run_io.LAST_BACKBONE) as f:
                 last = f.read().strip()
             out[learner] = dict(results=results, dir=os.path.join("output", "synthetic", learner, "seed1"), last=last)
     out["cwd"] = cwd
@@ -71,7 +74,7 @@ def test_smoke_run_results_and_run_folder(learner, runs):
     assert set(results) >= {"base", "new", "hm"}
     for key in ("base", "new", "hm"):
         assert 0.0 <= results[key] <= 100.0
-    assert results["hm"] == pytest.approx(train_backbone.harmonic_mean(results["base"], results["new"]))
+    assert results["hm"] == pytest.approx(scoring.harmonic_mean(results["base"], results["new"]))
     run_dir = os.path.join(runs["cwd"], run["dir"])
     files = set(os.listdir(run_dir))
     assert files >= {"args.json", "checkpoint.pt", "log.txt", "results.json"}
@@ -107,11 +110,11 @@ def test_checkpoint_is_small_and_holds_no_frozen_weights(learner, runs):
 def test_load_backbone_serves_the_new_classes(learner, runs, data_root, monkeypatch):
     monkeypatch.chdir(runs["cwd"])   # a PromptKD run names its teacher by the path it was given
     run_dir = os.path.join(runs["cwd"], runs[learner]["dir"])
-    learner_, ckpt, clip = train_backbone.load_backbone(run_dir, "cpu")
+    learner_, ckpt, clip = run_io.load_backbone(run_dir, "cpu")
     assert isinstance(learner_, prompts.LEARNERS[learner]) and not learner_.training
-    splits = train_backbone.load_splits("synthetic", data_root, ckpt["args"]["shots"], 1)
+    splits = data.load_splits("synthetic", data_root, ckpt["args"]["shots"], 1)
     # the logged base/new accuracies are reproduced by the reloaded learner
-    reproduced = train_backbone.base_to_new(learner_, splits, "cpu")
+    reproduced = scoring.base_to_new(learner_, splits, "cpu")
     assert {k: reproduced[k] for k in ("base", "new")} == {k: runs[learner]["results"][k] for k in ("base", "new")}
     # a learner built from scratch for the NEW classes takes the checkpoint and evaluates them
     new_test = splits["new"]["test"]
@@ -122,7 +125,7 @@ def test_load_backbone_serves_the_new_classes(learner, runs, data_root, monkeypa
     fresh = prompts.build_learner(learner, clip, getattr(learner_, "teacher", None), a["n_ctx"], a["ctx_init"], a["kd_weight"])
     prompts.load_learner_state(fresh, ckpt["state"])
     fresh.eval()
-    assert train_backbone.accuracy(fresh, new_test, new_classes, "cpu") == runs[learner]["results"]["new"]
+    assert scoring.accuracy(fresh, new_test, new_classes, "cpu") == runs[learner]["results"]["new"]
     images = torch.stack([data.test_transform(32)(data.load_image(it.path)) for it in new_test[:4]])
     with torch.no_grad():
         assert fresh(images, new_classes).shape == (4, len(new_classes))
@@ -136,7 +139,7 @@ def test_finished_run_is_not_overwritten(runs, data_root, monkeypatch):
     monkeypatch.chdir(runs["cwd"])
     run_dir = runs["coop"]["dir"]
     before = {f: open(os.path.join(run_dir, f), "rb").read() for f in ("checkpoint.pt", "args.json", "results.json")}
-    with pytest.raises(train_backbone.RunError, match="--overwrite"):
+    with pytest.raises(run_io.RunError, match="--overwrite"):
         main(get_args(argv("coop", data_root)))
     after = {f: open(os.path.join(run_dir, f), "rb").read() for f in before}
     assert after == before
@@ -149,7 +152,7 @@ def test_resume_of_a_finished_run_does_not_train_again(data_root, tmp_path, monk
         before = f.read()
     try:
         main(get_args(argv("coop", data_root, "--output-dir", "done", "--resume")))
-    except train_backbone.RunError:
+    except run_io.RunError:
         pass   # refusing is fine; so is a no-op
     with open(os.path.join("done", "log.txt")) as f:
         assert f.read().count("epoch 1/1 it 1/2") == 1, "the finished run was trained again"
@@ -164,7 +167,7 @@ class Interrupted(Exception):
 def interrupt_epoch(monkeypatch, epoch, run_seed=1):
     """Make the train loader of `epoch` raise: epoch-1's checkpoint is written, epoch `epoch` never starts.
     (main seeds each epoch's loader with run_seed * 1000 + epoch; evaluation loaders do not shuffle.)"""
-    real = train_backbone.make_loader
+    real = data.make_loader
 
     def make_loader(dataset, batch_size, shuffle, workers, seed=0, drop_last=False):
         if shuffle and seed == run_seed * 1000 + epoch:
@@ -206,7 +209,7 @@ def test_resume_replays_an_interrupted_run_exactly(learner, where, data_root, tm
             main(get_args(common + ["--output-dir", "resumed"]))
     ckpt = torch.load(os.path.join("resumed", "checkpoint.pt"), map_location="cpu", weights_only=True)
     assert not ckpt["finished"] and ckpt["epoch"] == (1 if where == "epoch 2" else 2)
-    with pytest.raises(train_backbone.RunError, match="--resume"):
+    with pytest.raises(run_io.RunError, match="--resume"):
         main(get_args(common + ["--output-dir", "resumed"]))   # an unfinished run is not restarted silently
 
     resumed = main(get_args(common + ["--output-dir", "resumed", "--resume"]))
@@ -272,7 +275,7 @@ def test_bad_runs_end_in_one_error_line(case, runs, data_root, tmp_path, monkeyp
 
 
 def test_select_best_on_base_test_keeps_the_best_epoch(data_root, tmp_path, monkeypatch):
-    """PromptKD's original model selection (DECISIONS #8): the reported model is the best epoch's."""
+    """PromptKD's original model selection (README Differences 4): the reported model is the best epoch's."""
     monkeypatch.chdir(tmp_path)
     res = main(get_args(argv("coop", data_root, "--epochs", "3", "--select-best-on-base-test", "--lr", "0.5")))
     log = open(os.path.join("output", "synthetic", "coop", "seed1", "log.txt")).read()

@@ -17,7 +17,7 @@ Prints a table and writes bench.json:
              from decoded photos; plus its backward and SGD step) against a CoOp backbone step on 32
              images, and the sampler's share (for CoOp: scores, sampling, rendering the negatives)
   data_wait  share of CoOp backbone steps spent waiting for the training scripts' DataLoader
-  eval       (a) images/s through train_backbone.accuracy (PNG decode, transform, DataLoader) over raw
+  eval       (a) images/s through scoring.accuracy (PNG decode, transform, DataLoader) over raw
              encode_image images/s
   cache      (g) a 9-value ω_n sweep of a CoOp DPC run over one evaluation; (h) the DPC stage's
              evaluation of a CoOp backbone (features cached by the backbone run) over a fresh image pass
@@ -54,6 +54,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_model  # noqa: E402
 import data  # noqa: E402
 import prompts  # noqa: E402
+import run_io  # noqa: E402
+import scoring  # noqa: E402
+import toy_world  # noqa: E402
 import train_backbone as tb  # noqa: E402
 import train_dpc  # noqa: E402
 
@@ -341,14 +344,14 @@ def memory(args, dev):
 
 
 # ------------------------------------------------------------------------------------------------
-# Image passes that cannot change: the feature cache of evaluation (train_backbone.image_features)
+# Image passes that cannot change: the feature cache of evaluation (scoring.image_features)
 # ------------------------------------------------------------------------------------------------
 
 class EncodeTimer:
-    """Seconds spent in real image passes (train_backbone.encode_images) while it is installed."""
+    """Seconds spent in real image passes (scoring.encode_images) while it is installed."""
 
     def __init__(self):
-        self.seconds, self.calls, self.real = 0.0, 0, tb.encode_images
+        self.seconds, self.calls, self.real = 0.0, 0, scoring.encode_images
 
     def __call__(self, *args):
         t0 = time.perf_counter()
@@ -359,11 +362,11 @@ class EncodeTimer:
             self.calls += 1
 
     def __enter__(self):
-        tb.encode_images = self
+        scoring.encode_images = self
         return self
 
     def __exit__(self, *exc):
-        tb.encode_images = self.real
+        scoring.encode_images = self.real
 
 
 def cache_section(coop, items, dev, workers) -> dict:
@@ -378,20 +381,20 @@ def cache_section(coop, items, dev, workers) -> dict:
 
     def evaluate(omega_n, where):
         prompt = train_dpc.new_class_prompt(mixed, tuned, 0.2, omega_n)
-        return tb.accuracy(coop, items, names, dev, workers, prompt, cache=where)
+        return scoring.accuracy(coop, items, names, dev, workers, prompt, cache=where)
 
     t0 = time.perf_counter()
     evaluate(1e-6, "off")
     one = time.perf_counter() - t0
-    tb._MEMO.clear()
+    scoring._MEMO.clear()
     t0 = time.perf_counter()
     for v in values:
         evaluate(v, cache)            # the first value encodes (and writes the cache), the others reuse
     sweep = time.perf_counter() - t0
-    tb._MEMO.clear()                  # the DPC run is another process: only the disk cache is left
+    scoring._MEMO.clear()                  # the DPC run is another process: only the disk cache is left
     del coop.clip._digest             # ... which hashes its CLIP's weights once
     clip_digest_s = time.perf_counter()
-    tb.clip_digest(coop.clip)
+    scoring.clip_digest(coop.clip)
     clip_digest_s = time.perf_counter() - clip_digest_s
     del coop.clip._digest             # paid again inside the DPC evaluation below
     t0 = time.perf_counter()
@@ -412,7 +415,7 @@ def pipeline_section(workers) -> dict:
         base = tempfile.mkdtemp(prefix=f"bench_pipeline_{cache}_")
         flag = ["--feature-cache", "off" if cache == "off" else os.path.join(base, "features")]
         root = ["--root", os.path.join(base, "data"), "--workers", str(workers)]
-        tb._MEMO.clear()
+        scoring._MEMO.clear()
         cwd = os.getcwd()
         os.chdir(base)
         try:
@@ -428,9 +431,9 @@ def pipeline_section(workers) -> dict:
                                      "--epochs", "2", "--seed", str(seed), "--output-dir", src] + root + flag))
                 train_dpc.main(train_dpc.get_args(["--backbone", src, "--epochs", "1", "--workers", str(workers),
                                                    "--output-dir", f"tab2/coop_dpc/seed{seed}"] + flag))
-            data.make_synthetic_imagefolder(os.path.join(base, "data"), "target_a", size=32, n_test=40)
-            data.make_synthetic_imagefolder(os.path.join(base, "data"), "target_b", size=32, n_test=40, seed=1)
-            tb._MEMO.clear()   # evaluate.py is a process of its own
+            toy_world.make_synthetic_imagefolder(os.path.join(base, "data"), "target_a", size=32, n_test=40)
+            toy_world.make_synthetic_imagefolder(os.path.join(base, "data"), "target_b", size=32, n_test=40, seed=1)
+            scoring._MEMO.clear()   # evaluate.py is a process of its own
             with EncodeTimer() as timer:
                 t0 = time.perf_counter()
                 evaluate.main(evaluate.get_args(["tab2", "--target", "target_a,target_b", "--out", "tab2_eval"]
@@ -492,7 +495,7 @@ def main():
     # (e) text encoder: EOT truncation
     tokens = clip_model.tokenize([f"a photo of a {n}." for n in names]).to(dev)
     emb = clip.token_embeddings(tokens)
-    with torch.no_grad(), tb.autocast(dev):
+    with torch.no_grad(), run_io.autocast(dev):
         full = timed(lambda: clip.encode_text_embeddings(emb, tokens, truncate=False), r, dev)
         short = timed(lambda: clip.encode_text_embeddings(emb, tokens, truncate=True), r, dev)
         a = clip.encode_text_embeddings(emb, tokens, truncate=False).float()
@@ -508,15 +511,15 @@ def main():
     visual_prompt = torch.zeros(4, clip.visual.conv1.weight.shape[0], device=dev, requires_grad=True)
 
     def image_forward():
-        with torch.no_grad(), tb.autocast(dev):
+        with torch.no_grad(), run_io.autocast(dev):
             clip.encode_image(images)
 
     def image_forward_backward():
-        with tb.autocast(dev):
+        with run_io.autocast(dev):
             clip.encode_image(images, visual_prompt).float().sum().backward()
 
     def text_forward_backward():
-        with tb.autocast(dev):
+        with run_io.autocast(dev):
             coop.encode_text(names).float().sum().backward()
 
     t_img, t_img_train, t_txt = (timed(f, r, dev) for f in (image_forward, image_forward_backward, text_forward_backward))
@@ -534,7 +537,7 @@ def main():
         opt = torch.optim.SGD(prompts.trainable_parameters(learner).values(), lr=1e-3, momentum=0.9)
 
         def step():
-            with tb.autocast(dev):
+            with run_io.autocast(dev):
                 loss = learner.training_loss(images, labels, names)["loss"]
             opt.zero_grad()
             loss.backward()
@@ -551,7 +554,7 @@ def main():
     opt = torch.optim.SGD([coop.ctx], lr=1e-3, momentum=0.9)
 
     def coop_step(x, y):
-        with tb.autocast(dev):
+        with run_io.autocast(dev):
             loss = coop.training_loss(x, y, names)["loss"]
         opt.zero_grad()
         loss.backward()
@@ -561,12 +564,12 @@ def main():
     mixed = {n: torch.nn.Parameter(t.clone()) for n, t in tuned.items()}
     dpc_opt = torch.optim.SGD(mixed.values(), lr=1e-3, momentum=0.9)
     # the negative pool: decoded PIL images of a typical photo size, as train_dpc.py keeps them
-    folder = data.make_synthetic_imagefolder(tempfile.mkdtemp(), "pool", n_classes=args.classes, n_train=4, n_val=0,
-                                             n_test=1, size=args.photo_size)
-    pool = tb.train_set(data.read_splits(os.path.dirname(folder), "pool")["train"], size)
+    folder = toy_world.make_synthetic_imagefolder(tempfile.mkdtemp(), "pool", n_classes=args.classes, n_train=4, n_val=0,
+                                                  n_test=1, size=args.photo_size)
+    pool = data.train_set(data.read_splits(os.path.dirname(folder), "pool")["train"], size)
     sampler = NoisySampler([item.label for item in pool.items], args.classes, k, 0)
     threads = ThreadPoolExecutor(args.workers) if args.workers > 0 else None
-    with torch.no_grad(), tb.autocast(dev):
+    with torch.no_grad(), run_io.autocast(dev):
         tuned_text = F.normalize(coop.encode_text(names).float(), dim=-1)
     sampler_time, pairs = [0.0], []
 
@@ -587,7 +590,7 @@ def main():
     # data wait: CoOp backbone steps fed by the training scripts' loader (the photos, train augmentation)
     waits, steps = [], []
     t_last = time.perf_counter()
-    for x, y, _ in itertools.islice(tb.make_loader(pool, args.batch, True, args.workers, drop_last=True), 12):
+    for x, y, _ in itertools.islice(data.make_loader(pool, args.batch, True, args.workers, drop_last=True), 12):
         t0 = time.perf_counter()
         waits.append(t0 - t_last)
         coop_step(x.to(dev), y.to(dev))
@@ -597,19 +600,19 @@ def main():
         steps.append(t_last - t0)
     out["data_wait"] = dict(share=sum(waits[1:]) / (sum(waits[1:]) + sum(steps[1:])), steps=len(steps) - 1,  # 1st: start-up
                             batch=args.batch, workers=args.workers, photo_size=args.photo_size)
-    # (a) evaluation through train_backbone.accuracy (decode + transform + loader) vs raw encode_image
-    folder = data.make_synthetic_imagefolder(tempfile.mkdtemp(), "bench", n_classes=10, n_train=1, n_val=0,
-                                             n_test=args.eval_images // 10, size=size)
+    # (a) evaluation through scoring.accuracy (decode + transform + loader) vs raw encode_image
+    folder = toy_world.make_synthetic_imagefolder(tempfile.mkdtemp(), "bench", n_classes=10, n_train=1, n_val=0,
+                                                  n_test=args.eval_images // 10, size=size)
     items = data.read_splits(os.path.dirname(folder), "bench")["test"]
     raw_images = torch.randn(100, 3, size, size, device=dev)
 
     def raw():
-        with torch.no_grad(), tb.autocast(dev):
+        with torch.no_grad(), run_io.autocast(dev):
             for _ in range(len(items) // 100):
                 clip.encode_image(raw_images)
 
     t_raw = timed(raw, 1, dev)
-    t_eval = timed(lambda: tb.accuracy(coop, items, data.classnames_of(items), dev, args.workers), 1, dev)
+    t_eval = timed(lambda: scoring.accuracy(coop, items, data.classnames_of(items), dev, args.workers), 1, dev)
     out["eval"] = dict(images=len(items), raw_images_per_s=len(items) / t_raw, eval_images_per_s=len(items) / t_eval,
                        eval_over_raw_throughput=t_raw / t_eval, workers=args.workers)
 

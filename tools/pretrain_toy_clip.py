@@ -4,9 +4,9 @@ What: a CLIP of this project's own architecture (clip_model.CLIP: ViT image towe
 tower, OpenAI's BPE ids) trained from scratch with CLIP's symmetric InfoNCE (Radford et al., ICML
 2021, Fig. 3) on images of the toy world (data.py, "Toy world") and web-like captions that name
 the (colour, shape) pair and some of the nuisance, e.g. "a dark photo of a small red triangle on
-a striped background.". 16 pairs are held out entirely (data.toy_held_out_combos; the toy
+a striped background.". 16 pairs are held out entirely (toy_world.toy_held_out_combos; the toy
 benchmark's 8 NEW classes are among them): every colour and every shape is seen, never those
-pairs together (data.toy_pretraining_combos). Half of the images are random resized crops (the
+pairs together (toy_world.toy_pretraining_combos). Half of the images are random resized crops (the
 prompt learners' own train augmentation), so the crops CoOp and DPC later train on are familiar
 views. The temperature is fixed at s = 100, the value OpenAI's CLIP ends at and the prompt
 learners' learning rates assume. Saved as a plain state dict with OpenAI's tensor names in fp16, so
@@ -42,11 +42,12 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_model  # noqa: E402
 import data  # noqa: E402
+import toy_world  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 12 blocks per tower so every learner's depth-9 prompts fit (MaPLe, PromptSRC, PromptKD);
 # text width 64 keeps the 49,408-row token embedding at 6.3 MB in fp16. Heads = width // 64.
-TOY_ARCH = dict(embed_dim=64, image_resolution=data.TOY_SIZE, vision_layers=12, vision_width=64,
+TOY_ARCH = dict(embed_dim=64, image_resolution=toy_world.TOY_SIZE, vision_layers=12, vision_width=64,
                 vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=64,
                 transformer_heads=1, transformer_layers=12)
 
@@ -81,15 +82,15 @@ def batch(step: int, seed: int, size: int, combos: list, crop_fraction: float = 
     (data.train_transform: Dassl's random resized crop, 8-100% of the area, and flip), so that
     the crops CoOp and DPC train on are views this CLIP has seen, as web photos' crops are for
     OpenAI's CLIP; the rest are whole images (test_transform), as at evaluation."""
-    rng = data.toy_rng(seed, 1, step)
+    rng = toy_world.toy_rng(seed, 1, step)
     torch.manual_seed(seed * 100_003 + step)  # the crops' randomness (torchvision draws from torch)
-    crop, whole = data.train_transform(data.TOY_SIZE), data.test_transform(data.TOY_SIZE)
+    crop, whole = data.train_transform(toy_world.TOY_SIZE), data.test_transform(toy_world.TOY_SIZE)
     images, captions = [], []
     for k in rng.integers(len(combos), size=size):                  # which pair, (B,)
-        look = data.sample_toy_look(rng)                              # pretraining's mix of conditions
-        image = Image.fromarray(data.render_toy_image(*combos[k], look, rng))
+        look = toy_world.sample_toy_look(rng)                              # pretraining's mix of conditions
+        image = Image.fromarray(toy_world.render_toy_image(*combos[k], look, rng))
         images.append((crop if rng.random() < crop_fraction else whole)(image))   # (3, S, S)
-        captions.append(data.toy_caption(*combos[k], look, rng))
+        captions.append(toy_world.toy_caption(*combos[k], look, rng))
     return torch.stack(images), captions                             # (B, 3, S, S), B strings
 
 
@@ -110,14 +111,14 @@ def contrastive_loss(model, images, captions):
 def zero_shot(model, combos, seed, n_per_class, conditions) -> float:
     """Accuracy (%) among `combos` with "a photo of a {}." on fresh images (not the benchmark's files)."""
     text = F.normalize(model.encode_text(clip_model.tokenize(
-        [f"a photo of a {data.toy_classname(*c)}." for c in combos])), dim=-1)   # (C, E)
-    correct, whole = 0, data.test_transform(data.TOY_SIZE)
+        [f"a photo of a {toy_world.toy_classname(*c)}." for c in combos])), dim=-1)   # (C, E)
+    correct, whole = 0, data.test_transform(toy_world.TOY_SIZE)
     for k, combo in enumerate(combos):
-        rng = data.toy_rng(seed, 2, k)
+        rng = toy_world.toy_rng(seed, 2, k)
         images = []
         for _ in range(n_per_class):
-            look = data.sample_toy_look(rng, conditions)
-            images.append(whole(Image.fromarray(data.render_toy_image(*combo, look, rng))))
+            look = toy_world.sample_toy_look(rng, conditions)
+            images.append(whole(Image.fromarray(toy_world.render_toy_image(*combo, look, rng))))
         images = torch.stack(images)                                          # (n, 3, S, S)
         correct += (F.normalize(model.encode_image(images), dim=-1) @ text.t()).argmax(1).eq(k).sum().item()
     return 100.0 * correct / (len(combos) * n_per_class)
@@ -129,9 +130,9 @@ def main(args):
     with torch.no_grad():
         model.logit_scale.fill_(math.log(args.logit_scale))
     model.logit_scale.requires_grad_(False)
-    combos = data.toy_pretraining_combos()
-    held_out = set(data.toy_held_out_combos())   # the benchmark's new classes are 8 of these 16
-    assert not held_out & set(combos) and set(data.toy_new_combos()) <= held_out, \
+    combos = toy_world.toy_pretraining_combos()
+    held_out = set(toy_world.toy_held_out_combos())   # the benchmark's new classes are 8 of these 16
+    assert not held_out & set(combos) and set(toy_world.toy_new_combos()) <= held_out, \
         "a held-out pair leaked into pretraining"
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     decay = [p for n, p in params.items() if p.dim() == 2 and "embedding" not in n]
@@ -159,9 +160,9 @@ def main(args):
     model.eval()
     print(f"pretraining took {minutes:.1f} min; zero-shot with 'a photo of a {{}}.' on fresh images of the benchmark's "
           f"classes, 8 base and 8 new (chance 12.5%):")
-    for name, conditions in (("plain photos", ()), ("benchmark domain", data.TOY_BENCHMARK_CONDITIONS)):
-        base = zero_shot(model, data.toy_base_combos(), args.seed, args.eval_images, conditions)
-        new = zero_shot(model, data.toy_new_combos(), args.seed, args.eval_images, conditions)
+    for name, conditions in (("plain photos", ()), ("benchmark domain", toy_world.TOY_BENCHMARK_CONDITIONS)):
+        base = zero_shot(model, toy_world.toy_base_combos(), args.seed, args.eval_images, conditions)
+        new = zero_shot(model, toy_world.toy_new_combos(), args.seed, args.eval_images, conditions)
         print(f"  {name} ({', '.join(conditions) or 'no condition'}): base {base:.1f}%  new {new:.1f}%")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     state = {k: v.detach().half() for k, v in model.state_dict().items()}

@@ -1,7 +1,7 @@
 """Run the whole base-to-new protocol of the DPC paper (Li et al., CVPR 2025, §4.2, Tab. 1) in one command.
 
 Per (dataset, seed, learner) one chain of runs, each a call of the project's own scripts:
-  [promptkd only] its teacher: train_backbone.py with train_backbone.PROMPTKD_TEACHER_RECIPE
+  [promptkd only] its teacher: train_backbone.py with run_io.PROMPTKD_TEACHER_RECIPE
                   (PromptSRC on --teacher-clip) -> RUN_ROOT/teachers/<data>/seed<s>   (not a Tab. 1 row)
   stage 1         train_backbone.py --learner <l> ...        -> RUN_ROOT/<data>/<l>/seed<s>
   stage 2         train_dpc.py --backbone <stage-1 folder>   -> RUN_ROOT/<data>/<l>_dpc/seed<s>
@@ -32,11 +32,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import evaluate  # noqa: E402
+import data  # noqa: E402
 import prompts  # noqa: E402
-import train_backbone as tb  # noqa: E402
+import run_io  # noqa: E402
+import scoring  # noqa: E402
 
 GENERATED = ("toy", "synthetic")  # written under --root by the scripts on first use
 # Set by this tool: passed through, they would break the run tree (argparse also takes their prefixes).
@@ -45,8 +48,8 @@ RESERVED = ("--learner", "--data", "--root", "--seed", "--clip", "--teacher", "-
 
 
 def get_args(argv=None):
-    p = tb.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--datasets", default=",".join(evaluate.PAPER_DATASETS),
+    p = run_io.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--datasets", default=",".join(scoring.PAPER_DATASETS),
                    help="comma-separated: Tab. 1 datasets, toy, synthetic or an ImageFolder folder under --root")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated run seeds (the protocol averages 1, 2, 3)")
     p.add_argument("--learners", default=",".join(prompts.LEARNERS), help="comma-separated prompt learners")
@@ -69,7 +72,7 @@ def get_args(argv=None):
           f"(<out>/<dataset>/...); choose an --out outside --root")
     args.datasets, args.learners, args.seeds = (split_list(getattr(args, n), "--" + n)
                                                 for n in ("datasets", "learners", "seeds"))
-    known = evaluate.PAPER_DATASETS + GENERATED
+    known = scoring.PAPER_DATASETS + GENERATED
     for d in args.datasets:
         check(d in known or os.path.isdir(os.path.join(args.root, d)),
               f"--datasets: unknown dataset {d!r} (known: {', '.join(known)}, or a folder under --root {args.root})")
@@ -87,7 +90,7 @@ def get_args(argv=None):
 def check(ok: bool, message: str) -> None:
     """Input errors end in one line and exit code 2, before anything runs (the project's convention)."""
     if not ok:
-        raise tb.RunError(message)
+        raise run_io.RunError(message)
 
 
 def split_list(text: str, option: str) -> list[str]:
@@ -104,7 +107,7 @@ def split_flags(text: str, option: str) -> list[str]:
     try:
         flags = shlex.split(text)
     except ValueError as e:
-        raise tb.RunError(f"{option}: cannot parse {text!r} ({e})") from None
+        raise run_io.RunError(f"{option}: cannot parse {text!r} ({e})") from None
     for flag in (f.split("=")[0] for f in flags if f.startswith("--")):
         check(not any(r.startswith(flag) for r in RESERVED),
               f"{option}: {flag} is set by this tool (reserved: {', '.join(RESERVED)}); use its own options")
@@ -123,7 +126,7 @@ def plan(args) -> list[list[tuple[str, list[str]]]]:
                 stage1, dpc = (os.path.join(args.out, d, name, f"seed{s}") for name in (learner, learner + "_dpc"))
                 if learner == "promptkd":
                     teacher = os.path.join(args.out, "teachers", d, f"seed{s}")
-                    recipe = dict(tb.PROMPTKD_TEACHER_RECIPE, clip=args.teacher_clip)
+                    recipe = dict(run_io.PROMPTKD_TEACHER_RECIPE, clip=args.teacher_clip)
                     flags = [x for k, v in recipe.items() for x in (f"--{k.replace('_', '-')}", str(v))]
                     chain.append((teacher, ["train_backbone.py"] + flags + common + args.teacher_flags
                                   + ["--output-dir", teacher]))
@@ -143,8 +146,8 @@ def state(run_dir: str) -> str:
     if not os.path.isfile(path):
         return "run"
     try:
-        return "finished" if tb.read_checkpoint(path)["finished"] else "resume"
-    except tb.RunError:
+        return "finished" if run_io.read_checkpoint(path)["finished"] else "resume"
+    except run_io.RunError:
         return "resume"
 
 
@@ -165,8 +168,8 @@ def shell_lines(chains) -> list[str]:
 
 def evaluate_command(python: str, args, chains) -> list[str]:
     """Tab. 1 over every stage-1 and DPC folder, named one by one (a missing run is an error, not a gap)."""
-    runs = [run_dir for chain in chains for run_dir, _ in chain[-2:]]   # not the teachers
-    return [python, os.path.join(REPO, "evaluate.py")] + runs + ["--out", os.path.join(args.out, "evaluation")] \
+    run_dirs = [run_dir for chain in chains for run_dir, _ in chain[-2:]]   # not the teachers
+    return [python, os.path.join(REPO, "evaluate.py")] + run_dirs + ["--out", os.path.join(args.out, "evaluation")] \
         + args.workers
 
 
@@ -188,7 +191,7 @@ def visible_gpus() -> list[str]:
     """The GPUs to run chains on, one process each. CUDA ignores the entries after an invalid one (-1)."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is None:
-        return [str(i) for i in range(tb.torch.cuda.device_count())]
+        return [str(i) for i in range(torch.cuda.device_count())]
     return list(itertools.takewhile(lambda e: e and not e.startswith("-"), (e.strip() for e in listed.split(","))))
 
 
@@ -268,7 +271,7 @@ def main(args):
     gpus = visible_gpus()
     if len(gpus) > 1:   # else concurrent chains would all generate the same toy/synthetic folder at once
         for d in set(args.datasets) & set(GENERATED):
-            tb.load_splits(d, args.root, 0, 1)
+            data.load_splits(d, args.root, 0, 1)
     slots, stop, failed = queue.Queue(), threading.Event(), []
     for gpu in gpus if len(gpus) > 1 else [None]:
         slots.put(gpu)
@@ -300,4 +303,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    tb.run_cli(main, get_args)
+    run_io.run_cli(main, get_args)

@@ -1,0 +1,752 @@
+"""Run folders and checkpoints: the plumbing every stage shares, one floor below the stages.
+
+train_backbone.py, train_dpc.py and evaluate.py show their stage; what they all need to run safely
+for days lives here, so that none of them has to show it:
+  - the command line: flags every script shares and their checks, one `error:` line per bad input
+    (run_cli), Ctrl-C that keeps the last finished epoch;
+  - a run folder: args.json, log.txt (log), atomic writes, the checks before anything is written;
+  - checkpoints read as plain data, never running code from the file (README "Loading checkpoints
+    safely"), with their schema and finite values checked where they are read;
+  - CLIP weights, and finished stage-1 runs: ours (checkpoint.pt) or the original code's Dassl
+    folders (README Differences 11), PromptKD's teacher included;
+  - precision: autocast and the fp16 loss scaler both stages use.
+This module never imports a stage file.
+"""
+import argparse
+import errno
+import glob
+import json
+import os
+import pickle
+import platform
+import re
+import shutil
+import sys
+import time
+
+import torch
+
+import clip_model
+import data
+import prompts
+
+LAST_BACKBONE = os.path.join("output", "last_backbone.txt")  # where train_dpc.py finds the latest run
+
+# PromptKD's teacher as the original code trains it (PromptSRC config vit_l14_c2_ep20_batch8_4+4ctx,
+# 16-shot base classes; README Differences 4): `train_backbone.py --learner promptsrc` with these flags.
+PROMPTKD_TEACHER_RECIPE = dict(learner="promptsrc", clip="ViT-L/14", lr=0.005, batch_size=8, epochs=20, shots=16,
+                               subsample="base")
+
+
+class RunError(ValueError):
+    """A bad flag, run folder or checkpoint: one line saying what is wrong and how to fix it."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose bad-flag message is one line (no usage block), like every other input error."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Flags every script shares, checked before anything is written
+# ------------------------------------------------------------------------------------------------
+
+def add_run_flags(p):
+    """Flags every training script shares: run-folder handling, data loading, device."""
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="start over even if --output-dir holds a run")
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes (0 = in the main process); "
+                   "train_dpc.py also renders its negatives on this many threads. On <= 2 cores use 0")
+    p.add_argument("--print-every", type=int, default=20, help="iterations between progress lines")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_feature_cache_flag(p)
+    add_trust_flag(p)
+
+
+def add_trust_flag(p):
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle checkpoints fully: RUNS CODE FROM THE FILE; only for files you trust (by default "
+                        "they are read as plain data, README 'Loading checkpoints safely')")
+
+
+# Default folder of the on-disk feature cache (--feature-cache; "off" disables it). Safe to delete.
+FEATURE_CACHE = os.environ.get("DPC_FEATURE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dpc_features")
+
+
+def add_feature_cache_flag(p):
+    p.add_argument("--feature-cache", default=FEATURE_CACHE,
+                   help="folder of cached test-image features of CLIP's plain image encoder (keyed by the CLIP "
+                        "weights, transform and image files; safe to delete; env DPC_FEATURE_CACHE), or 'off'")
+
+
+def check_shots(shots: int) -> None:
+    if shots < 0:
+        raise RunError(f"--shots must be 0 (all images) or positive, got {shots}")
+
+
+def check_positive(args, *names):
+    for name in names:
+        value = getattr(args, name)
+        if not (value > 0 and value < torch.finfo(torch.float32).max):   # finite in fp32, where it is used
+            raise RunError(f"--{name.replace('_', '-')} must be positive and finite (in fp32), got {value}")
+
+
+def check_run_flags(args) -> None:
+    """The flags every script reads, checked before anything is written."""
+    if args.workers < 0:
+        raise RunError(f"--workers must be 0 (load in the main process) or positive, got {args.workers}")
+    if getattr(args, "print_every", 1) < 1:
+        raise RunError(f"--print-every must be at least 1, got {args.print_every}")
+    if getattr(args, "seed", None) is not None and not -2 ** 63 <= args.seed < 2 ** 63:
+        raise RunError(f"--seed must fit in 64 bits, got {args.seed}")
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", args.device)
+    if args.device != "cpu" and not (cuda and int(cuda.group(1) or 0) < torch.cuda.device_count()):
+        raise RunError(f"--device {args.device} is not available here: pass --device cpu" +
+                       (" or cuda[:N]" if torch.cuda.is_available() else " (no CUDA GPU is visible)"))
+    if getattr(args, "feature_cache", None) == "":
+        raise RunError("--feature-cache '' names no folder: give a folder, or 'off'")
+
+
+def check_not_a_source(output_dir: str, **sources) -> None:
+    """--output-dir must not be a run this one reads (--backbone, --teacher, --continue-from):
+    writing there, even with --overwrite, would destroy the run it starts from."""
+    for flag, folder in sources.items():
+        if folder and os.path.realpath(folder) == os.path.realpath(output_dir):
+            raise RunError(f"--output-dir {output_dir} is the --{flag.replace('_', '-')} run itself: writing there "
+                           f"would destroy it; choose another --output-dir")
+
+
+# ------------------------------------------------------------------------------------------------
+# Run folder, logging, atomic writes
+# ------------------------------------------------------------------------------------------------
+
+def check_run_folder(args, kind: str = "backbone"):
+    """Before anything is written: the unfinished checkpoint to resume from, or None.
+    A finished run is never touched without --overwrite."""
+    path = os.path.join(args.output_dir, "checkpoint.pt")
+    if not os.path.exists(path) or args.overwrite:
+        return None
+    previous = read_checkpoint(path, args.trust_checkpoint)
+    if previous["kind"] != kind:
+        raise RunError(f"{args.output_dir} holds a {previous['kind']} run of {SCRIPT[previous['kind']]}, not a "
+                       f"{kind} run: choose another --output-dir")
+    if previous["finished"]:
+        raise RunError(f"{args.output_dir} already holds a finished run: re-evaluate it with evaluate.py, "
+                       f"or pass --overwrite to train again (or another --output-dir)")
+    if not args.resume:
+        raise RunError(f"{args.output_dir} holds an unfinished run (epoch {previous['epoch']}/"
+                       f"{previous['args'].get('epochs')}): pass --resume to continue or --overwrite to start over")
+    mine = dict(learner=args.learner, data=args.data, clip=getattr(args, "clip", previous["clip"]))
+    theirs = {k: previous.get(k) for k in mine}
+    if mine != theirs:
+        raise RunError(f"--resume: {args.output_dir} holds a run of {theirs}, this command asks for {mine}; "
+                       f"use the run's own flags or another --output-dir")
+    return previous
+
+
+def check_disk(folder: str, tensors) -> None:
+    """Before the run folder is made: room for a checkpoint (state + optimiser + the temp copy of an
+    atomic write) on the disk `folder` will be on."""
+    need = 3 * sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
+    existing = os.path.abspath(folder)
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)       # the nearest folder that exists (a file's parent, too)
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise RunError(f"only {free >> 20} MB free in {folder}, checkpoints need about {need >> 20} MB: "
+                       f"free some space or choose another --output-dir")
+
+
+def start_run(args):
+    """Create the run folder, dump args.json, tee log() to log.txt (after every input was checked)."""
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    except OSError as e:
+        raise RunError(f"cannot write to {args.output_dir}: {e.strerror}; choose a writable --output-dir")
+    global _LOG
+    if _LOG is not None:  # a previous run in this process (tests, evaluate.py)
+        _LOG.close()
+    _LOG = open(os.path.join(args.output_dir, "log.txt"), "a")
+    log(f"{os.path.basename(sys.argv[0])} {json.dumps(vars(args))}\npython {platform.python_version()}, "
+        f"torch {torch.__version__}, device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
+
+
+_LOG = None
+
+
+def log(message: str):
+    print(message, flush=True)
+    if _LOG is not None:
+        _LOG.write(message + "\n")
+        _LOG.flush()
+
+
+def save_atomic(obj, path: str):
+    """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint. The temp
+    name is the process's own, so runs writing the same file (a shared feature cache) never mix."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:   # torch's zip writer reports a failed open or write (read-only, disk full) so
+            reason = str(e).strip().rsplit(": ", 1)[-1]   # "... open file failed with strerror: Read-only file system"
+            raise OSError(errno.EIO, f"cannot write ({reason})", path) from e
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json_atomic(obj, path: str):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+class Progress:
+    """The progress lines of one training epoch: the stage's own numbers, then the share of time spent
+    waiting for data and the time left. Call waited() when a batch arrives and done(it, report) after
+    its step; report(elapsed seconds) builds the stage's part, only for the lines that are printed."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int, print_every: int, later_steps: int | None = None):
+        self.epoch, self.epochs, self.steps, self.print_every = epoch, epochs, steps, print_every
+        self.later_steps = steps if later_steps is None else later_steps   # steps of each epoch still to come
+        self.start = self.last = time.time()
+        self.wait = 0.0
+
+    def waited(self) -> None:
+        self.wait += time.time() - self.last
+
+    def done(self, it: int, report) -> None:
+        self.last = time.time()
+        if it % self.print_every == 0 or it == self.steps:
+            elapsed = self.last - self.start
+            left = (self.epochs - self.epoch) * self.later_steps + self.steps - it
+            log(f"epoch {self.epoch}/{self.epochs} it {it}/{self.steps} {report(elapsed)} "
+                f"data-wait {100 * self.wait / elapsed:.0f}% eta {left * elapsed / it / 60:.1f} min")
+
+
+def check_diverged(prompt: dict, epoch: int) -> None:
+    """The trained tensors after an epoch: a step can turn them NaN/inf even when every loss before it
+    was finite (the last step of a run); such an epoch is never saved, let alone as finished."""
+    bad = next((n for n, t in prompt.items() if not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise RunError(f"{bad} holds NaN/inf after epoch {epoch} (the run diverged): lower --lr; "
+                       + kept_checkpoint(epoch))
+
+
+def kept_checkpoint(epoch: int) -> str:
+    """What a run stopped in `epoch` leaves behind: the checkpoint of epoch - 1, if there is one."""
+    if epoch > 1:
+        return f"the last good checkpoint (epoch {epoch - 1}) is kept"
+    return "no checkpoint was written (it failed in the first epoch)"
+
+
+# ------------------------------------------------------------------------------------------------
+# Precision (README Differences 1)
+# ------------------------------------------------------------------------------------------------
+
+def autocast(device: str):
+    """bf16 autocast on GPU (fp16 where bf16 is missing), plain fp32 on CPU (README Differences 1)."""
+    if not device.startswith("cuda"):
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def grad_scaler(device: str):
+    """Loss scaling for fp16 autocast (GPUs without bf16: V100, T4), where small gradients underflow;
+    a no-op for bf16 and fp32. Both stages use it (README Differences 16)."""
+    return torch.amp.GradScaler(enabled=device.startswith("cuda") and not torch.cuda.is_bf16_supported())
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading checkpoints without running code from them (README "Loading checkpoints safely")
+# ------------------------------------------------------------------------------------------------
+
+TRUST_HINT = "if you trust the file, pass --trust-checkpoint (it runs code from the file)"
+
+
+class Inert:
+    """Stands in for an object a Dassl checkpoint pickles but no stage ever needs: the optimiser and
+    LR scheduler objects (Dassl's warm-up scheduler state pickles its successor scheduler, and with it
+    the optimiser). Nothing of the file is ever called: creating one ignores its arguments, and the
+    pickled state is kept as plain data."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.pickled_state = state
+
+
+def _plain_dict(*args):
+    """collections.defaultdict(dict) of an optimiser's state, read as a plain (empty) dict."""
+    return {}
+
+
+# Globals of a Dassl checkpoint that are read as Inert stand-ins: optimiser/scheduler classes (torch's
+# and Dassl's own), the defaultdict of an optimiser state, and numpy scalars (val_result).
+INERT_GLOBALS = ("torch.optim.", "dassl.", "collections.defaultdict", "builtins.dict", "numpy.dtype",
+                 "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
+
+
+def load_safely(path: str, trust: bool = False, inert_objects: bool = False):
+    """torch.load with weights_only=True: tensors, dicts, lists, numbers and strings only, so loading
+    never runs code hidden in the file. `inert_objects` (Dassl checkpoints) also reads the globals of
+    INERT_GLOBALS, as inert stand-ins that are never called. Any other global is refused naming it;
+    only `trust` (--trust-checkpoint) unpickles it for real."""
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)  # runs code: the user said so
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)   # scans, never executes
+    except Exception:  # a legacy (pre-1.6) or broken file: weights_only=True alone decides below
+        unsafe = []
+    refused = [g for g in unsafe if not (inert_objects and g.startswith(INERT_GLOBALS))]
+    if refused:
+        raise RunError(f"refusing to load {path}: it pickles {refused[0]}, which could run code; {TRUST_HINT}")
+    stand_ins = [(_plain_dict if g == "collections.defaultdict" else Inert, g) for g in unsafe]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a global the scan missed (legacy format), or an odd pickle
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:
+            raise RunError(f"refusing to load {path}: it pickles {found.group(1)}, which could run code; "
+                           f"{TRUST_HINT}") from None
+        reason = re.search(r"WeightsUnpickler error: \s*(.*?)\s*\n", str(e) + "\n")
+        raise RunError(f"cannot read checkpoint {path} ({reason.group(1) if reason else 'UnpicklingError'}): it is "
+                       f"corrupted, truncated or not plain data; train that run again (--overwrite)") from None
+    except Exception as e:
+        raise RunError(f"cannot read checkpoint {path} ({type(e).__name__}): it is corrupted or truncated; "
+                       f"train that run again (--overwrite)") from None
+
+
+# What every checkpoint of ours holds, per kind (backbone_checkpoint, dpc_checkpoint above), with
+# the types the stages rely on; RUN_ARGS: the entries of its args that are read back.
+RUN_KEYS = {"backbone": ("learner", "clip", "data", "classnames", "state", "epoch", "finished", "args", "optimizer",
+                         "gpa_sum", "best"),
+            "dpc": ("learner", "clip", "data", "classnames", "backbone", "tuned_prompt", "mixed_prompt", "epoch",
+                    "finished", "args", "optimizer")}
+
+RUN_TYPES = {"learner": str, "clip": str, "data": str, "classnames": list, "state": dict, "epoch": int,
+             "finished": bool, "args": dict, "optimizer": dict, "backbone": str, "tuned_prompt": dict,
+             "mixed_prompt": dict, "gpa_sum": (dict, type(None)), "best": (tuple, list, type(None))}
+
+RUN_ARGS = {"backbone": {"seed": int, "root": str, "shots": int},
+            "dpc": {"seed": int, "root": str, "shots": int, "omega_b": (int, float), "omega_n": (int, float),
+                    "base_inference": str}}
+
+SCRIPT = {"backbone": "train_backbone.py", "dpc": "train_dpc.py"}
+
+
+def backbone_checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, best, finished) -> dict:
+    """What train_backbone.py saves, small and self-describing: the learner's own tensors, never the frozen
+    CLIP. An epoch's checkpoint holds that epoch's prompts and the GPA sum so far (--resume continues from
+    them); the finished one holds the reported prompts (GPA aggregate, or the selected epoch): the P of DPC."""
+    return dict(kind="backbone", learner=args.learner, clip=args.clip, data=args.data, classnames=classnames,
+                state=prompts.learner_state(learner), epoch=epoch, finished=finished, args=vars(args),
+                optimizer=optimizer.state_dict(), gpa_sum=gpa_sum, best=best)
+
+
+def dpc_checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, epoch, optimizer, finished) -> dict:
+    """What train_dpc.py saves: P and P̃_b (the learner's tensors only), never the frozen CLIP."""
+    return dict(kind="dpc", learner=args.learner, clip=backbone["clip"], data=args.data, classnames=classnames,
+                backbone=os.path.abspath(args.backbone), epoch=epoch, finished=finished, args=vars(args),
+                tuned_prompt={n: t.detach().cpu() for n, t in tuned_prompt.items()},
+                mixed_prompt={n: t.detach().cpu() for n, t in mixed_prompt.items()},
+                optimizer=optimizer.state_dict())
+
+
+def schema_problem(ckpt: dict, kind: str) -> str | None:
+    """What is missing or of the wrong type in a checkpoint of ours, or None."""
+    missing = [k for k in RUN_KEYS[kind] if k not in ckpt]
+    if missing:
+        return f"missing {missing}"
+    wrong = [k for k in RUN_KEYS[kind] if not isinstance(ckpt[k], RUN_TYPES[k])
+             or (RUN_TYPES[k] is int and isinstance(ckpt[k], bool))]
+    if wrong:
+        return f"{wrong[0]} is a {type(ckpt[wrong[0]]).__name__}"
+    if ckpt["learner"] not in prompts.LEARNERS:
+        return f"unknown learner {ckpt['learner']!r}"
+    if not all(isinstance(c, str) for c in ckpt["classnames"]):
+        return "classnames are not all strings"
+    for part in ("state",) if kind == "backbone" else ("tuned_prompt", "mixed_prompt"):
+        if not all(isinstance(k, str) for k in ckpt[part]):
+            return f"{part} has names that are not strings"
+    best = ckpt.get("best")
+    if best is not None and not (len(best) == 2 and isinstance(best[0], (int, float)) and isinstance(best[1], dict)):
+        return "best is not (accuracy, state)"
+    args = ckpt["args"]
+    for name, types in RUN_ARGS[kind].items():
+        if not isinstance(args.get(name), types) or isinstance(args.get(name), bool):
+            return f"args[{name!r}] is {args.get(name)!r}"
+    return None
+
+
+def read_checkpoint(path: str, trust: bool = False) -> dict:
+    """A run checkpoint of train_backbone.py / train_dpc.py, read safely and checked once, here: its
+    schema (kind, learner, clip, data, state, finished, ...) and finite prompt values."""
+    ckpt = load_safely(path, trust)
+    kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
+    if kind not in RUN_KEYS:
+        raise RunError(f"{path} was not written by train_backbone.py or train_dpc.py (no kind 'backbone' or "
+                       f"'dpc'): pass a run folder of this project, or a Dassl folder to train_dpc.py --backbone")
+    problem = schema_problem(ckpt, kind)
+    if problem:
+        raise RunError(f"{path} is an incomplete or damaged {kind} checkpoint ({problem}): "
+                       f"train that run again with {SCRIPT[kind]} --overwrite")
+    parts = {"state": ckpt["state"], "gpa_sum": ckpt["gpa_sum"] or {}, "best": ckpt["best"][1] if ckpt["best"] else {}} \
+        if kind == "backbone" else {part: ckpt[part] for part in ("tuned_prompt", "mixed_prompt")}
+    tensors = {f"{part} {k}": v for part, values in parts.items() for k, v in values.items()}
+    check_finite(tensors, path, f"train that run again with a lower --lr ({SCRIPT[kind]} --overwrite)")
+    return ckpt
+
+
+def load_optimizer_state(optimizer, state: dict, path: str) -> None:
+    """Restore an optimiser state dict of a checkpoint (--resume, --continue-from); one error line,
+    not a failure at the first step, when it does not fit this run's tensors."""
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise RunError(f"the optimiser state in {path} does not fit this run ({type(e).__name__}); "
+                       f"train that run again with --overwrite") from None
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            buffer = optimizer.state[p].get("momentum_buffer")
+            if buffer is not None and (not isinstance(buffer, torch.Tensor) or buffer.shape != p.shape):
+                raise RunError(f"the optimiser state in {path} does not fit this run (a momentum buffer of "
+                               f"another shape); train that run again with --overwrite")
+
+
+def check_finite(tensors: dict, path: str, fix: str) -> None:
+    """A NaN/inf prompt gives chance accuracy or a diverging DPC run: refuse it where it is read."""
+    for name, value in tensors.items():
+        problem = clip_model.tensor_problem(value)   # a dense CPU tensor inside its storage
+        if problem:
+            raise RunError(f"{path}: {name} is {problem}: the file is damaged or was not written by a training "
+                           f"script; train that run again")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise RunError(f"{path}: {name} holds NaN/inf values (the run diverged); {fix}")
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIP and finished stage-1 runs, ours or the original code's (train_dpc.py, evaluate.py)
+# ------------------------------------------------------------------------------------------------
+
+TOY_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy_clip.pt")
+
+
+def clip_path(name: str) -> str:
+    """A --clip that names a weights file is recorded as an absolute path, so that the run can be
+    evaluated (and DPC trained on it) from another folder; model names are kept as they are."""
+    return os.path.abspath(name) if name not in ("tiny", "toy") and os.path.isfile(name) else name
+
+
+def load_clip(name: str, device):
+    """'tiny' is a fixed random CLIP (seed 0) so every stage of a smoke run sees the same weights;
+    'toy' is the small CLIP pretrained on the toy world, shipped in assets/ (tools/pretrain_toy_clip.py)."""
+    if name == "tiny":
+        return clip_model.random_clip("tiny", seed=0).to(device)
+    if name == "toy":
+        if not os.path.isfile(TOY_CLIP):
+            raise clip_model.CLIPLoadError(f"the toy CLIP {TOY_CLIP} is missing: restore it with `git checkout "
+                                           f"-- assets/toy_clip.pt` or rebuild it with `python "
+                                           f"tools/pretrain_toy_clip.py` (about 10 minutes on 2 CPU cores)")
+        return clip_model.load(TOY_CLIP).to(device)
+    return clip_model.load(name).to(device)
+
+
+def load_backbone(run_dir: str, device, trust: bool = False):
+    """The learner of a finished train_backbone.py run, its checkpoint dict and its CLIP."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise RunError(f"no backbone run in {run_dir} (checkpoint.pt missing): train one with train_backbone.py")
+    ckpt = read_checkpoint(path, trust)
+    a = ckpt["args"]
+    if ckpt["kind"] == "dpc":
+        raise RunError(f"{run_dir} holds a DPC run (train_dpc.py), not a stage-1 run: pass its backbone "
+                       f"{ckpt['backbone']} instead")
+    if not ckpt["finished"]:
+        raise RunError(f"{run_dir} holds an unfinished backbone run (epoch {ckpt['epoch']}/{a.get('epochs')}): "
+                       f"finish it with `train_backbone.py --learner {ckpt['learner']} --data {ckpt['data']} "
+                       f"--output-dir {run_dir} --resume`")
+    clip = load_clip(ckpt["clip"], device)
+    teacher = None
+    if ckpt["learner"] == "promptkd":
+        teacher, _ = load_teacher(a["teacher"], a.get("teacher_clip") or "ViT-L/14", device, trust)
+    learner = prompts.build_learner(ckpt["learner"], clip, teacher, a.get("n_ctx"), a.get("ctx_init"), a.get("kd_weight"))
+    prompts.load_learner_state(learner, ckpt["state"])
+    return learner.to(device).eval(), ckpt, clip
+
+
+def remember_last_backbone(run_dir: str) -> None:
+    """Record a finished stage-1 run as the one train_dpc.py continues without --backbone (find_backbone)."""
+    os.makedirs(os.path.dirname(LAST_BACKBONE), exist_ok=True)
+    tmp = f"{LAST_BACKBONE}.{os.getpid()}.tmp"   # runs in parallel (tools/reproduce.py) never mix
+    with open(tmp, "w") as f:
+        f.write(os.path.abspath(run_dir) + "\n")
+    os.replace(tmp, LAST_BACKBONE)
+
+
+def find_backbone(backbone: str | None) -> str:
+    """train_dpc.py --backbone, or the run train_backbone.py wrote last (said aloud, so nobody is surprised)."""
+    if backbone:
+        return backbone
+    if not os.path.isfile(LAST_BACKBONE):
+        raise RunError(f"no --backbone given and no {LAST_BACKBONE}: run train_backbone.py first "
+                       f"or pass --backbone RUN_DIR")
+    with open(LAST_BACKBONE) as f:
+        backbone = f.read().strip()
+    print(f"using the last backbone run: {backbone}")
+    return backbone
+
+
+def load_stage1(run_dir: str, device, trust: bool = False, clip: str = None, teacher: str = None,
+                teacher_clip: str = None):
+    """The learner of a finished stage-1 run and its record {learner, clip, data, classnames, args}:
+    a train_backbone.py run (checkpoint.pt), or a Dassl folder of the original code, which records no
+    dataset, classes or seed (data None) and whose CLIP and PromptKD teacher the flags name."""
+    if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        learner, ckpt, _ = load_backbone(run_dir, device, trust)
+        return learner, ckpt
+    learner, name = dassl_learner(run_dir, clip, device, teacher, teacher_clip, trust)
+    return learner, dict(learner=name, clip=clip, data=None, args={})
+
+
+def add_backbone_flags(p):
+    """train_dpc.py's flags for its stage-1 run: ours record their own; a Dassl folder of the original code
+    records none of them."""
+    p.add_argument("--data", default=None, help="dataset (default: the backbone's; required for a Dassl folder)")
+    p.add_argument("--root", default=None, help="dataset root (default: the backbone's)")
+    p.add_argument("--clip", default="ViT-B/16", help="CLIP of a Dassl backbone (ours record their own)")
+    p.add_argument("--teacher", default=None, help="Dassl PromptKD backbone: its Dassl PromptSRC teacher folder")
+    p.add_argument("--teacher-clip", default="ViT-L/14", help="CLIP of that Dassl teacher")
+
+
+def dpc_backbone(args):
+    """train_dpc.py's stage-1 run (--backbone, or the last one trained): its learner and its record. The
+    dataset, root, seed and class split (base, or all classes for a Tab. 2 source) are the backbone's unless
+    a flag names them; a Dassl folder records none of them, so --data must."""
+    args.backbone = find_backbone(args.backbone)
+    args.teacher = args.teacher and os.path.abspath(args.teacher)   # a Dassl run is re-evaluated from other folders
+    args.clip, args.teacher_clip = clip_path(args.clip), clip_path(args.teacher_clip)
+    learner, backbone = load_stage1(args.backbone, args.device, args.trust_checkpoint, args.clip, args.teacher,
+                                    args.teacher_clip)
+    if backbone["data"] is None:
+        if not args.data:
+            raise RunError(f"{args.backbone} is a Dassl run: pass --data (and --root, --clip) for it")
+        backbone.update(data=args.data, args=dict(seed=args.seed or 1, root=args.root or "data"))
+    if args.data and args.data != backbone["data"]:
+        raise RunError(f"--data {args.data}, but the backbone {args.backbone} was trained on {backbone['data']}: "
+                       f"DPC continues on the backbone's own classes; drop --data or pick the matching backbone")
+    args.learner, args.clip, args.data = backbone["learner"], backbone["clip"], backbone["data"]
+    args.root = os.path.abspath(args.root or backbone["args"]["root"])
+    args.seed = backbone["args"]["seed"] if args.seed is None else args.seed
+    args.subsample = backbone["args"].get("subsample", "base")
+    return learner, backbone
+
+
+def check_backbone_classes(backbone: dict, classnames: list[str], args) -> None:
+    """A backbone of ours trained on the classes DPC trains on (PromptKD: on all classes, unlabeled)."""
+    trained_on = backbone.get("classnames")                          # None for a Dassl folder
+    if trained_on and args.learner != "promptkd" and trained_on != classnames:
+        raise RunError(f"the backbone was trained on other classes ({trained_on[:3]}...) than the base classes "
+                       f"of {args.data} under {args.root} ({classnames[:3]}...): wrong --root?")
+
+
+def find_runs(paths, trust: bool = False) -> list[tuple[str, dict]]:
+    """(run folder, checkpoint) of every finished run. A folder named directly must hold a finished
+    run; below a folder named directly, unfinished runs are skipped with a note."""
+    found = {}
+    for path in paths:
+        named = os.path.isfile(os.path.join(path, "checkpoint.pt"))
+        if not named and not os.path.isdir(path):
+            raise RunError(f"{path} is not a folder: pass run folders (with checkpoint.pt) or folders above them")
+        below = [path] if named else sorted(d for d, _, files in os.walk(path) if "checkpoint.pt" in files)
+        if not below:
+            raise RunError(f"no run in {path}: no checkpoint.pt below it; train one with train_backbone.py")
+        for run in below:
+            ckpt = read_checkpoint(os.path.join(run, "checkpoint.pt"), trust)   # checked: kind, keys, finite
+            if ckpt["finished"]:
+                found[os.path.abspath(run)] = ckpt
+                continue
+            script = "train_backbone.py" if ckpt["kind"] == "backbone" else "train_dpc.py"
+            message = (f"{run} is an unfinished run (epoch {ckpt['epoch']}/{ckpt['args'].get('epochs')}): "
+                       f"finish it with `{script} --resume --output-dir {run}` and its other flags")
+            if named:
+                raise RunError(message)
+            print(f"skipping: {message}", file=sys.stderr)
+    if not found:
+        raise RunError(f"no finished run in {', '.join(paths)}")
+    return sorted(found.items(), key=lambda r: (r[1]["learner"], r[1]["kind"], r[1]["data"], r[1]["args"]["seed"]))
+
+
+def read_results(run: str) -> dict | None:
+    path = os.path.join(run, "results.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        if "all" in results:  # a run trained on all classes (Tab. 2 source)
+            return dict(all=float(results["all"]))
+        return dict(base=float(results["base"]), new=float(results["new"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"cannot read {path} ({type(e).__name__}: {e}); pass --recompute") from None
+
+
+def load_teacher(teacher_dir: str, teacher_clip: str, device, trust: bool = False):
+    """PromptKD's teacher and its args: a finished promptsrc run of this project (trained as
+    PROMPTKD_TEACHER_RECIPE; its args are returned for the recipe check), or a released Dassl teacher
+    folder teacher_model/<Dataset>/ (VLPromptLearner/model-best.pth.tar) on `teacher_clip` (args None)."""
+    if os.path.isfile(os.path.join(teacher_dir, "checkpoint.pt")):
+        teacher, ckpt, _ = load_backbone(teacher_dir, device, trust)
+        name, args = ckpt["learner"], ckpt["args"]
+    else:
+        teacher, name = dassl_learner(teacher_dir, teacher_clip, device, trust=trust)
+        args = None
+    if name != "promptsrc":
+        raise RunError(f"--teacher {teacher_dir} is a {name} run; PromptKD's teacher is a promptsrc run")
+    return teacher, args
+
+
+def teacher_recipe_differences(args: dict) -> dict:
+    """{flag: (teacher's value, the original recipe's)} where our teacher run left the recipe."""
+    return {k: (args.get(k), v) for k, v in PROMPTKD_TEACHER_RECIPE.items() if k != "learner" and args.get(k) != v}
+
+
+# Dassl folder name -> our learner (VLPromptLearner holds PromptSRC or, with a projector, PromptKD).
+DASSL_FOLDERS = {"prompt_learner": "coop", "MultiModalPromptLearner": "maple", "VLPromptLearner": "promptsrc"}
+
+
+def dassl_state(name: str, state: dict) -> dict:
+    """Rename a Dassl stage-1 state dict (the original repositories' parameter names) to our learner's
+    names (README Differences 11).
+    CoOp saves its prompt learner alone (`ctx` + token buffers); MaPLe, PromptSRC and PromptKD save the
+    whole model, whose frozen CLIP copies are dropped here, as are the token prefix/suffix buffers.
+    PromptKD's projector is 1x1 convolutions there (`VPT_image_trans.conv1.{0,1,3}`), Linear here."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if key.endswith(".VPT_shallow") and not (len(parts) > 3 and parts[3].isdigit()):
+            raise RunError(f"the Dassl {name} checkpoint holds {key!r}, which the original code never writes "
+                           f"(expected <encoder>.transformer.resblocks.<i>.VPT_shallow): is it damaged?")
+        if name in ("promptsrc", "promptkd"):
+            if key == "prompt_learner.ctx" and name == "promptsrc":
+                key = "ctx"
+            elif key == "image_encoder.VPT":
+                key = "visual_prompt"
+            elif key.endswith(".VPT_shallow") and parts[0] == "image_encoder":
+                key = f"visual_deep.{int(parts[3]) - 1}"
+            elif key.endswith(".VPT_shallow") and parts[0] == "text_encoder" and name == "promptsrc":
+                key = f"text_deep.{int(parts[3]) - 1}"
+            elif key.startswith("VPT_image_trans.conv1.") and name == "promptkd":
+                key = f"projector.{parts[2]}.{parts[3]}"
+                value = value.flatten(1) if value.dim() == 4 else value   # (out, in, 1, 1) -> (out, in)
+            else:
+                continue
+        elif name == "maple":  # MultiModalPromptLearner/ holds the whole model; ours are its prompt learner's
+            if parts[0] != "prompt_learner" or parts[1].startswith("token_"):
+                continue
+            key = key[len("prompt_learner."):]
+        elif key.startswith("token_"):
+            continue
+        out[key] = value.float() if value.is_floating_point() else value
+    return out
+
+
+def read_dassl_checkpoint(path: str, trust: bool = False) -> dict:
+    """The `state_dict` of a Dassl checkpoint ({"state_dict", "epoch", "optimizer", "scheduler",
+    "val_result"}), read without running code: the pickled optimiser/scheduler objects become Inert."""
+    ckpt = load_safely(path, trust, inert_objects=True)
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise RunError(f"{path} is not a Dassl checkpoint (no 'state_dict'): pass the run folder of the original "
+                       f"code that holds <{'|'.join(DASSL_FOLDERS)}>/model.pth.tar-N")
+    check_finite({f"state_dict {k}": v for k, v in state.items()}, path, "use another epoch's file of that run")
+    return state
+
+
+def is_promptkd_student(state: dict) -> bool:
+    """A Dassl VLPromptLearner state dict of a PromptKD student: it has the projector, a PromptSRC one has not."""
+    return any(k.startswith("VPT_image_trans") for k in state)
+
+
+def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None, teacher_clip: str = None,
+                  trust: bool = False):
+    """The learner of a stage-1 folder of the original code: <run>/<name>/model.pth.tar-N (newest N)
+    or model-best.pth.tar. A PromptKD student is read from model-best.pth.tar when the folder has one,
+    as the released DPC code does (PromptKD saves its best-val student),
+    and also needs its teacher (load_teacher)."""
+    for folder, name in DASSL_FOLDERS.items():
+        files = sorted((p for p in glob.glob(os.path.join(run_dir, folder, "model.pth.tar-*"))
+                        if p.rsplit("-", 1)[1].isdigit()), key=lambda p: int(p.rsplit("-", 1)[1]))
+        files = files or glob.glob(os.path.join(run_dir, folder, "model-best.pth.tar"))
+        if files:
+            break
+    else:
+        raise RunError(f"no finished backbone run in {run_dir}: expected checkpoint.pt (train_backbone.py) "
+                       f"or a Dassl folder <run>/<{'|'.join(DASSL_FOLDERS)}>/model.pth.tar-N")
+    best, state = os.path.join(run_dir, folder, "model-best.pth.tar"), None
+    if folder == "VLPromptLearner" and os.path.isfile(best):   # read once: a student is taken from its best file
+        state = read_dassl_checkpoint(best, trust)
+        if is_promptkd_student(state):
+            files = [best]
+        elif files[-1] != best:
+            state = None
+    state = read_dassl_checkpoint(files[-1], trust) if state is None else state
+    teacher = None
+    if is_promptkd_student(state):
+        name = "promptkd"
+        if not teacher_dir:
+            raise RunError(f"{run_dir} is a Dassl PromptKD run: pass --teacher with its PromptSRC teacher "
+                           f"folder (teacher_model/<Dataset>) and --teacher-clip")
+        teacher, _ = load_teacher(teacher_dir, teacher_clip, device, trust)
+    clip = load_clip(clip_name, device)
+    learner = prompts.build_learner(name, clip, teacher, n_ctx=2 if name == "maple" else None)
+    prompts.load_learner_state(learner, dassl_state(name, state))
+    print(f"loaded Dassl {name} backbone {files[-1]}")
+    return learner.to(device).eval(), name
+
+
+# ------------------------------------------------------------------------------------------------
+# The command-line runner: one line per expected error
+# ------------------------------------------------------------------------------------------------
+
+ERRORS = (RunError, data.DataError, clip_model.CLIPLoadError, prompts.LearnerError, OSError)
+
+
+def one_line(e: Exception) -> str:
+    """The message of an expected error on one line. An error raised in a DataLoader worker comes
+    back wrapped in the worker's traceback: keep its last line, the original message."""
+    message = str(e).strip()
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    if isinstance(e, OSError) and e.strerror:
+        message = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return message.replace("\n", " ")
+
+
+def run_cli(main_fn, get_args_fn, argv=None, errors=()):
+    """Entry point of every script: an expected failure ends in ONE line on stderr and exit code 2;
+    Ctrl-C ends in one line and exit code 130, keeping the last finished epoch's checkpoint."""
+    try:
+        return main_fn(get_args_fn(argv))
+    except ERRORS + tuple(errors) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: a training run keeps its last finished epoch; rerun the same command with --resume",
+              file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,103 @@
+"""README's reading map (paper -> file.py:function) and its "Differences" numbers cannot rot.
+
+Every `file.py:function` the map names must exist, and for an equation row the function's source must
+carry that equation's `Eq. (N)` tag; every equation 1-13 must be mapped; every "README Differences N"
+the code cites must be an item of README's Differences list.
+"""
+import ast
+import glob
+import os
+import re
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+
+
+def section(title: str) -> str:
+    start = README.index(f"## {title}")
+    end = README.find("\n## ", start + 1)
+    return README[start:end if end > 0 else len(README)]
+
+
+def map_rows() -> list[tuple[str, list[tuple[str, str]]]]:
+    """(paper cell, [(file, dotted name), ...]) of every row of the reading map's table."""
+    rows = []
+    for line in section("Reading map").split("\n### ")[0].splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if len(cells) < 3 or cells[0] in ("paper", "---"):
+            continue
+        rows.append((cells[0], re.findall(r"`([\w/]+\.py):([\w.]+)`", " ".join(cells[1:]))))
+    return rows
+
+
+def source_of(file: str, dotted: str) -> str:
+    """The source of a top-level function/class or a Class.method in `file`; KeyError if there is none."""
+    text = open(os.path.join(REPO, file), encoding="utf-8").read()
+    body = ast.parse(text).body
+    node = None
+    for name in dotted.split("."):
+        node = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name), None)
+        if node is None:
+            raise KeyError(f"{file} has no {dotted}")
+        body = node.body
+    return "\n".join(text.splitlines()[node.lineno - 1:node.end_lineno])   # whole lines: trailing comments too
+
+
+def equation_tags(source: str) -> set[int]:
+    """The equations a source tags: `Eq. (N)`, and every N of a range `Eq. (a)-(b)`."""
+    tags = set()
+    for a, b in re.findall(r"Eq\. \((\d+)\)(?:-\((\d+)\))?", source):
+        tags.update(range(int(a), int(b or a) + 1))
+    return tags
+
+
+def problems(rows) -> list[str]:
+    found = []
+    for paper, refs in rows:
+        equation = re.fullmatch(r"Eq\. \((\d+)\)", paper)
+        for file, name in refs:
+            try:
+                source = source_of(file, name)
+            except (KeyError, OSError) as e:
+                found.append(f"{paper}: {e}")
+                continue
+            if equation and int(equation.group(1)) not in equation_tags(source):
+                found.append(f"{paper}: {file}:{name} carries no Eq. ({equation.group(1)}) tag")
+    return found
+
+
+def test_every_mapped_function_exists_and_carries_its_equation():
+    rows = map_rows()
+    assert len(rows) >= 20 and all(refs for paper, refs in rows if paper.startswith("Eq."))
+    assert problems(rows) == []
+
+
+def test_every_equation_of_the_paper_is_mapped():
+    mapped = {int(m) for paper, _ in map_rows() for m in re.findall(r"Eq\. \((\d+)\)", paper)}
+    assert mapped == set(range(1, 14))
+    for figure in ("Tab. 1", "Tab. 2", "Tab. 3", "Tab. 4", "Tab. 5", "Fig. 6", "§3.3", "§3.4", "§4.4"):
+        assert any(paper.startswith(figure) for paper, _ in map_rows()), figure
+
+
+def test_the_checker_catches_a_wrong_map():
+    """A moved function, a missing method and a missing tag are each reported."""
+    wrong = [("Eq. (9)", [("train_dpc.py", "hard_negative_loss_v2")]),
+             ("Eq. (8)", [("train_dpc.py", "NegativeSampler.selection")]),
+             ("Eq. (13)", [("train_dpc.py", "weighting")]),
+             ("Eq. (12)", [("no_such_file.py", "weighting")])]
+    assert len(problems(wrong)) == 4
+    assert equation_tags("# Eq. (10)-(11): softmax") == {10, 11}
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "*.py")) + glob.glob(os.path.join(REPO, "tools", "*.py"))
+                                        + glob.glob(os.path.join(REPO, "tests", "*.py"))))
+def test_cited_differences_exist_and_no_file_users_lack_is_cited(path):
+    items = {int(n) for n in re.findall(r"(?m)^(\d+)\. \*\*", section("Differences from the paper"))}
+    assert items == set(range(1, len(items) + 1)) and len(items) >= 10
+    text = open(path, encoding="utf-8").read()
+    cited = {int(n) for n in re.findall(r"README Differences (\d+)", text)}
+    assert cited <= items, f"{os.path.basename(path)} cites Differences {sorted(cited - items)}, which README lacks"
+    if os.path.basename(path) != "test_reading_map.py":
+        assert not re.search(r"DECISIONS|spec/|backbones\.md|dpc_official_code", text)
