@@ -174,14 +174,14 @@ def interrupt_epoch(monkeypatch, epoch, run_seed=1):
             raise Interrupted(f"epoch {epoch}")
         return real(dataset, batch_size, shuffle, workers, seed=seed, drop_last=drop_last)
 
-    monkeypatch.setattr(train_backbone, "make_loader", make_loader)
+    monkeypatch.setattr(data, "make_loader", make_loader)
 
 
 def interrupt_final_eval(monkeypatch):
     """Raise in the final evaluation: every epoch's checkpoint is written, the run is not finished."""
     def base_to_new(*args, **kwargs):
         raise Interrupted("final evaluation")
-    monkeypatch.setattr(train_backbone, "base_to_new", base_to_new)
+    monkeypatch.setattr(scoring, "base_to_new", base_to_new)
 
 
 def read(run_dir):
