@@ -101,3 +101,12 @@ def test_cited_differences_exist_and_no_file_users_lack_is_cited(path):
     assert cited <= items, f"{os.path.basename(path)} cites Differences {sorted(cited - items)}, which README lacks"
     if os.path.basename(path) != "test_reading_map.py":
         assert not re.search(r"DECISIONS|spec/|backbones\.md|dpc_official_code", text)
+
+
+@pytest.mark.parametrize("module", ["run_io.py", "scoring.py", "data.py", "toy_world.py", "prompts.py", "clip_model.py"])
+def test_modules_below_the_stages_never_import_a_stage(module):
+    """README "Layout": the stages import run_io.py and scoring.py, never the other way round."""
+    tree = ast.parse(open(os.path.join(REPO, module), encoding="utf-8").read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & {"train_backbone", "train_dpc", "evaluate"}, module
