@@ -528,7 +528,7 @@ def add_backbone_flags(p):
     """train_dpc.py's flags for its stage-1 run: ours record their own; a Dassl folder of the original code
     records none of them."""
     p.add_argument("--data", default=None, help="dataset (default: the backbone's; required for a Dassl folder)")
-    p.add_argument("--root", default=None, help="dataset root (default: the backbone's)")
+    p.add_argument("--root", default=None, help="dataset root (default: the backbone's; 'data' for a Dassl folder)")
     p.add_argument("--clip", default="ViT-B/16", help="CLIP of a Dassl backbone (ours record their own)")
     p.add_argument("--teacher", default=None, help="Dassl PromptKD backbone: its Dassl PromptSRC teacher folder")
     p.add_argument("--teacher-clip", default="ViT-L/14", help="CLIP of that Dassl teacher")
@@ -581,9 +581,8 @@ def find_runs(paths, trust: bool = False) -> list[tuple[str, dict]]:
             if ckpt["finished"]:
                 found[os.path.abspath(run)] = ckpt
                 continue
-            script = "train_backbone.py" if ckpt["kind"] == "backbone" else "train_dpc.py"
             message = (f"{run} is an unfinished run (epoch {ckpt['epoch']}/{ckpt['args'].get('epochs')}): "
-                       f"finish it with `{script} --resume --output-dir {run}` and its other flags")
+                       f"finish it with `{SCRIPT[ckpt['kind']]} --resume --output-dir {run}` and its other flags")
             if named:
                 raise RunError(message)
             print(f"skipping: {message}", file=sys.stderr)

@@ -327,6 +327,18 @@ def test_dpc_runs_on_a_dassl_maple_folder(world, tmp_path):
     assert 0 <= res["base"] <= 100 and 0 <= res["new"] <= 100
 
 
+def test_a_dassl_folder_without_root_reads_the_data_folder_where_dpc_runs(world, tmp_path):
+    """A Dassl folder records no dataset root: without --root, train_dpc.py reads ./data, as train_backbone.py
+    does by default (it used to end in a TypeError traceback)."""
+    write_dassl_folder(str(tmp_path / "maple"), "maple", perturbed_learner("maple"), epoch=5)
+    with contextlib.chdir(world["base"]):   # the world's dataset root is <base>/data
+        train_dpc.main(train_dpc.get_args(["--backbone", str(tmp_path / "maple"), "--data", "synthetic", "--clip", "tiny",
+                                           "--epochs", "1", "--workers", "0", "--shots", "2",
+                                           "--output-dir", str(tmp_path / "out")]))
+    ckpt = run_io.read_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))
+    assert ckpt["finished"] and ckpt["args"]["root"] == os.path.abspath(world["root"])
+
+
 def test_a_dpc_run_on_a_dassl_promptkd_folder_given_relative_paths_evaluates_anywhere(world, tmp_path, capsys):
     """--teacher and a --clip weights file given relative to where train_dpc.py ran are recorded as
     absolute paths: evaluate.py --recompute from another folder finds them again."""
