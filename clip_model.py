@@ -36,6 +36,7 @@ import math
 import os
 import pickle
 import shutil
+import stat
 import sys
 import urllib.request
 import zipfile
@@ -78,12 +79,14 @@ def resolve_path(name_or_path: str) -> str:
     """Map a model name to OpenAI's cache layout (~/.cache/clip/ViT-B-16.pt); keep a path as is."""
     if name_or_path in MODELS:
         path = os.path.join(CACHE_DIR, MODELS[name_or_path][0])
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise CLIPLoadError(
                 f"CLIP weights {name_or_path} not found at {path}: download {model_url(name_or_path)} "
                 f"there (e.g. `python clip_model.py --download {name_or_path}`) or pass a file path")
+        check_regular_file(path)
         return path
-    if os.path.isfile(name_or_path):
+    if os.path.exists(name_or_path):
+        check_regular_file(name_or_path)
         return name_or_path
     if name_or_path.startswith("RN"):
         raise CLIPLoadError(f"{name_or_path}: only ViT backbones are supported (use one of {list(MODELS)})")
@@ -182,10 +185,22 @@ def read_torchscript(path: str, archive: zipfile.ZipFile, prefix: str) -> dict:
     return module_tensors(root)
 
 
+def check_regular_file(path: str) -> None:
+    """Weights are read from regular files (or links to them) only: opening a FIFO blocks until a writer
+    appears, i.e. forever, and a folder or device named like a checkpoint is a mistake to report."""
+    if os.path.isfile(path):
+        return
+    mode = os.stat(path).st_mode
+    kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else \
+        "a socket" if stat.S_ISSOCK(mode) else "a device"
+    raise CLIPLoadError(f"CLIP weights {path} are {kind}, not a regular file: put the .pt file itself there")
+
+
 def read_state_dict(path: str) -> dict:
     """Official files are TorchScript archives, read as data (read_torchscript: torch.jit.load would
     run the archive's code); ours and open_clip's are plain state dicts (torch.load, weights_only).
     Every tensor is checked to be a dense CPU tensor inside its storage (tensor_problem)."""
+    check_regular_file(path)
     obj = None
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:

@@ -42,6 +42,7 @@ import json
 import math
 import os
 import random
+import stat
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -116,6 +117,14 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 # The cross-domain targets of the paper's Tab. 2 (source: ImageNet), in its column order.
 CROSS_DOMAIN = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+# CoOp's names for the same datasets (its configs/datasets/<name>.yaml) where ours differ: CoOp users type them.
+DATASET_ALIASES = {"imagenetv2": "imagenet_v2"}
+
+
+def dataset_name(name: str) -> str:
+    """The name a run records for --data / --target `name`: ours, for one of CoOp's config names
+    (DATASET_ALIASES); any other name as given."""
+    return DATASET_ALIASES.get(name, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,17 +135,19 @@ def read_splits(root: str, dataset: str) -> dict[str, list[Item]]:
     the CROSS_DOMAIN test sets, whose train and test are both every image).
 
     A known dataset is read from its CoOp layout when present, otherwise from an ImageFolder tree
-    in the same folder; any other name is read as an ImageFolder tree `<root>/<dataset>/`.
+    in the same folder; any other name is read as an ImageFolder tree `<root>/<dataset>/`. CoOp's
+    config names are read as the datasets they name (DATASET_ALIASES).
     """
+    dataset = dataset_name(dataset)
     info = DATASETS.get(dataset)
     folder = os.path.join(root, info.folder if info else dataset)
     if not os.path.isdir(folder):
         raise DataError(f"dataset folder {folder} not found: expected {_expected_layouts(root, dataset)}; "
                         f"pass --root (known datasets: {', '.join(DATASETS)})")
     layout = info.layout if info else None
-    if layout == "split_json" and os.path.isfile(os.path.join(folder, info.split_file)):
-        splits = _read_split_json(os.path.join(folder, info.split_file), os.path.join(folder, info.image_dir))
-    elif layout == "aircraft" and os.path.isfile(os.path.join(folder, "variants.txt")):
+    if layout == "split_json" and _is_file(os.path.join(folder, info.split_file)):
+        splits = _read_split_json(os.path.join(folder, info.split_file), os.path.join(folder, info.image_dir), folder)
+    elif layout == "aircraft" and _is_file(os.path.join(folder, "variants.txt")):
         splits = _read_aircraft(folder)
     elif layout == "imagenet" and os.path.isdir(os.path.join(folder, "images", "train")):
         splits = _read_imagenet(folder)
@@ -176,8 +187,10 @@ def _coop_layout(folder: str, info: DatasetInfo) -> str:
     return f"{folder}/ with {info.split_file} + {info.image_dir or 'its images'}/"
 
 
-def _read_split_json(path: str, image_dir: str) -> dict[str, list[Item]]:
-    """CoOp's split_zhou JSON: {"train"|"val"|"test": [[relative_path, label, classname], ...]}."""
+def _read_split_json(path: str, image_dir: str, folder: str) -> dict[str, list[Item]]:
+    """CoOp's split_zhou JSON: {"train"|"val"|"test": [[relative_path, label, classname], ...]}, paths
+    relative to `image_dir`. A downloaded file is not the user's own: an entry outside the dataset
+    `folder` is refused (_outside), and a path must be encodable as a file name."""
     name = os.path.basename(path)
     try:
         with open(path) as f:
@@ -196,10 +209,15 @@ def _read_split_json(path: str, image_dir: str) -> dict[str, list[Item]]:
                 if not (isinstance(rel_path, str) and isinstance(label, int) and not isinstance(label, bool)
                         and label >= 0 and isinstance(classname, str)):
                     raise ValueError
-                items.append(Item(os.path.join(image_dir, rel_path), label, classname))
+                os.fsencode(rel_path)   # UnicodeEncodeError (a ValueError): a JSON "\ud800" names no file
             except (TypeError, ValueError) as e:
                 raise DataError(f"{name}: entry {i} of '{split}' is {entry!r}, "
                                 f"expected [path, int label >= 0, classname]") from e
+            if _outside(folder, image_dir, rel_path):
+                raise DataError(f"{name}: entry {i} of '{split}' is {rel_path!r}, outside the dataset folder {folder} "
+                                f"(absolute, or climbing out with '..'): paths must be relative to {image_dir}; "
+                                f"re-download {name} from the links in CoOp's DATASETS.md")
+            items.append(Item(os.path.join(image_dir, rel_path), label, readable_name(classname)))
         # Checking one file per split catches a wrong image_dir without stat-ing 50k files.
         if items and not os.path.isfile(items[0].path):
             raise DataError(f"image {items[0].path} listed in {name} not found: expected the images under "
@@ -215,20 +233,22 @@ def _read_aircraft(folder: str) -> dict[str, list[Item]]:
     splits = {}
     for split in ("train", "val", "test"):
         path = os.path.join(folder, f"images_variant_{split}.txt")
-        if not os.path.isfile(path):
+        if not _is_file(path):
             raise DataError(f"{path} not found: FGVCAircraft needs images_variant_{{train,val,test}}.txt "
                             f"from fgvc-aircraft-2013b/data in {folder}")
         items = []
-        with open(path) as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                image_id, _, classname = line.strip().partition(" ")
-                if classname not in label_of:
-                    raise DataError(f"{path}: variant {classname!r} is not in variants.txt; use the files "
-                                    f"from the same fgvc-aircraft release")
-                path_jpg = os.path.join(folder, "images", image_id + ".jpg")
-                items.append(Item(path_jpg, label_of[classname], classname))
+        for number, line in enumerate(read_text_lines(path), 1):
+            if not line.strip():
+                continue
+            image_id, _, classname = line.strip().partition(" ")
+            if classname not in label_of:
+                raise DataError(f"{path}: variant {classname!r} is not in variants.txt; use the files "
+                                f"from the same fgvc-aircraft release")
+            if _outside(folder, os.path.join(folder, "images"), image_id + ".jpg"):
+                raise DataError(f"{path}: line {number} of '{split}' names image {image_id!r}, outside the dataset "
+                                f"folder {folder}: image ids are file names in images/; use the files of the "
+                                f"fgvc-aircraft release")
+            items.append(Item(os.path.join(folder, "images", image_id + ".jpg"), label_of[classname], classname))
         splits[split] = items
     return splits
 
@@ -249,7 +269,7 @@ def _cross_domain_classnames(folder: str, info: DatasetInfo) -> dict[str, str]:
     """{wnid: name} in file order from the copy of ImageNet's classnames.txt that CoOp puts in each
     cross-domain folder; its absence is reported with the whole expected layout."""
     path = os.path.join(folder, "classnames.txt")
-    if not os.path.isfile(path):
+    if not _is_file(path):
         raise DataError(f"{path} not found: {info.display_name} takes its class names from ImageNet's "
                         f"classnames.txt (1000 '<wnid> <name>' lines); expected {_coop_layout(folder, info)}")
     return _read_classnames_txt(path, required=True)
@@ -304,7 +324,7 @@ def _read_wnid_folders(folder: str, info: DatasetInfo) -> dict[str, list[Item]]:
 
 def _read_classnames_txt(path: str, required: bool) -> dict[str, str]:
     """Lines "<folder> <readable name with spaces>" -> {folder: name} (ImageNet's classnames.txt format)."""
-    if not os.path.isfile(path):
+    if not _is_file(path):
         if required:
             raise DataError(f"{path} not found: it maps class folders to names, "
                             f"one '<folder> <name>' per line")
@@ -317,6 +337,56 @@ def _read_classnames_txt(path: str, required: bool) -> dict[str, str]:
     if required and not names:
         raise DataError(f"{path} is empty: it maps class folders to names, one '<folder> <name>' per line")
     return names
+
+
+def _is_file(path: str) -> bool:
+    """True for a regular file (or a link to one), False when nothing is there. Anything else there is
+    refused: opening a FIFO blocks until a writer appears, i.e. forever, and a folder or a device named
+    like a split file or a class-name list is a mistake to report, not a missing file."""
+    if os.path.isfile(path):
+        return True
+    if not os.path.exists(path):
+        return False
+    mode = os.stat(path).st_mode
+    kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else \
+        "a socket" if stat.S_ISSOCK(mode) else "a device"
+    raise DataError(f"{path} is {kind}, not a regular file: put the file itself there")
+
+
+def _outside(folder: str, base: str, rel_path: str) -> bool:
+    """Whether `rel_path`, relative to `base` inside the dataset `folder` and taken from a file the user
+    did not write (a split JSON, FGVCAircraft's lists), points outside `folder`: an absolute path, or
+    one whose '..' climb out. normpath, not realpath: a symlink inside the dataset that points elsewhere
+    is the user's own choice (datasets are often linked in), and '..' that stays inside is harmless."""
+    if os.path.isabs(rel_path):
+        return True
+    if ".." not in rel_path:   # the common case, without a path operation per image
+        return False
+    top = os.path.abspath(folder)
+    return os.path.commonpath([top, os.path.abspath(os.path.join(base, rel_path))]) != top
+
+
+def readable_name(folder: str) -> str:
+    """A folder name as the text of a class name in the prompts, also when the name is not UTF-8.
+
+    Python decodes file names as UTF-8 and keeps each byte that is not UTF-8 as a lone surrogate
+    U+DC80-U+DCFF (PEP 383), which opens the file but no tokenizer can encode. Such bytes usually come
+    from a zip made on Windows, in its Western code page, so each is read as Windows-1252 (b"caf\xe9"
+    gives "café"; a byte cp1252 leaves undefined, and any other lone surrogate, gives U+FFFD). A guess:
+    name the class in classnames.txt to choose its name. Paths keep the name on disk."""
+    try:
+        folder.encode("utf-8")
+        return folder
+    except UnicodeEncodeError:
+        pass
+    chars = []
+    for ch in folder:
+        if "\udc80" <= ch <= "\udcff":
+            ch = bytes([ord(ch) - 0xDC00]).decode("cp1252", errors="replace")
+        elif "\ud800" <= ch <= "\udfff":
+            ch = "\ufffd"
+        chars.append(ch)
+    return "".join(chars)
 
 
 def read_text_lines(path: str) -> list[str]:
@@ -347,12 +417,23 @@ def _class_folders(split_dir: str) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
+def _folder_classname(folder: str, names: dict[str, str]) -> str | None:
+    """A class folder's name in the prompts: its classnames.txt line, found by the folder's name or, for
+    a name that is not UTF-8, by its readable_name (the only form a UTF-8 classnames.txt can spell);
+    without classnames.txt, the readable name. None: classnames.txt has no line for the folder."""
+    if not names:
+        return readable_name(folder)
+    return names.get(folder, names.get(readable_name(folder)))
+
+
 def _read_tree(split_dirs: dict[str, str | None], names: dict[str, str]) -> dict[str, list[Item]]:
-    """Read ImageFolder splits; labels come from train's sorted class folders, shared by val/test."""
+    """Read ImageFolder splits; labels come from train's sorted class folders, shared by val/test.
+    Item paths keep the folder names on disk (surrogate-escaped if not UTF-8); class names are text."""
     train_classes = _class_folders(split_dirs["train"])
     label_of = {c: i for i, c in enumerate(train_classes)}
+    name_of = {c: _folder_classname(c, names) for c in train_classes}
     if names:
-        missing = [c for c in train_classes if c not in names]
+        missing = [readable_name(c) for c in train_classes if name_of[c] is None]
         if missing:
             raise DataError(f"classnames.txt has no line for class folder(s) {', '.join(missing[:5])}; "
                             f"add '<folder> <name>' lines or delete the file")
@@ -368,7 +449,7 @@ def _read_tree(split_dirs: dict[str, str | None], names: dict[str, str]) -> dict
             lacking = sorted(set(train_classes) - set(classes))
             raise DataError(f"class folders of {split_dir} differ from train: extra {extra[:5]}, missing "
                             f"{lacking[:5]}; {split} must use the train classes")
-        splits[split] = [Item(p, label_of[c], names.get(c, c))
+        splits[split] = [Item(p, label_of[c], name_of[c])
                          for c in classes for p in _list_images(os.path.join(split_dir, c))]
     return splits
 

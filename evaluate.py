@@ -287,7 +287,7 @@ def parse_targets(text: str, sources: set) -> list[str]:
     groups = {"cross-dataset": [d for d in scoring.PAPER_DATASETS if d != "imagenet"], "cross-domain": list(data.CROSS_DOMAIN)}
     targets = []
     for t in (t.strip() for t in text.split(",")):
-        targets += groups.get(t, [t] if t else [])
+        targets += groups.get(t, [data.dataset_name(t)] if t else [])   # CoOp's names too (imagenetv2)
     return list(dict.fromkeys(sorted(sources) + targets))   # each run's source is always tested too
 
 
@@ -386,6 +386,7 @@ def main(args):
     if args.values is not None and not args.sweep:
         raise RunError("--values needs --sweep omega_b or --sweep omega_n")
     finished = run_io.find_runs(args.runs, args.trust_checkpoint)
+    run_io.lock_run_folder(args.out, "--out")   # one evaluate.py per --out at a time
     if args.sweep:
         out = sweep(finished, args)
         run_io.write_json_atomic(out, os.path.join(args.out, "sweep.json"))
@@ -410,7 +411,7 @@ def main(args):
         print("\n" + scoring.format_table(cells, averages) + notes, end="")
         out = dict(runs=rows, groups=cells, averages=averages,
                    convention="mean over seeds of base and new; H = harmonic mean of those means")
-        run_io.write_json_atomic(out, os.path.join(args.out, "results.json"))   # creates --out (nothing before)
+        run_io.write_json_atomic(out, os.path.join(args.out, "results.json"))
         with open(os.path.join(args.out, "table.md"), "w") as f:
             f.write(scoring.format_table(cells, averages, markdown=True, blocks_per_line=4))
     print(f"wrote {os.path.abspath(args.out)}")

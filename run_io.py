@@ -3,8 +3,9 @@
 train_backbone.py, train_dpc.py and evaluate.py show their stage; what they all need to run safely
 for days lives here, so that none of them has to show it:
   - the command line: flags every script shares and their checks, one `error:` line per bad input
-    (run_cli), Ctrl-C that keeps the last finished epoch;
-  - a run folder: args.json, log.txt (log), atomic writes, the checks before anything is written;
+    (run_cli), Ctrl-C or SIGTERM that keeps the last finished epoch;
+  - a run folder: one writer at a time (lock_run_folder), args.json, log.txt (log), atomic writes, the
+    checks before anything is written, --resume only with the flags the run was started with;
   - checkpoints read as plain data, never running code from the file (README "Loading checkpoints
     safely"), with their schema and finite values checked where they are read;
   - CLIP weights, and finished stage-1 runs: ours (checkpoint.pt) or the original code's Dassl
@@ -13,7 +14,9 @@ for days lives here, so that none of them has to show it:
 This module never imports a stage file.
 """
 import argparse
+import contextlib
 import errno
+import fcntl
 import glob
 import json
 import os
@@ -21,7 +24,10 @@ import pickle
 import platform
 import re
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 
 import torch
@@ -124,10 +130,11 @@ def check_not_a_source(output_dir: str, **sources) -> None:
 # ------------------------------------------------------------------------------------------------
 
 def check_run_folder(args, kind: str = "backbone"):
-    """Before anything is written: the unfinished checkpoint to resume from, or None.
-    A finished run is never touched without --overwrite."""
+    """Before anything is written (the folder is locked): the unfinished checkpoint to resume from,
+    or None. A finished run is never touched without --overwrite; --resume continues a run only with
+    the flags it was started with (changed_flags)."""
     path = os.path.join(args.output_dir, "checkpoint.pt")
-    if not os.path.exists(path) or args.overwrite:
+    if not os.path.lexists(path) or args.overwrite:
         return None
     previous = read_checkpoint(path, args.trust_checkpoint)
     if previous["kind"] != kind:
@@ -139,12 +146,23 @@ def check_run_folder(args, kind: str = "backbone"):
     if not args.resume:
         raise RunError(f"{args.output_dir} holds an unfinished run (epoch {previous['epoch']}/"
                        f"{previous['args'].get('epochs')}): pass --resume to continue or --overwrite to start over")
-    mine = dict(learner=args.learner, data=args.data, clip=getattr(args, "clip", previous["clip"]))
-    theirs = {k: previous.get(k) for k in mine}
-    if mine != theirs:
-        raise RunError(f"--resume: {args.output_dir} holds a run of {theirs}, this command asks for {mine}; "
-                       f"use the run's own flags or another --output-dir")
+    changed = changed_flags(previous["args"], vars(args))
+    if changed:
+        raise RunError(f"--resume: {args.output_dir} was started with other flags: {', '.join(changed)}; resume with "
+                       f"the run's own flags (its args.json), or train a new run with --overwrite or another --output-dir")
     return previous
+
+
+# What --resume may change: how a run is executed, not what it computes (README "Clusters and shared machines").
+HOW_FLAGS = ("resume", "overwrite", "output_dir", "workers", "print_every", "device", "feature_cache",
+             "trust_checkpoint")
+
+
+def changed_flags(stored: dict, given: dict) -> list[str]:
+    """'--flag stored -> given' for every flag that changes what a run computes (all but HOW_FLAGS) and
+    differs from the run's stored args. A flag the run did not record (an older version) is not compared."""
+    return [f"--{k.replace('_', '-')} {stored[k]!r} -> {given[k]!r}" for k in given
+            if k in stored and k not in HOW_FLAGS and stored[k] != given[k]]
 
 
 def check_disk(folder: str, tensors) -> None:
@@ -161,9 +179,14 @@ def check_disk(folder: str, tensors) -> None:
 
 
 def start_run(args):
-    """Create the run folder, dump args.json, tee log() to log.txt (after every input was checked)."""
+    """Create args.json, tee log() to log.txt (after every input was checked, the folder locked), and
+    remove the temp files of atomic writes that a killed process left (no other writer can own them)."""
+    for name in ("args.json", "log.txt"):
+        check_regular(os.path.join(args.output_dir, name))
     try:
-        os.makedirs(args.output_dir, exist_ok=True)
+        for tmp in glob.glob(os.path.join(glob.escape(args.output_dir), "*.tmp")):
+            if re.fullmatch(r".+\.\d+\.tmp", os.path.basename(tmp)):
+                os.remove(tmp)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
     except OSError as e:
@@ -177,14 +200,138 @@ def start_run(args):
         + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
 
 
+def check_regular(path: str) -> None:
+    """A FIFO, socket or device where a file of a run is expected would block a read or write forever."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise RunError(f"{path} is not a regular file (a FIFO, socket, device or dangling link): remove it, or "
+                       f"choose another folder")
+
+
+# ------------------------------------------------------------------------------------------------
+# One writer per run folder (README "Clusters and shared machines")
+# ------------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"   # inside the run folder while a process writes it; says who (pid, host, since when)
+
+
+def hold_lock(path: str) -> int | None:
+    """An exclusive flock on `path` (created if missing) and the fd that holds it, or None if another
+    process holds it. The OS releases a flock when its process ends, however it ends (kill -9, a lost
+    node): a lock is never stale. On NFS, Linux maps flock to the server's byte-range locks."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if isinstance(e, BlockingIOError):
+                return None
+            raise
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+            break
+        os.close(fd)   # its holder removed the file as it let go (release_lock): lock the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    return fd
+
+
+def release_lock(path: str, fd: int) -> None:
+    """Remove the lock file while still holding it, then let go: a process that opened the old file
+    meanwhile sees it is gone (hold_lock) and locks a new one."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def lock_holder(path: str) -> str:
+    """Who holds the lock file `path`, as it says ('pid N on HOST since ...')."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read().strip() or "a process that is starting"
+    except OSError:
+        return "another process"
+
+
+def is_locked(path: str) -> bool:
+    """Whether another process holds the lock file `path` (tools/reproduce.py waits for such a run)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+_RUN_LOCK = None   # (folder, fd, whether this process created the folder) of the run folder it writes
+
+
+def lock_run_folder(folder: str, flag: str = "--output-dir") -> None:
+    """Take the run folder for this process, first thing, before its state is read: a second process on
+    the same folder (a copy-paste slip, a resubmitted job) gets one error naming the holder, and writes
+    nothing. Held until the process ends or run_cli returns; a folder this process created is removed
+    again if the run ends before writing anything into it (an input error)."""
+    global _RUN_LOCK
+    release_run_folder()   # a process writes one run folder at a time (tests, evaluate.py run several)
+    created = not os.path.isdir(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create the run folder {folder} ({e.strerror}): choose a writable {flag}") from None
+    try:
+        fd = hold_lock(os.path.join(folder, LOCK_FILE))
+    except OSError as e:   # read-only, or a file system without locks (ENOLCK): never run unprotected
+        remove_if_empty(folder if created else None, os.path.join(folder, LOCK_FILE))
+        raise RunError(f"cannot lock the run folder {folder} ({e.strerror}): choose an {flag} on a writable file "
+                       f"system with file locks") from None
+    if fd is None:
+        raise RunError(f"{folder} is being written by another process ({lock_holder(os.path.join(folder, LOCK_FILE))}):"
+                       f" wait until it ends, or choose another {flag}")
+    _RUN_LOCK = (folder, fd, created)
+
+
+def release_run_folder() -> None:
+    """Let go of this process's run folder; remove it if this process created it and left it empty."""
+    global _RUN_LOCK
+    if _RUN_LOCK is not None:
+        folder, fd, created = _RUN_LOCK
+        _RUN_LOCK = None
+        release_lock(os.path.join(folder, LOCK_FILE), fd)
+        remove_if_empty(folder if created else None)
+
+
+def remove_if_empty(folder: str | None, *files: str) -> None:
+    """Remove `files`, then `folder` if nothing else is in it (an input error wrote nothing there)."""
+    for path in files:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    if folder:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
 _LOG = None
 
 
 def log(message: str):
-    print(message, flush=True)
-    if _LOG is not None:
-        _LOG.write(message + "\n")
-        _LOG.flush()
+    # A file name that is not UTF-8 is a surrogate-escaped str, which no terminal or log.txt encoding takes:
+    # what a stream cannot encode is backslash-escaped (\udce9), so a line naming such a file never crashes.
+    for stream in (sys.stdout, _LOG):
+        if stream is not None:
+            encoding = getattr(stream, "encoding", None) or "utf-8"
+            stream.write(message.encode(encoding, "backslashreplace").decode(encoding) + "\n")
+            stream.flush()
 
 
 def save_atomic(obj, path: str):
@@ -306,6 +453,7 @@ def load_safely(path: str, trust: bool = False, inert_objects: bool = False):
     never runs code hidden in the file. `inert_objects` (Dassl checkpoints) also reads the globals of
     INERT_GLOBALS, as inert stand-ins that are never called. Any other global is refused naming it;
     only `trust` (--trust-checkpoint) unpickles it for real."""
+    check_regular(path)
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False)  # runs code: the user said so
     try:
@@ -538,7 +686,7 @@ def dpc_backbone(args):
     """train_dpc.py's stage-1 run (--backbone, or the last one trained): its learner and its record. The
     dataset, root, seed and class split (base, or all classes for a Tab. 2 source) are the backbone's unless
     a flag names them; a Dassl folder records none of them, so --data must."""
-    args.backbone = find_backbone(args.backbone)
+    args.backbone = os.path.abspath(find_backbone(args.backbone))   # recorded as is: --resume compares it
     args.teacher = args.teacher and os.path.abspath(args.teacher)   # a Dassl run is re-evaluated from other folders
     args.clip, args.teacher_clip = clip_path(args.clip), clip_path(args.teacher_clip)
     learner, backbone = load_stage1(args.backbone, args.device, args.trust_checkpoint, args.clip, args.teacher,
@@ -593,6 +741,7 @@ def find_runs(paths, trust: bool = False) -> list[tuple[str, dict]]:
 
 def read_results(run: str) -> dict | None:
     path = os.path.join(run, "results.json")
+    check_regular(path)
     if not os.path.isfile(path):
         return None
     try:
@@ -734,18 +883,43 @@ def one_line(e: Exception) -> str:
         message = message.splitlines()[-1].split(": ", 1)[-1]
     if isinstance(e, OSError) and e.strerror:
         message = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    return message.replace("\n", " ")
+    # a file name that is not UTF-8 (a surrogate-escaped str) is backslash-escaped: printable anywhere
+    return message.replace("\n", " ").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def run_cli(main_fn, get_args_fn, argv=None, errors=()):
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (a container stop, `kill`, Slurm's preemption or time limit), handled like Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    """Stop once: further signals (Slurm signals every process of a job, tools/reproduce.py forwards its
+    own) are ignored while the run winds down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def run_cli(main_fn, get_args_fn, argv=None, errors=(), resume_hint="rerun the same command with --resume"):
     """Entry point of every script: an expected failure ends in ONE line on stderr and exit code 2;
-    Ctrl-C ends in one line and exit code 130, keeping the last finished epoch's checkpoint."""
+    Ctrl-C (exit code 130) or SIGTERM (143) ends in one line, keeping the last finished epoch's
+    checkpoint. The run folder's lock is let go on the way out, whatever the way."""
+    main_thread = threading.current_thread() is threading.main_thread()   # only it may set handlers
+    before = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         return main_fn(get_args_fn(argv))
     except ERRORS + tuple(errors) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: a training run keeps its last finished epoch; rerun the same command with --resume",
-              file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"interrupted ({signal.Signals(signum).name}): finished runs and the last finished epoch of a "
+              f"training run are kept; {resume_hint}", file=sys.stderr)
+        sys.exit(128 + signum)
+    finally:
+        release_run_folder()
+        for s, handler in before.items():
+            signal.signal(s, handler)

@@ -16,6 +16,7 @@ import torchvision
 import clip_model
 import data
 import prompts
+import run_io
 from run_io import autocast, log, save_atomic
 
 
@@ -52,7 +53,8 @@ def feature_key(learner, items, device: str, batch_size: int) -> tuple[str, bool
     """(key, persistent) of the image features of `items`: everything they depend on. The CLIP weights;
     the learner's image-side tensors if it has any (as substituted now); the test transform and the
     library versions that run it; device and precision; the batch size (it can change the last bit);
-    each file's path, size, mtime and inode. Features of CLIP's plain encoder (CoOp, zero-shot CLIP) are
+    each file's path (its bytes on disk: a name that is not UTF-8 is a surrogate-escaped str), size, mtime
+    and inode. Features of CLIP's plain encoder (CoOp, zero-shot CLIP) are
     persistent (reused across runs and seeds); prompted ones live in this process only."""
     image_side = prompts.image_side_tensors(learner)
     precision = "fp32" if not device.startswith("cuda") else \
@@ -64,8 +66,22 @@ def feature_key(learner, items, device: str, batch_size: int) -> tuple[str, bool
              f"torchvision {torchvision.__version__} PIL {PIL.__version__} {device} {precision} {batch_size}".encode())
     for item in items:
         st = os.stat(item.path)
-        h.update(f"\n{item.path} {st.st_size} {st.st_mtime_ns} {st.st_ino}".encode())
+        h.update(b"\n" + os.fsencode(item.path) + f" {st.st_size} {st.st_mtime_ns} {st.st_ino}".encode())
     return h.hexdigest(), not image_side
+
+
+_WARNED: dict = {}          # cache folder -> the run (its log file) already warned that it cannot write there
+
+
+def warn_once(cache: str, message: str) -> None:
+    """One warning per unusable cache folder and run (README's fault table): a run scores base and new,
+    evaluate.py many runs, each a failed write. A run is known by the log file run_io.start_run opens
+    for it, so several runs in one process (tests) each warn once; evaluate.py, which starts
+    no run, warns once."""
+    if cache in _WARNED and _WARNED[cache] is run_io._LOG:
+        return
+    _WARNED[cache] = run_io._LOG
+    log(message)
 
 
 def encode_images(learner, items, device, workers, batch_size) -> list:
@@ -110,7 +126,8 @@ def image_features(learner, items, device, workers, batch_size, cache) -> list:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 save_atomic([f.cpu() for f in features], path)
             except OSError as e:   # a read-only cache costs time, never the run
-                log(f"warning: cannot write the feature cache {path} ({e.strerror}); pass --feature-cache off")
+                warn_once(cache, f"warning: cannot write the feature cache {path} ({e.strerror}); "
+                                 f"pass --feature-cache off")
     _MEMO[key] = [f.cpu() for f in features]
     while sum(f.numel() * f.element_size() for v in _MEMO.values() for f in v) > _MEMO_BYTES and len(_MEMO) > 1:
         _MEMO.pop(next(iter(_MEMO)))

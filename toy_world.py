@@ -38,15 +38,18 @@ def make_synthetic_imagefolder(root: str, name: str = "synthetic", n_classes: in
 
     Class c is colour c % 20 with c // 20 + 1 stripes ("red stripes", ..., "red stripes 2"), plus
     per-image noise, so a model can separate the classes. val/ (test/) is skipped when n_val
-    (n_test) is 0. Returns `<root>/<name>`.
+    (n_test) is 0. Returns `<root>/<name>`. Written aside and renamed, as make_toy_dataset is: a run
+    that finds the folder finds it whole, and of two first runs at once (`--data synthetic`) the one
+    that finishes second keeps the first one's copy (an existing folder is never written into).
     """
     rs = np.random.RandomState(seed)
     out = os.path.join(root, name)
     width = max(2, len(str(n_classes - 1)))  # zero-padded so sorted folders = label order
     folders = [f"class_{i:0{width}d}" for i in range(n_classes)]
     colours = list(_COLOURS)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "classnames.txt"), "w") as f:
+    tmp = f"{out}.{os.getpid()}.part"
+    os.makedirs(tmp, exist_ok=True)
+    with open(os.path.join(tmp, "classnames.txt"), "w") as f:
         for c, folder in enumerate(folders):
             repeat = c // len(colours)
             f.write(f"{folder} {colours[c % len(colours)]} stripes{f' {repeat + 1}' if repeat else ''}\n")
@@ -59,10 +62,21 @@ def make_synthetic_imagefolder(root: str, name: str = "synthetic", n_classes: in
             stripes = 30 * np.sin(2 * np.pi * (1 + c // len(colours)) * x / size)  # (1, W, 1)
             noise = rs.normal(0, 12, size=(n, size, size, 3))
             images = np.clip(mean + stripes + noise, 0, 255).astype(np.uint8)  # (n, H, W, 3)
-            class_dir = os.path.join(out, split, folder)
+            class_dir = os.path.join(tmp, split, folder)
             os.makedirs(class_dir, exist_ok=True)
             for i in range(n):
                 Image.fromarray(images[i]).save(os.path.join(class_dir, f"{i}.png"), compress_level=1)
+    return _move_into_place(tmp, out)
+
+
+def _move_into_place(tmp: str, out: str) -> str:
+    """Rename a generated folder to `out`; if another process got there first, keep its copy."""
+    try:
+        os.replace(tmp, out)
+    except OSError:   # `out` exists and is not empty: the other process's (deterministic) copy
+        shutil.rmtree(tmp)
+        if not os.path.isdir(out):
+            raise
     return out
 
 
@@ -297,10 +311,4 @@ def make_toy_dataset(root: str, n_train: int = 32, n_val: int = 8, n_test: int =
                 Image.fromarray(image).save(os.path.join(class_dir, f"{i:03d}.png"), compress_level=1)
     with open(os.path.join(tmp, "classnames.txt"), "w") as f:
         f.writelines(f"{folder} {toy_classname(c, s)}\n" for folder, c, s in classes)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process finished the same (deterministic) dataset first: keep its copy
-        shutil.rmtree(tmp)
-        if not os.path.isdir(out):
-            raise
-    return out
+    return _move_into_place(tmp, out)

@@ -11,7 +11,8 @@ that "+ DPC" is compared with in Tab. 1.
 
 The run folder (default output/<data>/<learner>/seed<seed>) holds args.json, log.txt,
 checkpoint.pt (trainable tensors + optimiser + class names + CLIP name, written atomically every
-epoch) and results.json. `--resume` continues an interrupted run from its last finished epoch.
+epoch) and results.json. `--resume` continues an interrupted run from its last finished epoch, with the
+flags it was started with; one process writes a run folder at a time (README "Clusters and shared machines").
 """
 import argparse
 import math
@@ -67,6 +68,7 @@ def get_args(argv=None):
     p.add_argument("--output-dir", default=None, help="run folder (default output/<data>/<learner>/seed<seed>)")
     run_io.add_run_flags(p)
     args = p.parse_args(argv)
+    args.data = data.dataset_name(args.data)   # CoOp's config names too (imagenetv2): runs record ours
     defaults = prompts.LEARNERS[args.learner].DEFAULTS
     args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
     args.batch_size = defaults["batch_size"] if args.batch_size is None else args.batch_size
@@ -119,6 +121,7 @@ def lr_at(epoch: int, base_lr: float, epochs: int) -> float:
 
 def main(args):
     run_io.check_not_a_source(args.output_dir, continue_from=args.continue_from, teacher=args.teacher)
+    run_io.lock_run_folder(args.output_dir)   # one writer per run folder, before its state is read
     previous = run_io.check_run_folder(args)
     torch.manual_seed(args.seed)
     clip = run_io.load_clip(args.clip, args.device)

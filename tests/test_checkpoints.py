@@ -178,7 +178,7 @@ def test_resuming_a_dpc_run_whose_mixed_prompt_does_not_fit_is_one_error_line(wo
     run = damaged_copy(world["dpc"], tmp_path / "run",
                        lambda c: dict(c, finished=False, epoch=0, mixed_prompt={"ctx": torch.zeros(3)}))
     err = one_error_line(capsys, train_dpc.run, ["--backbone", world["coop"], "--workers", "0", "--shots", "2",
-                                                 "--resume", "--output-dir", str(run)], tmp_path)
+                                                 "--epochs", "1", "--resume", "--output-dir", str(run)], tmp_path)
     assert "the mixed prompt of" in err and "['ctx'] has shape (3,)" in err, err
 
 

@@ -1,7 +1,6 @@
 """The image-feature cache of evaluation (scoring.image_features): an optimisation only. A
 result with the cache equals the result without it bitwise; anything that could change the features
 (an image file, the CLIP weights, the transform, the learner's visual prompts) misses it."""
-import contextlib
 import os
 import shutil
 

@@ -132,8 +132,8 @@ CASES = [
     ("--output-dir is the --continue-from run", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--continue-from", CKPT, "--output-dir", CKPT, "--overwrite"], "is the --continue-from run itself"),
     ("missing CLIP weights", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--clip", "/no/ViT-B-16.pt"], "not found"),
     ("ResNet checkpoint", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--clip", "<resnet>"], "only ViT backbones"),
-    ("resume with another learner", tb.run, ["--learner", "maple", "--data", "synthetic", "--root", ROOT, "--output-dir", "<unfinished>", "--resume"], "this command asks for"),
-    ("resume with another CLIP", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--clip", "<vit>", "--output-dir", "<unfinished>", "--resume"], "this command asks for"),
+    ("resume with another learner", tb.run, ["--learner", "maple", "--data", "synthetic", "--root", ROOT, "--output-dir", "<unfinished>", "--resume"], "was started with other flags: --learner 'coop' -> 'maple'"),
+    ("resume with another CLIP", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--clip", "<vit>", "--output-dir", "<unfinished>", "--resume"], "was started with other flags: --clip 'tiny' -> "),
     ("DPC on another dataset", train_dpc.run, ["--backbone", CKPT, "--data", "other_test"], "was trained on synthetic"),
     ("DPC on another class set", train_dpc.run, ["--backbone", CKPT, "--root", "<renamed>"], "trained on other classes"),
     ("corrupted checkpoint", train_dpc.run, ["--backbone", "<truncated>"], "corrupted or truncated"),
@@ -151,7 +151,8 @@ CASES = [
     ("a backbone run as DPC --output-dir", train_dpc.run, ["--backbone", CKPT, "--output-dir", "<unfinished>", "--resume"], "holds a backbone run"),
     ("NaN prompts as --backbone", train_dpc.run, ["--backbone", "<nan>"], "NaN/inf"),
     ("evaluate NaN prompts", evaluate.run, ["<nan>", "--out", "<out>"], "NaN/inf"),
-    ("output folder not writable", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--output-dir", "<file>/run"], "cannot write to"),
+    ("output folder not writable", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--output-dir", "<file>/run"], "cannot create the run folder"),
+    ("output folder cannot be created (was '0 MB free')", tb.run, ["--learner", "coop", "--data", "synthetic", "--root", ROOT, "--output-dir", "/proc/dpc_run"], "cannot create the run folder /proc/dpc_run"),
 ]
 
 
@@ -330,9 +331,9 @@ def script(name, *argv):
     return [sys.executable, os.path.join(REPO, name), *argv]
 
 
-@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
 def test_interrupted_run_resumes_to_identical_results(world, tmp_path, how):
-    """Kill a real run in the middle of epoch 2 (Ctrl-C or kill -9), resume it, compare bit for bit."""
+    """Kill a real run in the middle of epoch 2 (Ctrl-C, SIGTERM or kill -9), resume it, compare bit for bit."""
     flags = common(world["root"]) + ["--learner", "coop", "--epochs", "3", "--print-every", "1", "--shots", "8"]
     env = dict(os.environ, PYTHONPATH=REPO)
     subprocess.run(script("train_backbone.py", *flags, "--output-dir", "straight"), cwd=tmp_path, env=env,
@@ -344,8 +345,9 @@ def test_interrupted_run_resumes_to_identical_results(world, tmp_path, how):
             proc.send_signal(getattr(signal, how))
             break
     _, err = proc.communicate(timeout=60)
-    if how == "SIGINT":
-        assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted:")
+    if how != "SIGKILL":   # Ctrl-C and SIGTERM (kill, a container stop, Slurm) end alike: one line, 128 + signal
+        assert proc.returncode == 128 + getattr(signal, how) and \
+            err.strip().splitlines()[-1].startswith(f"interrupted ({how}):")
     else:
         assert proc.returncode == -signal.SIGKILL
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)

@@ -8,11 +8,18 @@ Per (dataset, seed, learner) one chain of runs, each a call of the project's own
 then evaluate.py on every stage-1 and DPC folder -> RUN_ROOT/evaluation (table.md: the Tab. 1 layout).
 
 Each run's state is decided when its turn comes: finished (its checkpoint.pt says so) -> skipped,
-unfinished -> continued with --resume, no checkpoint -> trained. So after a crash, Ctrl-C or a
-reboot, the same command continues where it stopped. A failed run stops its own chain only; the
+unfinished -> continued with --resume, no checkpoint -> trained. So after a crash, Ctrl-C, SIGTERM or
+a reboot, the same command continues where it stopped. A failed run stops its own chain only; the
 failures are listed at the end (exit code 1). With several visible GPUs the chains run at once, one
 per GPU (CUDA_VISIBLE_DEVICES=<id> for its processes); otherwise one after the other. A run's
 output goes to <run folder>/stdout.txt (its training log is <run folder>/log.txt).
+
+Several drivers may share one --out (two terminals, a resubmitted job, Slurm tasks): a chain is run by
+one driver at a time (a lock per chain, released by the OS when its driver dies); another driver
+comes back to it after its other chains, and waits for a run folder that some process still writes.
+SIGINT and SIGTERM are forwarded to the running run, which keeps its last finished epoch; the tool
+waits for it, then exits (130 / 143). A Slurm array task (--slurm) is `reproduce.py --task N`: the
+same logic for one chain, so a requeued, resubmitted or partly finished task just continues.
 
     python tools/reproduce.py --datasets eurosat,dtd --root /data --workers 8
     python tools/reproduce.py --datasets eurosat --learners coop --seeds 1 --backbone-flags "--epochs 10 --lr 0.002"
@@ -65,6 +72,8 @@ def get_args(argv=None):
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the chains left to run, one shell line each")
     mode.add_argument("--slurm", metavar="FILE", default=None, help="write a Slurm job-array script, one chain a task")
+    mode.add_argument("--task", type=int, default=None, metavar="N",
+                      help="run chain N of the plan only, without the table (what each Slurm array task runs)")
     args = p.parse_args(argv)
     args.root, args.out = os.path.abspath(args.root), os.path.abspath(args.out)
     check(os.path.commonpath([args.root, args.out]) not in (args.root, args.out),
@@ -72,6 +81,7 @@ def get_args(argv=None):
           f"(<out>/<dataset>/...); choose an --out outside --root")
     args.datasets, args.learners, args.seeds = (split_list(getattr(args, n), "--" + n)
                                                 for n in ("datasets", "learners", "seeds"))
+    args.datasets = [data.dataset_name(d) for d in args.datasets]   # CoOp's config names too (imagenetv2)
     known = scoring.PAPER_DATASETS + GENERATED
     for d in args.datasets:
         check(d in known or os.path.isdir(os.path.join(args.root, d)),
@@ -84,6 +94,8 @@ def get_args(argv=None):
     for name in ("backbone_flags", "teacher_flags", "dpc_flags"):
         setattr(args, name, split_flags(getattr(args, name), "--" + name.replace("_", "-")))
     args.workers = [] if args.workers is None else ["--workers", str(args.workers)]   # flags of every script
+    n = len(args.datasets) * len(args.seeds) * len(args.learners)
+    check(args.task is None or 0 <= args.task < n, f"--task {args.task}: the plan has chains 0-{n - 1}")
     return args
 
 
@@ -173,18 +185,31 @@ def evaluate_command(python: str, args, chains) -> list[str]:
         + args.workers
 
 
-def write_slurm(path: str, lines: list[str], evaluate_line: str, logs: str) -> None:
-    """One chain per array task; the table is a separate job that waits for all of them (afterok)."""
-    tasks = "".join(f"  {i}) {line} ;;\n" for i, line in enumerate(lines))
+def driver_flags(args) -> list[str]:
+    """This tool's own flags, as an array task repeats them (plan() then numbers the chains the same way)."""
+    flags = ["--datasets", ",".join(args.datasets), "--seeds", ",".join(map(str, args.seeds)), "--learners",
+             ",".join(args.learners), "--root", args.root, "--out", args.out, "--clip", args.clip,
+             "--teacher-clip", args.teacher_clip] + args.workers
+    return flags + [f"--{name.replace('_', '-')}={shlex.join(getattr(args, name))}"
+                    for name in ("backbone_flags", "teacher_flags", "dpc_flags") if getattr(args, name)]
+
+
+def write_slurm(path: str, tasks: list[int], task_line: str, evaluate_line: str, logs: str) -> None:
+    """One chain per array task, run by this tool (--task), so its state is decided when the task runs;
+    the table is a separate job that waits for all of them (afterok)."""
     with open(path, "w") as f:
-        f.write(f"#!/bin/bash\n# DPC base-to-new protocol (paper Tab. 1) by tools/reproduce.py: {len(lines)} chains, "
-                f"one per array task.\n# Submit it, then the table, which waits until every task succeeded:\n"
+        f.write(f"#!/bin/bash\n# DPC base-to-new protocol (paper Tab. 1) by tools/reproduce.py: {len(tasks)} chains, "
+                f"one per array task.\n# Each task runs its chain like tools/reproduce.py on a workstation: finished "
+                f"runs are skipped,\n# interrupted ones resumed. A preempted task is requeued (--requeue) and continues; "
+                f"one that\n# hit its time limit stops cleanly (SIGTERM 120 s before) and continues when resubmitted.\n"
+                f"# Submit it, then the table, which waits until every task succeeded:\n"
                 f"#   jobid=$(sbatch --parsable {path})\n"
                 f"#   sbatch --dependency=afterok:$jobid --wrap {shlex.quote(evaluate_line)}\n"
-                f"# Fresh / --resume as of writing: after an interruption, write this file again.\n"
-                f"#SBATCH --job-name=dpc-tab1\n#SBATCH --array=0-{len(lines) - 1}\n#SBATCH --gres=gpu:1\n"
-                f"#SBATCH --output={logs}/%A_%a.out\nset -eo pipefail\ncd {shlex.quote(os.getcwd())}\n"
-                f'case "$SLURM_ARRAY_TASK_ID" in\n{tasks}esac\n')
+                f"#SBATCH --job-name=dpc-tab1\n#SBATCH --array={','.join(map(str, tasks))}\n#SBATCH --gres=gpu:1\n"
+                f"#SBATCH --output={logs}/%A_%a.out\n#SBATCH --open-mode=append\n#SBATCH --requeue\n"
+                f"#SBATCH --signal=B:TERM@120\nset -eo pipefail\ncd {shlex.quote(os.getcwd())}\n"
+                f"# exec: the signal reaches this tool, which forwards it to the run and waits for it\n"
+                f'exec {task_line} --task "$SLURM_ARRAY_TASK_ID"\n')
 
 
 def visible_gpus() -> list[str]:
@@ -206,21 +231,60 @@ def say(line: str) -> None:
         sys.stdout.flush()
 
 
-def run_chain(chain, gpus: queue.Queue, stop: threading.Event, failed: list) -> None:
-    """One run after the other, each state decided when its turn comes; the first failure ends the chain."""
+class Stop(threading.Event):
+    """Set when the tool is told to stop; `signum` is the signal it got, which each running run is sent."""
+    signum = signal.SIGINT
+
+
+def chain_lock(args, chain) -> str:
+    """The lock file of a chain, named after its stage-1 folder: <out>/.chain-<data>-<learner>-seed<s>.lock."""
+    return os.path.join(args.out, ".chain-" + os.path.relpath(chain[-2][0], args.out).replace(os.sep, "-") + ".lock")
+
+
+def wait_until(free, stop: Stop, message: str) -> bool:
+    """Poll free() until it is true (True) or the tool is stopped (False); say once why it waits."""
+    if not free():
+        say(message)
+    while not free():
+        if stop.is_set():
+            return False
+        time.sleep(1)
+    return True
+
+
+def run_chain(chain, lock: str, gpus: queue.Queue, stop: Stop, failed: list, busy: list | None) -> None:
+    """One run after the other, each state decided when its turn comes; the first failure ends the chain.
+    The chain is this driver's alone while it runs (lock); if another driver has it, it goes to `busy`
+    (come back later), or, with busy None, this driver waits for it."""
+    fd = run_io.hold_lock(lock)
+    if fd is None and busy is not None:
+        say(f"busy: {chain[-2][0]} (its chain is run by {run_io.lock_holder(lock)}); back to it after the others")
+        busy.append(chain)
+        return
+    if fd is None:
+        say(f"waiting: the chain of {chain[-2][0]} is run by {run_io.lock_holder(lock)}")
+    while fd is None:
+        if stop.is_set():
+            return
+        time.sleep(1)
+        fd = run_io.hold_lock(lock)
     gpu = gpus.get()   # a free GPU for the whole chain: never two processes on one GPU
     try:
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {}))
         where = f" [GPU {gpu}]" if gpu else ""
         for run_dir, argv in chain:
-            if stop.is_set():
+            writer = os.path.join(run_dir, run_io.LOCK_FILE)   # a run left by a killed driver may still train
+            if stop.is_set() or not wait_until(lambda: not run_io.is_locked(writer), stop,
+                                               f"waiting: {run_dir} is being written by {run_io.lock_holder(writer)}"):
                 return
             st = state(run_dir)
             say(f"{'skip (finished)' if st == 'finished' else st}: {run_dir}{where}")
             if st == "finished":
                 continue
-            t0, rc = time.time(), run_command(command(sys.executable, argv, st == "resume"), env, run_dir, stop)
-            if stop.is_set() or rc in (130, -signal.SIGINT):   # a Ctrl-C of any run stops the whole tool
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "stdout.txt"), "a") as out:
+                t0, rc = time.time(), run_command(command(sys.executable, argv, st == "resume"), env, stop, out)
+            if stop.is_set() or rc in (130, 143, -signal.SIGINT, -signal.SIGTERM):   # one stopped run stops the tool
                 stop.set()
                 return
             if rc != 0:   # keep the failure's own message: the scripts end with one `error: ...` line
@@ -231,36 +295,66 @@ def run_chain(chain, gpus: queue.Queue, stop: threading.Event, failed: list) -> 
             say(f"done: {run_dir} ({time.time() - t0:.0f} s)")
     finally:
         gpus.put(gpu)
+        run_io.release_lock(lock, fd)
 
 
-def run_command(cmd: list[str], env: dict, run_dir: str, stop: threading.Event) -> int:
-    """Output to <run folder>/stdout.txt (chains on several GPUs would interleave on a terminal).
-    On stop, the run gets one Ctrl-C of its own, so it exits cleanly keeping its last finished epoch."""
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "stdout.txt"), "a") as out:
-        proc, signalled = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env), False
-        while True:
-            try:
-                return proc.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                if stop.is_set() and not signalled:
-                    proc.send_signal(signal.SIGINT)
-                    signalled = True
+def run_command(cmd: list[str], env: dict, stop: Stop, out=None) -> int:
+    """Run cmd (output to `out`, e.g. <run folder>/stdout.txt: chains on several GPUs would interleave on a
+    terminal) and wait for it. When the tool is stopped, the run gets the tool's signal, once, and is waited
+    for: it exits cleanly keeping its last finished epoch, never left behind as an orphan."""
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env)
+    signalled = False
+    while True:
+        try:
+            return proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            pass
+        except KeyboardInterrupt as e:   # called from the main thread (the table): the signal came here
+            stop.signum = getattr(e, "signum", signal.SIGINT)
+            stop.set()
+        if stop.is_set() and not signalled:
+            proc.send_signal(stop.signum)
+            signalled = True
 
 
 def print_plan(args, chains, eval_cmd: str) -> None:
-    """--dry-run: chains on stdout, one per line (for xargs -P / parallel); the table's command on stderr."""
+    """--dry-run: chains on stdout, one per line (for xargs -P / parallel); the table's command on stderr.
+    --slurm: the array tasks of the chains with work left."""
     lines = shell_lines(chains)
     if args.dry_run:
         print("\n".join(lines))
         print(f"# {len(lines)} chains left; once all succeeded, the table: {eval_cmd}", file=sys.stderr)
-    elif lines:
+        return
+    tasks = [i for i, chain in enumerate(chains) if any(state(run_dir) != "finished" for run_dir, _ in chain)]
+    if tasks:
         os.makedirs(os.path.join(args.out, "slurm"), exist_ok=True)   # Slurm does not create --output folders
-        write_slurm(args.slurm, lines, eval_cmd, os.path.join(args.out, "slurm"))
-        print(f"wrote {args.slurm}: {len(lines)} array tasks. Submit it, then the table:\n  jobid=$(sbatch "
+        task_line = shlex.join(["python", os.path.join(REPO, "tools", "reproduce.py")] + driver_flags(args))
+        write_slurm(args.slurm, tasks, task_line, eval_cmd, os.path.join(args.out, "slurm"))
+        print(f"wrote {args.slurm}: {len(tasks)} array tasks. Submit it, then the table:\n  jobid=$(sbatch "
               f"--parsable {args.slurm})\n  sbatch --dependency=afterok:$jobid --wrap {shlex.quote(eval_cmd)}")
     else:
         print(f"every run is finished, nothing to submit; the table: {eval_cmd}")
+
+
+def run_chains(chains, args, gpus: list[str], stop: Stop, failed: list) -> None:
+    """Every chain, one per GPU at a time; chains another driver is running come last, waited for."""
+    slots = queue.Queue()
+    for gpu in gpus if len(gpus) > 1 else [None]:
+        slots.put(gpu)
+    with ThreadPoolExecutor(slots.qsize()) as pool:
+        try:
+            busy = []
+            for future in [pool.submit(run_chain, chain, chain_lock(args, chain), slots, stop, failed, busy)
+                           for chain in chains]:
+                future.result()
+            for future in [pool.submit(run_chain, chain, chain_lock(args, chain), slots, stop, failed, None)
+                           for chain in busy]:
+                future.result()
+        except BaseException as e:   # Ctrl-C / SIGTERM: no new run starts, running ones get the same signal
+            stop.signum = getattr(e, "signum", signal.SIGINT)
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def main(args):
@@ -268,39 +362,28 @@ def main(args):
     eval_cmd = evaluate_command(sys.executable, args, chains)
     if args.dry_run or args.slurm:
         return print_plan(args, chains, shlex.join(["python"] + eval_cmd[1:]))
-    gpus = visible_gpus()
+    gpus = visible_gpus() if args.task is None else []   # an array task has its own GPU
     if len(gpus) > 1:   # else concurrent chains would all generate the same toy/synthetic folder at once
         for d in set(args.datasets) & set(GENERATED):
             data.load_splits(d, args.root, 0, 1)
-    slots, stop, failed = queue.Queue(), threading.Event(), []
-    for gpu in gpus if len(gpus) > 1 else [None]:
-        slots.put(gpu)
-    print(f"{len(chains)} chains, {sum(map(len, chains))} runs, " + (f"one chain per GPU on {len(gpus)} GPUs"
+    todo = chains if args.task is None else [chains[args.task]]
+    print(f"{len(todo)} chains, {sum(map(len, todo))} runs, " + (f"one chain per GPU on {len(gpus)} GPUs"
           if len(gpus) > 1 else "one chain after the other"), flush=True)
-    pool = ThreadPoolExecutor(slots.qsize())
-    try:
-        for future in [pool.submit(run_chain, chain, slots, stop, failed) for chain in chains]:
-            future.result()
-        if stop.is_set():
-            raise KeyboardInterrupt
-        for run_dir, rc, message in failed:
-            print(f"failed: {run_dir} (exit {rc}): {message}", file=sys.stderr)
-        if failed:
-            print(f"{len(failed)} run(s) failed and stopped their chains; evaluation skipped: fix them and rerun "
-                  f"this command (finished runs are skipped)", file=sys.stderr)
-            sys.exit(1)
-        if subprocess.call(eval_cmd) != 0:
-            print("failed: evaluate.py (its message is above)", file=sys.stderr)
-            sys.exit(1)
-    except BaseException as e:   # Ctrl-C (or an error here): no new run starts, running ones get a Ctrl-C
-        stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        if isinstance(e, KeyboardInterrupt):
-            print("interrupted: finished runs are kept, interrupted ones keep their last finished epoch; "
-                  "rerun the same command to continue", file=sys.stderr)
-            sys.exit(130)
-        raise
+    os.makedirs(args.out, exist_ok=True)
+    stop, failed = Stop(), []
+    run_chains(todo, args, gpus, stop, failed)
+    for run_dir, rc, message in failed:
+        print(f"failed: {run_dir} (exit {rc}): {message}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} run(s) failed and stopped their chains" + ("; evaluation skipped" if args.task is None
+              else "") + ": fix them and rerun this command (finished runs are skipped)", file=sys.stderr)
+        sys.exit(1)
+    if args.task is None and not stop.is_set() and run_command(eval_cmd, os.environ, stop) != 0 and not stop.is_set():
+        print("failed: evaluate.py (its message is above)", file=sys.stderr)
+        sys.exit(1)
+    if stop.is_set():
+        raise run_io.Interrupted(stop.signum)
 
 
 if __name__ == "__main__":
-    run_io.run_cli(main, get_args)
+    run_io.run_cli(main, get_args, resume_hint="rerun the same command to continue")
