@@ -407,3 +407,37 @@ def test_a_file_system_without_locks_stops_the_run_in_one_line(world, tmp_path, 
                                              "--clip", "tiny", "--output-dir", str(tmp_path / "run")])
     assert f"cannot lock the run folder {tmp_path / 'run'} (No locks available)" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def every_learner(tmp_path_factory):
+    """A run of each learner and a DPC run on each, started with relative paths (--root, --teacher,
+    --backbone) as users type them; returns (cwd, [(module, argv)])."""
+    cwd = tmp_path_factory.mktemp("every_learner")
+    toy_world.make_synthetic_imagefolder(str(cwd / "data"), "synthetic")
+    common = ["--data", "synthetic", "--root", "data", "--clip", "tiny", "--epochs", "1", "--shots", "2", "--workers",
+              "0", "--feature-cache", "off"]
+    runs = [(tb, common + ["--learner", "promptsrc", "--output-dir", "teacher"])]
+    for learner in ("coop", "maple", "promptsrc", "promptkd"):
+        runs.append((tb, common + ["--learner", learner, "--output-dir", learner]
+                     + (["--teacher", "teacher", "--batch-size", "4"] if learner == "promptkd" else [])))
+        runs.append((train_dpc, ["--backbone", learner, "--epochs", "1", "--shots", "2", "--workers", "0",
+                                 "--feature-cache", "off", "--output-dir", f"{learner}_dpc"]))
+    with contextlib.chdir(cwd):
+        for module, argv in runs:
+            module.main(module.get_args(argv))
+    return cwd, runs[1:]
+
+
+def test_resume_with_the_same_flags_continues_every_learner_and_its_dpc_run(every_learner, capsys):
+    """The flag check never refuses the command a run was started with: defaults filled in per learner
+    (lr, epochs, ω_b of MaPLe, PromptKD's kd-weight), relative paths recorded absolute."""
+    cwd, runs = every_learner
+    with contextlib.chdir(cwd):
+        for module, argv in runs:
+            folder = argv[argv.index("--output-dir") + 1]
+            path = os.path.join(folder, "checkpoint.pt")
+            torch.save(dict(torch.load(path, weights_only=True), finished=False), path)
+            module.run(argv + ["--resume"])
+            assert "resuming after epoch 1" in capsys.readouterr().out, folder
+            assert run_io.read_checkpoint(path)["finished"], folder
