@@ -13,7 +13,10 @@ Tab. 1 (seeds 1-3 of each dataset, then one table; --out gets results.json and t
     python evaluate.py output/                          # every finished run below output/
     python evaluate.py output/toy --zero-shot           # + a "Zero-shot CLIP" row per dataset
     python evaluate.py output/eurosat/coop_dpc/seed1 --omega-n 0     # recomputes: new classes with P only
-Fig. 6 (evaluation only, no retraining; --out gets sweep.json):
+    python evaluate.py output/ --figures                # + Fig. 1 and a Base/New/H figure (PNG, PDF, JSON)
+§4.4 (Fig. 7: the prompt before tuning, P and P' as feature maps; channel invariance; nearest words):
+    python evaluate.py output/eurosat/coop_dpc --interpret --out fig7
+Fig. 6 (evaluation only, no retraining; --out gets sweep.json, and fig6_omega_*.png with --figures):
     python evaluate.py output/eurosat/coop_dpc --sweep omega_n --values 0,1e-6,0.01,0.05,0.1,0.2
     python evaluate.py output/eurosat/coop_dpc --sweep omega_b --values 0.1,0.2,0.5,1.0 --base-inference mixed
 Tab. 2 (runs on ImageNet's all classes, --subsample all; tested on the source and on other datasets' full
@@ -46,7 +49,10 @@ import sys
 from argparse import Namespace
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
+import clip_model
 import data
 import prompts
 import run_io
@@ -79,10 +85,19 @@ def get_args(argv=None):
                       help="Tab. 2: comma-separated datasets to test on (full test split, all classes), or the "
                            "groups cross-dataset (the 10 datasets besides ImageNet) and cross-domain (ImageNet-V2, "
                            "-Sketch, -A, -R); each run's source is tested too")
+    mode.add_argument("--interpret", action="store_true",
+                      help="§4.4 of DPC runs: Fig. 7 (the prompt before tuning, P, P' as feature maps), the channel "
+                           "invariance numbers and the nearest words of P and P' (interpret.json, fig7_*.png/pdf)")
     mode.add_argument("--ablation", action="store_true",
                       help="Tab. 3: lay out the runs of the five ablation commands (README) as its rows")
     p.add_argument("--values", default=None, help="comma-separated values for --sweep (default: Fig. 6's grid, "
                    "ω_b 0.1,0.2,0.3,0.5,1.0 (0 would be the backbone itself), ω_n 0,0.01,0.02,0.05,0.1,0.2)")
+    p.add_argument("--figures", action="store_true",
+                   help="also draw the results into --out as PNG + PDF, each with a JSON of the numbers drawn: "
+                        "Tab. 1 (the default) -> fig1_base (Fig. 1: base accuracy per learner without and with DPC, "
+                        "mean over datasets) and tab1_base_new_h (Base/New/H per dataset); --sweep -> fig6_omega_b "
+                        "or fig6_omega_n (Fig. 6); needs matplotlib")
+    p.add_argument("--words", type=int, default=5, help="--interpret: nearest words per context vector")
     p.add_argument("--target-root", default=None, help="dataset root of --target (default: --root, else the run's)")
     p.add_argument("--root", default=None, help="dataset root (default: the one stored in each run)")
     p.add_argument("--out", default="evaluation",
@@ -377,6 +392,121 @@ def ablation(finished, opts) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# §4.4: feature channel invariance (Fig. 7) and the nearest words of the prompts (CoOp's interpretation)
+# ------------------------------------------------------------------------------------------------
+
+def initial_prompt(backbone: dict, learner) -> dict:
+    """The stage-1 run's prompt before tuning, rebuilt as train_backbone.py built it: the learner's
+    initialisation under the run's seed (CoOp's default is the phrase "a photo of a", not the paper's
+    random vectors: --ctx-init '' trains from N(0, 0.02²), and the figure says which one it shows)."""
+    a = backbone["args"]
+    torch.manual_seed(a["seed"])
+    fresh = prompts.build_learner(backbone["learner"], learner.clip, getattr(learner, "teacher", None),
+                                  a.get("n_ctx"), a.get("ctx_init"), a.get("kd_weight"))
+    return {n: t.detach().float().cpu() for n, t in prompts.prompt_tensors(fresh).items()}
+
+
+def channel_invariance(moved: Tensor, reference: Tensor) -> dict:
+    """Per context vector (row) of `moved` against the same row of `reference` (M, D): cosine, the
+    fraction of the D channels whose sign is kept, and Spearman's rank correlation of the channels
+    (1: every channel keeps its rank among the D)."""
+    def ranks(x):                                                         # (M, D) -> ranks 0..D-1 per row
+        return x.argsort(dim=1).argsort(dim=1).float()
+    ra, rb = ranks(moved), ranks(reference)
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    return dict(cosine=F.cosine_similarity(moved, reference, dim=1).tolist(),
+                sign_kept=(moved.sign() == reference.sign()).float().mean(1).tolist(),
+                rank_correlation=(F.cosine_similarity(ra, rb, dim=1)).tolist())
+
+
+def invariance(initial: Tensor, tuned_prompt: Tensor, parallel_prompt: Tensor) -> dict:
+    """§4.4's claim as numbers, per context vector: P' = F⁻¹(P̃_b) against P, beside P against its
+    initial prompt, and how far DPC moved each vector relative to how far stage 1 moved it."""
+    return {"parallel_vs_tuned": channel_invariance(parallel_prompt, tuned_prompt),
+            "tuned_vs_initial": channel_invariance(tuned_prompt, initial),
+            "shift_ratio": ((parallel_prompt - tuned_prompt).norm(dim=1)
+                            / (tuned_prompt - initial).norm(dim=1)).tolist()}   # ‖P'−P‖ / ‖P−P_0‖
+
+
+def nearest_words(context: Tensor, token_embedding: Tensor, k: int) -> list[list[tuple[str, float]]]:
+    """CoOp's interpret_prompt.py: each context vector's k nearest tokens of CLIP's token-embedding
+    table (Euclidean distance), decoded with the vendored BPE vocabulary."""
+    distance = torch.cdist(context.float(), token_embedding.float())     # (M, vocab)
+    values, ids = distance.topk(k, dim=1, largest=False)
+    decoder = clip_model.tokenizer()
+    return [[(decoder.decode([i]).strip(), round(v, 4)) for i, v in zip(row_ids.tolist(), row.tolist())]
+            for row_ids, row in zip(ids, values)]
+
+
+PICTURED = ("ctx", "visual_prompt")   # the learner's first prompt: the text context (PromptKD: its visual prompt)
+
+
+def interpret(finished, opts) -> dict:
+    """Per DPC run: the pictured prompt before tuning, P and P' (Fig. 7), the invariance numbers of every
+    context tensor stage 1 moved, and the nearest words of P and P'; then each number's mean over the runs."""
+    runs = []
+    for run, ckpt in finished:
+        if ckpt["kind"] != "dpc":
+            continue
+        learner, backbone = run_io.load_stage1(ckpt["backbone"], "cpu", opts.trust_checkpoint)
+        if backbone["data"] is None:
+            raise RunError(f"{run}: its backbone {ckpt['backbone']} is a Dassl folder, which records no seed or "
+                           f"initialisation to rebuild the prompt before tuning; use a backbone of train_backbone.py")
+        tuned, mixed = stored_prompts(ckpt, "cpu")
+        parallel = td.decoupling(mixed, tuned, ckpt["args"]["omega_b"])   # Eq. (12): P' = F⁻¹(P̃_b)
+        initial = initial_prompt(backbone, learner)
+        moved = [n for n, t in tuned.items() if t.dim() == 2 and not n.endswith(".weight")
+                 and not torch.equal(t.float(), initial[n])]             # context tensors stage 1 trained
+        name = next(n for n in PICTURED if n in moved)
+        table = learner.clip.token_embedding.weight.detach()
+        words = {which: nearest_words(p[name], table, opts.words) for which, p in (("P", tuned), ("P'", parallel))} \
+            if name == "ctx" else {}                                     # words exist for the text context only
+        init_kind = f"phrase '{backbone['args'].get('ctx_init') or 'a photo of a'}'" \
+            if backbone["learner"] in ("coop", "maple", "promptsrc") and backbone["args"].get("ctx_init") != "" \
+            else "random N(0, 0.02²)"
+        runs.append(dict(run=run, backbone=ckpt["backbone"], learner=ckpt["learner"], data=ckpt["data"],
+                         seed=ckpt["args"]["seed"], pictured=name, initial=init_kind, nearest_words=words,
+                         prompts={k: p[name].tolist() for k, p in (("initial", initial), ("P", tuned),
+                                                                  ("P'", parallel))},
+                         tensors={n: invariance(initial[n], tuned[n].float(), parallel[n].float()) for n in moved}))
+    if not runs:
+        raise RunError("--interpret needs DPC runs (train_dpc.py): P' exists only there")
+    return dict(runs=runs, summary=interpretation_summary(runs))
+
+
+def interpretation_summary(runs: list[dict]) -> dict:
+    """Each number's mean over every context vector of every run, and the fraction of vectors that DPC
+    moved less than stage 1 did (‖P'−P‖ < ‖P−P_0‖): README's §4.4 numbers for the toy world."""
+    def every(part, key):
+        return [v for r in runs for t in r["tensors"].values() for v in (t[part][key] if part else t[key])]
+    out = {f"{part} {key}": scoring.mean(every(part, key)) for part in ("parallel_vs_tuned", "tuned_vs_initial")
+           for key in ("cosine", "sign_kept", "rank_correlation")}
+    ratios = every(None, "shift_ratio")
+    out.update(shift_ratio=scoring.mean(ratios), closer_than_stage1=sum(r < 1 for r in ratios) / len(ratios),
+               vectors=len(ratios), runs=len(runs))
+    return out
+
+
+def print_interpretation(out: dict) -> None:
+    """The numbers of each run's pictured tensor per context vector, its nearest words, and the summary."""
+    for r in out["runs"]:
+        inv = r["tensors"][r["pictured"]]
+        print(f"\n§4.4 {r['learner']} + DPC, {r['data']} seed {r['seed']}: {r['pictured']} (initial prompt: "
+              f"{r['initial']})\n  vector  cos(P',P)  cos(P,P0)  sign kept P'/P  P/P0  rank rho P'/P  P/P0  "
+              f"|P'-P|/|P-P0|")
+        a, b = inv["parallel_vs_tuned"], inv["tuned_vs_initial"]
+        for m in range(len(inv["shift_ratio"])):
+            print(f"  {m + 1:6d}  {a['cosine'][m]:9.4f}  {b['cosine'][m]:9.4f}  {a['sign_kept'][m]:14.3f}  "
+                  f"{b['sign_kept'][m]:4.3f}  {a['rank_correlation'][m]:13.4f}  {b['rank_correlation'][m]:4.4f}  "
+                  f"{inv['shift_ratio'][m]:13.4f}")
+        for which, rows in r["nearest_words"].items():
+            for m, words in enumerate(rows):
+                print(f"  nearest words of {which} vector {m + 1}: " + ", ".join(f"{w} ({d:.3f})" for w, d in words))
+    print("\nmean over " + f"{out['summary']['vectors']} context vectors of {out['summary']['runs']} run(s): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in out["summary"].items() if k not in ("vectors", "runs")))
+
+
+# ------------------------------------------------------------------------------------------------
 
 def main(args):
     run_io.check_run_flags(args)
@@ -385,17 +515,28 @@ def main(args):
                        f"'cross-dataset', 'cross-domain'")
     if args.values is not None and not args.sweep:
         raise RunError("--values needs --sweep omega_b or --sweep omega_n")
+    if args.figures and (args.target or args.ablation):
+        raise RunError("--figures draws Tab. 1 (the default mode) and Fig. 6 (--sweep); drop it with --target or --ablation")
     finished = run_io.find_runs(args.runs, args.trust_checkpoint)
     run_io.lock_run_folder(args.out, "--out")   # one evaluate.py per --out at a time
     if args.sweep:
         out = sweep(finished, args)
         run_io.write_json_atomic(out, os.path.join(args.out, "sweep.json"))
+        for path in scoring.draw_fig6(out, args.out) if args.figures else []:
+            print(f"wrote figure {path}")
     elif args.target:
         out = transfer(finished, args)
         run_io.write_json_atomic(out, os.path.join(args.out, "transfer.json"))
     elif args.ablation:
         out = ablation(finished, args)
         run_io.write_json_atomic(out, os.path.join(args.out, "ablation.json"))
+    elif args.interpret:
+        out = interpret(finished, args)
+        print_interpretation(out)
+        run_io.write_json_atomic(out, os.path.join(args.out, "interpret.json"))
+        for r in out["runs"]:
+            for path in scoring.draw_fig7(r, os.path.join(args.out, f"fig7_{r['learner']}_{r['data']}_seed{r['seed']}")):
+                print(f"wrote figure {path}")
     else:
         rows = [evaluate_run(run, ckpt, args) for run, ckpt in finished]
         rows += zero_shot_rows(finished, args) if args.zero_shot else []
@@ -414,6 +555,9 @@ def main(args):
         run_io.write_json_atomic(out, os.path.join(args.out, "results.json"))
         with open(os.path.join(args.out, "table.md"), "w") as f:
             f.write(scoring.format_table(cells, averages, markdown=True, blocks_per_line=4))
+        if args.figures:   # Fig. 1 and Tab. 1 as a figure, from the numbers just written
+            for path in scoring.draw_fig1(averages, rows, args.out) + scoring.draw_tab1(cells, averages, rows, args.out):
+                print(f"wrote figure {path}")
     print(f"wrote {os.path.abspath(args.out)}")
     return out
 

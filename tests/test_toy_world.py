@@ -140,9 +140,10 @@ def toy_runs(tmp_path_factory):
                                                  str(base / "evaluation")]))
         sweep = evaluate.main(evaluate.get_args([str(runs[8]), "--sweep", "omega_b", "--values", "0.1,0.2,0.5,1.0",
                                                  "--base-inference", "mixed", "--out", str(base / "sweep")]))
+        interpreted = evaluate.main(evaluate.get_args([str(runs[8]), "--interpret", "--out", str(base / "interpret")]))
         results = {k: json.loads((d / "results.json").read_text()) for k, d in runs.items()}
         longer = {k: json.loads((d / "results.json").read_text()) for k, d in longer.items()}
-        yield dict(table=table, sweep=sweep, k=results, longer=longer)
+        yield dict(table=table, sweep=sweep, k=results, longer=longer, interpreted=interpreted)
 
 
 def row(table, kind):
@@ -176,3 +177,15 @@ def test_dpc_claims_on_the_toy_world(toy_runs, capsys):
     assert abs(dpc["new"] - backbone["new"]) <= 0.5, "ω_n = 1e-6 must leave new-class accuracy at the backbone's"
     assert dpc["base"] >= backbone["base"], "DPC's base accuracy fell below the backbone's"
     assert dpc["hm"] > max(zero_shot["hm"], backbone["hm"], longer["ts"]["hm"]), "DPC's H is not the best of the table"
+
+
+def test_channel_invariance_of_section_4_4_does_not_hold_in_the_toy_world(toy_runs):
+    """§4.4 claims P' keeps P's feature distribution. In the toy world (README, "§4.4") it does not: on the
+    main job's run every context vector of P' = F⁻¹(P̃_b) moved farther from P than stage 1 moved P from
+    "a photo of a", and P' shares fewer signs and less rank order with P than P with its initial prompt.
+    Should a change make the claim hold here, this test fails and README's §4.4 paragraph must change."""
+    s = toy_runs["interpreted"]["summary"]
+    print({k: round(v, 4) for k, v in s.items()})
+    assert s["closer_than_stage1"] == 0.0 and s["shift_ratio"] > 5
+    for key in ("cosine", "sign_kept", "rank_correlation"):
+        assert s[f"parallel_vs_tuned {key}"] < s[f"tuned_vs_initial {key}"], key
