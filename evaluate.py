@@ -395,15 +395,17 @@ def ablation(finished, opts) -> dict:
 # §4.4: feature channel invariance (Fig. 7) and the nearest words of the prompts (CoOp's interpretation)
 # ------------------------------------------------------------------------------------------------
 
-def initial_prompt(backbone: dict, learner) -> dict:
+def initial_prompt(backbone: dict, learner) -> tuple[dict, str]:
     """The stage-1 run's prompt before tuning, rebuilt as train_backbone.py built it: the learner's
-    initialisation under the run's seed (CoOp's default is the phrase "a photo of a", not the paper's
-    random vectors: --ctx-init '' trains from N(0, 0.02²), and the figure says which one it shows)."""
+    initialisation under the run's seed, and what it was. CoOp's default is the phrase "a photo of a",
+    not the paper's random vectors: --ctx-init '' trains from N(0, 0.02²); the figure says which."""
     a = backbone["args"]
     torch.manual_seed(a["seed"])
     fresh = prompts.build_learner(backbone["learner"], learner.clip, getattr(learner, "teacher", None),
                                   a.get("n_ctx"), a.get("ctx_init"), a.get("kd_weight"))
-    return {n: t.detach().float().cpu() for n, t in prompts.prompt_tensors(fresh).items()}
+    prefix = getattr(fresh, "prefix", "X")                # init_context: the phrase, or "X X .. X" for random
+    how = "random N(0, 0.02²)" if set(prefix.split()) == {"X"} else f"phrase '{prefix}'"
+    return {n: t.detach().float().cpu() for n, t in prompts.prompt_tensors(fresh).items()}, how
 
 
 def channel_invariance(moved: Tensor, reference: Tensor) -> dict:
@@ -454,16 +456,13 @@ def interpret(finished, opts) -> dict:
                            f"initialisation to rebuild the prompt before tuning; use a backbone of train_backbone.py")
         tuned, mixed = stored_prompts(ckpt, "cpu")
         parallel = td.decoupling(mixed, tuned, ckpt["args"]["omega_b"])   # Eq. (12): P' = F⁻¹(P̃_b)
-        initial = initial_prompt(backbone, learner)
+        initial, init_kind = initial_prompt(backbone, learner)
         moved = [n for n, t in tuned.items() if t.dim() == 2 and not n.endswith(".weight")
                  and not torch.equal(t.float(), initial[n])]             # context tensors stage 1 trained
         name = next(n for n in PICTURED if n in moved)
         table = learner.clip.token_embedding.weight.detach()
         words = {which: nearest_words(p[name], table, opts.words) for which, p in (("P", tuned), ("P'", parallel))} \
             if name == "ctx" else {}                                     # words exist for the text context only
-        init_kind = f"phrase '{backbone['args'].get('ctx_init') or 'a photo of a'}'" \
-            if backbone["learner"] in ("coop", "maple", "promptsrc") and backbone["args"].get("ctx_init") != "" \
-            else "random N(0, 0.02²)"
         runs.append(dict(run=run, backbone=ckpt["backbone"], learner=ckpt["learner"], data=ckpt["data"],
                          seed=ckpt["args"]["seed"], pictured=name, initial=init_kind, nearest_words=words,
                          prompts={k: p[name].tolist() for k, p in (("initial", initial), ("P", tuned),

@@ -54,7 +54,8 @@ def world(tmp_path_factory):
 def test_the_prompt_before_tuning_is_rebuilt_bit_for_bit(world, name):
     cwd, initial = world
     learner, backbone = run_io.load_stage1(str(cwd / name), "cpu")
-    rebuilt = evaluate.initial_prompt(backbone, learner)
+    rebuilt, how = evaluate.initial_prompt(backbone, learner)
+    assert how == ("phrase 'a photo of a'" if name in ("coop", "maple", "promptsrc") else "random N(0, 0.02²)")
     assert set(rebuilt) == set(initial[name])
     assert all(torch.equal(rebuilt[n], initial[name][n].float()) for n in rebuilt), name
     tuned = run_io.read_checkpoint(str(cwd / name / "checkpoint.pt"))["state"]

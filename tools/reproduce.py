@@ -241,6 +241,18 @@ def chain_lock(args, chain) -> str:
     return os.path.join(args.out, ".chain-" + os.path.relpath(chain[-2][0], args.out).replace(os.sep, "-") + ".lock")
 
 
+def acquire(lock: str, stop: Stop, what: str) -> int | None:
+    """Wait for the lock file `lock`, polling so that the tool can still be stopped: its fd, or None if
+    stopped first. Says once who holds it ('waiting: <what> pid N on HOST since ...')."""
+    fd = run_io.hold_lock(lock)
+    if fd is None:
+        say(f"waiting: {what} {run_io.lock_holder(lock)}")
+    while fd is None and not stop.is_set():
+        time.sleep(1)
+        fd = run_io.hold_lock(lock)
+    return fd
+
+
 def wait_until(free, stop: Stop, message: str) -> bool:
     """Poll free() until it is true (True) or the tool is stopped (False); say once why it waits."""
     if not free():
@@ -261,13 +273,9 @@ def run_chain(chain, lock: str, gpus: queue.Queue, stop: Stop, failed: list, bus
         say(f"busy: {chain[-2][0]} (its chain is run by {run_io.lock_holder(lock)}); back to it after the others")
         busy.append(chain)
         return
+    fd = fd if fd is not None else acquire(lock, stop, f"the chain of {chain[-2][0]} is run by")
     if fd is None:
-        say(f"waiting: the chain of {chain[-2][0]} is run by {run_io.lock_holder(lock)}")
-    while fd is None:
-        if stop.is_set():
-            return
-        time.sleep(1)
-        fd = run_io.hold_lock(lock)
+        return
     gpu = gpus.get()   # a free GPU for the whole chain: never two processes on one GPU
     try:
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {}))
@@ -378,9 +386,16 @@ def main(args):
         print(f"{len(failed)} run(s) failed and stopped their chains" + ("; evaluation skipped" if args.task is None
               else "") + ": fix them and rerun this command (finished runs are skipped)", file=sys.stderr)
         sys.exit(1)
-    if args.task is None and not stop.is_set() and run_command(eval_cmd, os.environ, stop) != 0 and not stop.is_set():
-        print("failed: evaluate.py (its message is above)", file=sys.stderr)
-        sys.exit(1)
+    if args.task is None and not stop.is_set():
+        lock = os.path.join(args.out, ".evaluation.lock")   # drivers sharing --out write the table one at a time
+        fd = acquire(lock, stop, "the table is being written by")
+        try:
+            if fd is not None and run_command(eval_cmd, os.environ, stop) != 0 and not stop.is_set():
+                print("failed: evaluate.py (its message is above)", file=sys.stderr)
+                sys.exit(1)
+        finally:
+            if fd is not None:
+                run_io.release_lock(lock, fd)
     if stop.is_set():
         raise run_io.Interrupted(stop.signum)
 
