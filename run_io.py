@@ -130,9 +130,10 @@ def check_not_a_source(output_dir: str, **sources) -> None:
 # ------------------------------------------------------------------------------------------------
 
 def check_run_folder(args, kind: str = "backbone"):
-    """Before anything is written (the folder is locked): the unfinished checkpoint to resume from,
-    or None. A finished run is never touched without --overwrite; --resume continues a run only with
-    the flags it was started with (changed_flags)."""
+    """Take the run folder (lock_run_folder: one writer), then, before anything is written, the
+    unfinished checkpoint to resume from, or None. A finished run is never touched without --overwrite;
+    --resume continues a run only with the flags it was started with (changed_flags)."""
+    lock_run_folder(args.output_dir)   # before the folder's state is read: no second process reads it too
     path = os.path.join(args.output_dir, "checkpoint.pt")
     if not os.path.lexists(path) or args.overwrite:
         return None
@@ -687,6 +688,7 @@ def dpc_backbone(args):
     dataset, root, seed and class split (base, or all classes for a Tab. 2 source) are the backbone's unless
     a flag names them; a Dassl folder records none of them, so --data must."""
     args.backbone = os.path.abspath(find_backbone(args.backbone))   # recorded as is: --resume compares it
+    args.data = args.data and data.dataset_name(args.data)          # CoOp's config names too (imagenetv2)
     args.teacher = args.teacher and os.path.abspath(args.teacher)   # a Dassl run is re-evaluated from other folders
     args.clip, args.teacher_clip = clip_path(args.clip), clip_path(args.teacher_clip)
     learner, backbone = load_stage1(args.backbone, args.device, args.trust_checkpoint, args.clip, args.teacher,

@@ -11,7 +11,9 @@ import os
 
 import PIL
 import torch
+import torch.nn.functional as F
 import torchvision
+from torch import Tensor
 
 import clip_model
 import data
@@ -644,6 +646,76 @@ def draw_fig6(result: dict, out_dir: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # Fig. 7 (§4.4): the prompt before tuning, P and P' as feature maps (evaluate.py --interpret)
 # ------------------------------------------------------------------------------------------------
+
+# The numbers of §4.4 (evaluate.interpret): channel invariance per context vector, nearest words.
+
+def channel_invariance(moved: Tensor, reference: Tensor) -> dict:
+    """Per context vector (row) of `moved` against the same row of `reference` (M, D): cosine, the
+    fraction of the D channels whose sign is kept, and Spearman's rank correlation of the channels
+    (1: every channel keeps its rank among the D)."""
+    def ranks(x):                                                         # (M, D) -> ranks 0..D-1 per row
+        return x.argsort(dim=1).argsort(dim=1).float()
+    ra, rb = ranks(moved), ranks(reference)
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    return dict(cosine=F.cosine_similarity(moved, reference, dim=1).tolist(),
+                sign_kept=(moved.sign() == reference.sign()).float().mean(1).tolist(),
+                rank_correlation=(F.cosine_similarity(ra, rb, dim=1)).tolist())
+
+
+def invariance(initial: Tensor, tuned_prompt: Tensor, parallel_prompt: Tensor) -> dict:
+    """§4.4's claim as numbers, per context vector: P' = F⁻¹(P̃_b) against P, beside P against its
+    initial prompt, and how far DPC moved each vector relative to how far stage 1 moved it."""
+    return {"parallel_vs_tuned": channel_invariance(parallel_prompt, tuned_prompt),
+            "tuned_vs_initial": channel_invariance(tuned_prompt, initial),
+            "shift_ratio": ((parallel_prompt - tuned_prompt).norm(dim=1)
+                            / (tuned_prompt - initial).norm(dim=1)).tolist()}   # ‖P'−P‖ / ‖P−P_0‖
+
+
+def nearest_words(context: Tensor, token_embedding: Tensor, k: int) -> list[list[tuple[str, float]]]:
+    """CoOp's interpret_prompt.py: each context vector's k nearest tokens of CLIP's token-embedding
+    table (Euclidean distance), decoded with the vendored BPE vocabulary."""
+    distance = torch.cdist(context.float(), token_embedding.float())     # (M, vocab)
+    values, ids = distance.topk(k, dim=1, largest=False)
+    decoder = clip_model.tokenizer()
+    return [[(decoder.decode([i]).strip(), round(v, 4)) for i, v in zip(row_ids.tolist(), row.tolist())]
+            for row_ids, row in zip(ids, values)]
+
+
+def interpretation_summary(runs: list[dict]) -> dict:
+    """Each number's mean over every context vector of every run, and the fraction of vectors that DPC
+    moved less than stage 1 did (‖P'−P‖ < ‖P−P_0‖): README's §4.4 numbers for the toy world."""
+    def every(part, key):
+        return [v for r in runs for t in r["tensors"].values() for v in (t[part][key] if part else t[key])]
+    out = {f"{part} {key}": mean(every(part, key)) for part in ("parallel_vs_tuned", "tuned_vs_initial")
+           for key in ("cosine", "sign_kept", "rank_correlation")}
+    ratios = every(None, "shift_ratio")
+    out.update(shift_ratio=mean(ratios), closer_than_stage1=sum(r < 1 for r in ratios) / len(ratios),
+               vectors=len(ratios), runs=len(runs))
+    return out
+
+
+def format_interpretation(out: dict) -> str:
+    """evaluate.py --interpret's printout: the numbers of each run's pictured tensor per context vector,
+    its nearest words, and the summary."""
+    lines = []
+    for r in out["runs"]:
+        inv = r["tensors"][r["pictured"]]
+        lines.append(f"\n§4.4 {r['learner']} + DPC, {r['data']} seed {r['seed']}: {r['pictured']} (initial prompt: "
+                     f"{r['initial']})\n  vector  cos(P',P)  cos(P,P0)  sign kept P'/P  P/P0  rank rho P'/P  P/P0  "
+                     f"|P'-P|/|P-P0|")
+        a, b = inv["parallel_vs_tuned"], inv["tuned_vs_initial"]
+        for m in range(len(inv["shift_ratio"])):
+            lines.append(f"  {m + 1:6d}  {a['cosine'][m]:9.4f}  {b['cosine'][m]:9.4f}  {a['sign_kept'][m]:14.3f}  "
+                         f"{b['sign_kept'][m]:4.3f}  {a['rank_correlation'][m]:13.4f}  {b['rank_correlation'][m]:4.4f}  "
+                         f"{inv['shift_ratio'][m]:13.4f}")
+        for which, rows in r["nearest_words"].items():
+            for m, words in enumerate(rows):
+                lines.append(f"  nearest words of {which} vector {m + 1}: "
+                             + ", ".join(f"{w} ({d:.3f})" for w, d in words))
+    lines.append("\nmean over " + f"{out['summary']['vectors']} context vectors of {out['summary']['runs']} run(s): "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in out["summary"].items() if k not in ("vectors", "runs")))
+    return "\n".join(lines)
+
 
 FIG7_WIDTH, FIG7_ROW = 6.4, 1.3     # inches: Fig. 7 is 960 px wide, 195 px per context vector, plus its strips
 

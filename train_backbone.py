@@ -121,7 +121,6 @@ def lr_at(epoch: int, base_lr: float, epochs: int) -> float:
 
 def main(args):
     run_io.check_not_a_source(args.output_dir, continue_from=args.continue_from, teacher=args.teacher)
-    run_io.lock_run_folder(args.output_dir)   # one writer per run folder, before its state is read
     previous = run_io.check_run_folder(args)
     torch.manual_seed(args.seed)
     clip = run_io.load_clip(args.clip, args.device)

@@ -313,7 +313,6 @@ def get_args(argv=None):
     p.add_argument("--output-dir", default=None, help="run folder (default output/<data>/<learner>_dpc/seed<seed>)")
     run_io.add_run_flags(p)
     args = p.parse_args(argv)
-    args.data = args.data and data.dataset_name(args.data)   # CoOp's config names too (imagenetv2)
     run_io.check_positive(args, "epochs", "batch_size", "lr")
     run_io.check_shots(args.shots)
     run_io.check_run_flags(args)
@@ -330,7 +329,6 @@ def main(args):
     check_omegas(args.omega_b, args.omega_n)
     args.output_dir = args.output_dir or os.path.join("output", args.data, f"{args.learner}_dpc", f"seed{args.seed}")
     run_io.check_not_a_source(args.output_dir, backbone=args.backbone, teacher=args.teacher)
-    run_io.lock_run_folder(args.output_dir)   # one writer per run folder, before its state is read
     previous = run_io.check_run_folder(args, "dpc")
     splits = data.load_splits(args.data, args.root, args.shots, args.seed)
     data.check_halves(splits, args.data, args.subsample)

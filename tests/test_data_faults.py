@@ -358,12 +358,17 @@ def test_coop_dataset_names_read_the_datasets_they_name(tmp_path):
     assert data.load_splits("imagenetv2", str(tmp_path), 0, 1)["all"] == splits
 
 
-def test_every_script_records_our_name_for_a_coop_name():
-    """--data / --target / --datasets imagenetv2: runs record imagenet_v2, and a target counts as cross-domain."""
+def test_every_script_records_our_name_for_a_coop_name(monkeypatch):
+    """--data / --target imagenetv2: runs record imagenet_v2 (train_dpc.py: also for a Dassl backbone, which
+    records no dataset of its own), and a target counts as cross-domain."""
     import evaluate
+    import run_io
     import train_backbone
     import train_dpc
     assert train_backbone.get_args(["--learner", "coop", "--data", "imagenetv2"]).data == "imagenet_v2"
-    assert train_dpc.get_args(["--data", "imagenetv2"]).data == "imagenet_v2"
+    monkeypatch.setattr(run_io, "load_stage1", lambda *a: (None, dict(learner="coop", clip="tiny", data=None, args={})))
+    args = train_dpc.get_args(["--backbone", "dassl_run", "--data", "imagenetv2"])
+    _, backbone = run_io.dpc_backbone(args)
+    assert args.data == backbone["data"] == "imagenet_v2"
     assert evaluate.parse_targets("imagenetv2,eurosat", {"imagenet"}) == ["imagenet", "imagenet_v2", "eurosat"]
     assert evaluate.parse_targets("imagenetv2,cross-domain", set()) == list(data.CROSS_DOMAIN)

@@ -13,6 +13,7 @@ import clip_model
 import evaluate
 import prompts
 import run_io
+import scoring
 import toy_world
 import train_backbone as tb
 import train_dpc as td
@@ -64,19 +65,19 @@ def test_the_prompt_before_tuning_is_rebuilt_bit_for_bit(world, name):
 
 def test_channel_invariance_of_known_tensors():
     x = torch.randn(3, 64)
-    same = evaluate.channel_invariance(x, x)
+    same = scoring.channel_invariance(x, x)
     assert same["cosine"] == pytest.approx([1.0] * 3) and same["sign_kept"] == [1.0] * 3
     assert same["rank_correlation"] == pytest.approx([1.0] * 3)
-    flipped = evaluate.channel_invariance(-x, x)
+    flipped = scoring.channel_invariance(-x, x)
     assert flipped["cosine"] == pytest.approx([-1.0] * 3) and flipped["sign_kept"] == [0.0] * 3
     assert flipped["rank_correlation"] == pytest.approx([-1.0] * 3)
-    cubed = evaluate.channel_invariance(x ** 3, x)          # monotone: every sign and rank kept, cosine < 1
+    cubed = scoring.channel_invariance(x ** 3, x)          # monotone: every sign and rank kept, cosine < 1
     assert cubed["sign_kept"] == [1.0] * 3 and cubed["rank_correlation"] == pytest.approx([1.0] * 3)
     assert all(c < 0.99 for c in cubed["cosine"])
     half = x.clone()
     half[:, :32] *= -1                                       # half the channels flip sign
-    assert evaluate.channel_invariance(half, x)["sign_kept"] == [0.5] * 3
-    shift = evaluate.invariance(torch.zeros(3, 64), x, x + 0.5 * x)
+    assert scoring.channel_invariance(half, x)["sign_kept"] == [0.5] * 3
+    shift = scoring.invariance(torch.zeros(3, 64), x, x + 0.5 * x)
     assert shift["shift_ratio"] == pytest.approx([0.5] * 3)  # DPC moved each vector half as far as stage 1
 
 
@@ -84,7 +85,7 @@ def test_nearest_words_find_the_token_a_context_vector_is():
     clip = clip_model.random_clip("tiny", seed=0)
     table = clip.token_embedding.weight.detach()
     ids = clip_model.tokenizer().encode("photo satellite")
-    words = evaluate.nearest_words(table[ids] + 1e-4, table, 3)
+    words = scoring.nearest_words(table[ids] + 1e-4, table, 3)
     assert [w[0][0] for w in words] == ["photo", "satellite"] and all(w[0][1] < 1e-2 for w in words)
     assert all(len(w) == 3 and w[0][1] <= w[1][1] <= w[2][1] for w in words)
 
