@@ -90,7 +90,7 @@ def test_nearest_words_find_the_token_a_context_vector_is():
     assert all(len(w) == 3 and w[0][1] <= w[1][1] <= w[2][1] for w in words)
 
 
-@pytest.mark.parametrize("name", ["coop", "coop_random", "promptkd"])
+@pytest.mark.parametrize("name", LEARNERS)
 def test_interpret_draws_fig7_from_the_runs_own_prompts(world, tmp_path, capsys, name):
     cwd, initial = world
     run = str(cwd / f"{name}_dpc")
@@ -103,7 +103,7 @@ def test_interpret_draws_fig7_from_the_runs_own_prompts(world, tmp_path, capsys,
     assert torch.equal(torch.tensor(r["prompts"]["P"]), ckpt["tuned_prompt"][pictured].float())
     assert torch.equal(torch.tensor(r["prompts"]["P'"]), parallel.float())
     assert torch.equal(torch.tensor(r["prompts"]["initial"]), initial[name][pictured].float())
-    assert r["initial"] == ("random N(0, 0.02²)" if name != "coop" else "phrase 'a photo of a'")
+    assert r["initial"] == ("phrase 'a photo of a'" if name in ("coop", "maple", "promptsrc") else "random N(0, 0.02²)")
     assert ("teacher.ctx" not in r["tensors"]) and pictured in r["tensors"]     # frozen in stage 1: not compared
     assert json.load(open(tmp_path / "interpret.json"))["runs"][0]["prompts"] == r["prompts"]
     assert (len(r["nearest_words"]) == 2 and len(r["nearest_words"]["P"][0]) == 4) if name != "promptkd" \
