@@ -147,7 +147,8 @@ def load_learner(run: str, ckpt: dict, opts):
 def evaluate_run(run: str, ckpt: dict, opts) -> dict:
     """One row: base/new/HM from results.json, or recomputed from the checkpoint."""
     a, dpc = ckpt["args"], ckpt["kind"] == "dpc"
-    row = dict(run=run, kind=ckpt["kind"], learner=ckpt["learner"], data=ckpt["data"], seed=a["seed"],
+    kind = "dept" if a.get("dept") else ckpt["kind"]   # a stage-1 run with DePT's head is Fig. 5's "+ DePT" row
+    row = dict(run=run, kind=kind, learner=ckpt["learner"], data=ckpt["data"], seed=a["seed"],
                shots=a.get("shots"), epochs=a.get("epochs"))
     overrides = opts.omega_b is not None or opts.omega_n is not None or opts.base_inference is not None
     results = None if opts.recompute or (dpc and overrides) else run_io.read_results(run)

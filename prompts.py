@@ -132,8 +132,10 @@ class CoOp(nn.Module):
         return cosine_logits(self.encode_image(images), self.encode_text(classnames), self.clip.logit_scale.exp())
 
     def training_loss(self, images, labels, classnames):
-        logits = self(images, classnames)
-        return dict(loss=F.cross_entropy(logits, labels), logits=logits)   # Eq. (3)
+        image, text = self.encode_image(images), self.encode_text(classnames)          # (B, E), (C, E)
+        logits = cosine_logits(image, text, self.clip.logit_scale.exp())               # (B, C)
+        return dict(loss=F.cross_entropy(logits, labels), logits=logits,               # Eq. (3)
+                    image_features=image, text_features=text)
 
 
 # ================================================================================================
@@ -181,8 +183,10 @@ class MaPLe(nn.Module):
         return cosine_logits(self.encode_image(images), self.encode_text(classnames), self.clip.logit_scale.exp())
 
     def training_loss(self, images, labels, classnames):
-        logits = self(images, classnames)
-        return dict(loss=F.cross_entropy(logits, labels), logits=logits)   # Eq. (3)
+        image, text = self.encode_image(images), self.encode_text(classnames)          # (B, E), (C, E)
+        logits = cosine_logits(image, text, self.clip.logit_scale.exp())               # (B, C)
+        return dict(loss=F.cross_entropy(logits, labels), logits=logits,               # Eq. (3)
+                    image_features=image, text_features=text)
 
 
 # ================================================================================================
@@ -264,8 +268,9 @@ class PromptSRC(nn.Module):
 
     def training_loss(self, images, labels, classnames):
         scale = self.clip.logit_scale.exp()
-        text = F.normalize(self.encode_text(classnames), dim=-1)                    # (C, E)
-        image = F.normalize(self.encode_image(images), dim=-1)                      # (B, E)
+        text_features, image_features = self.encode_text(classnames), self.encode_image(images)
+        text = F.normalize(text_features, dim=-1)                                   # (C, E)
+        image = F.normalize(image_features, dim=-1)                                 # (B, E)
         logits = scale * image @ text.t()                                           # (B, C)
         with torch.no_grad():
             zs_text = F.normalize(self.fixed_text_features(classnames), dim=-1)     # (C, E)
@@ -277,7 +282,7 @@ class PromptSRC(nn.Module):
         kl = F.kl_div(F.log_softmax(logits.float(), dim=1), F.log_softmax(zs_logits.float(), dim=1),
                       reduction="sum", log_target=True) / logits.numel()            # KL(zs ‖ prompted) / (B·C)
         return dict(loss=ce + l1_text + l1_image + kl, logits=logits, ce=ce, l1_text=l1_text,
-                    l1_image=l1_image, kl=kl)
+                    l1_image=l1_image, kl=kl, image_features=image_features, text_features=text_features)
 
 
 def gpa_weights(epochs: int, mean: float = 15.0, std: float = 1.0) -> list:
@@ -394,19 +399,119 @@ class ZeroShotCLIP(nn.Module):
 
 
 # ================================================================================================
+# DePT — Zhang et al., "DePT: Decoupled Prompt Tuning", CVPR 2024: the plug-and-play method that DPC's
+# Fig. 5 compares with. It decouples at the feature level, beside a learner, in stage 1.
+# ================================================================================================
+
+class FiLM(nn.Module):
+    """DePT's channel-wise transformation of a feature: y = γ ⊙ x + β, γ = 1 and β = 0 at the start (E,).
+    γ and β stay fp32 and are cast to the feature's dtype (under autocast the feature may be 16-bit)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))    # γ
+        self.bias = nn.Parameter(torch.zeros(width))    # β
+
+    def forward(self, x):
+        return self.scale.to(x.dtype) * x + self.bias.to(x.dtype)
+
+
+class DePT(nn.Module):
+    """A learner with DePT's Channel Adjusted Transfer (CAT) head: FiLM maps on its raw image and text
+    features and a linear classifier over the classes it is trained on (the base classes).
+
+    Training: (1-λ)·(the learner's loss) + λ·CE(head over 2B rows), the rows being FiLM_text(t_{y_i}) for
+    each image's class, then FiLM_image(v_i), labels [y; y]. Nothing is detached: the head's loss trains
+    the prompts too. For CoOp and MaPLe the learner's loss is its cross-entropy, as in DePT; PromptSRC's
+    whole loss is our extension. Inference: classes the head knows get (1-λ)·s + λ·(W·FiLM_image(v) + b)
+    (raw logits fused, not probabilities); any other class set gets the learner's s alone.
+    Trainable: the learner's prompts, `film_image`, `film_text` (γ, β: E each) and `linear_head` (W: C×E, b: C).
+    Original names: film_lp_img, film_lp_text, linear_probe_proj (Koorye/DePT trainers/elp_coop.py).
+    """
+    # DePT's recipe (configs/trainers/ExtrasLinearProbe*/ and train.py; README "DePT beside DPC"); CoOp's
+    # 16 random context tokens and MaPLe's 2 from "a photo of a" are DePT's too. PromptSRC + DePT is our
+    # extension and keeps PromptSRC's own defaults.
+    RECIPE = {"coop": dict(epochs=10, lr=0.0035, batch_size=4, n_ctx=16, ctx_init=""),
+              "maple": dict(epochs=10, lr=0.0035, batch_size=4, n_ctx=2, ctx_init="a photo of a"),
+              "promptsrc": {}}
+    SOURCE = ("DePT vit_b16_ep10_bs4_lr35 (CoOp) / vit_b16_c2_ep10_batch4_2ctx (MaPLe), train.py: "
+              "λ 0.7, head lr 6.5x")
+    WEIGHT = 0.7              # λ: loss weight and fusion weight (TRAINER.LINEAR_PROBE.WEIGHT)
+    HEAD_LR_MULT = 6.5        # FiLM and head learn at 6.5x the prompt's lr, except in the warm-up epoch
+    HEAD = ("film_image.", "film_text.", "linear_head.")   # the tensors of the head (lr group 1)
+
+    def __init__(self, learner, classnames, weight: float = WEIGHT):
+        super().__init__()
+        if isinstance(learner, PromptKD):
+            raise LearnerError("PromptKD + DePT is not defined: PromptKD distils on unlabeled images of all "
+                               "classes, and DePT's head needs labelled base classes; use coop, maple or promptsrc")
+        width = learner.clip.text_projection.shape[1]                   # E
+        self.learner = learner
+        self.film_image, self.film_text = FiLM(width), FiLM(width)
+        self.linear_head = nn.Linear(width, len(classnames))            # W (C, E), b (C,)
+        self.classnames, self.weight = list(classnames), weight
+        self.image_side = tuple("learner." + p for p in learner.image_side)
+
+    @property
+    def clip(self):
+        return self.learner.clip
+
+    def encode_text(self, classnames):
+        return self.learner.encode_text(classnames)
+
+    def encode_image(self, images):
+        return self.learner.encode_image(images)
+
+    def head_rows(self, classnames):
+        """The head's rows of `classnames`, or None when one of them is not a class it was trained on:
+        base classes, and the ImageNet variants' classes (ImageNet-A/-R: 200 of its 1000 rows)."""
+        row = {name: i for i, name in enumerate(self.classnames)}
+        return [row[c] for c in classnames] if all(c in row for c in classnames) else None
+
+    def logits(self, image_features, text_features, classnames):
+        """Raw image (B, E) and text (C, E) features -> (B, C): CLIP's (ITM) logits s, fused with the head's
+        on classes the head knows, and s alone on any others (new classes, other datasets)."""
+        s = cosine_logits(image_features, text_features, self.learner.clip.logit_scale.exp())   # (B, C)
+        rows = self.head_rows(classnames)
+        if rows is None:
+            return s
+        head = F.linear(self.film_image(image_features), self.linear_head.weight[rows].to(image_features.dtype),
+                        self.linear_head.bias[rows].to(image_features.dtype))                   # (B, C)
+        return (1 - self.weight) * s + self.weight * head
+
+    def forward(self, images, classnames):
+        return self.logits(self.encode_image(images), self.encode_text(classnames), classnames)
+
+    def training_loss(self, images, labels, classnames):
+        if list(classnames) != self.classnames:
+            raise LearnerError("DePT trains its head on the classes it was built with; got another class list")
+        out = self.learner.training_loss(images, labels, classnames)
+        v, t = out["image_features"], out["text_features"]                              # (B, E), (C, E)
+        rows = torch.cat([self.film_text(t[labels]), self.film_image(v)])              # (2B, E): text rows first
+        head = self.linear_head(rows)                                                  # (2B, C)
+        cat = F.cross_entropy(head.float(), torch.cat([labels, labels]))
+        loss = (1 - self.weight) * out["loss"] + self.weight * cat
+        return dict(out, loss=loss, learner_loss=out["loss"], cat=cat)
+
+
+# ================================================================================================
 # The learners, their checkpoints and the tuned prompt P
 # ================================================================================================
 
 LEARNERS = {"coop": CoOp, "maple": MaPLe, "promptsrc": PromptSRC, "promptkd": PromptKD}
-FROZEN = ("clip.", "teacher.")  # submodules that never go into a learner checkpoint
+FROZEN = ("clip.", "teacher.", "learner.clip.", "learner.teacher.")  # never in a learner checkpoint (DePT: learner.*)
 
 
 class LearnerError(ValueError):
     """Unknown learner, or a checkpoint that does not fit the learner (one-line message)."""
 
 
-def build_learner(name: str, clip, teacher=None, n_ctx: int = None, ctx_init: str = None, kd_weight: float = None):
-    """The learner `name` on `clip`; None keeps a learner's own default for an option."""
+def build_learner(name: str, clip, teacher=None, n_ctx: int = None, ctx_init: str = None, kd_weight: float = None,
+                  dept_classes: list = None, dept_weight: float = DePT.WEIGHT):
+    """The learner `name` on `clip`; None keeps a learner's own default for an option. With `dept_classes`
+    the learner gets DePT's head over those classes (train_backbone.py --dept)."""
+    if dept_classes is not None:
+        return DePT(build_learner(name, clip, teacher, n_ctx, ctx_init, kd_weight), dept_classes, dept_weight)
     if name not in LEARNERS:
         raise LearnerError(f"unknown learner '{name}': choose one of {', '.join(LEARNERS)}")
     options = {k: v for k, v in dict(n_ctx=n_ctx, ctx_init=ctx_init).items() if v is not None}
@@ -427,6 +532,7 @@ def check_classnames(learner, classnames, training: bool = False) -> None:
     stop the run at its first step), and no two classes give CLIP the same prompt once it has cleaned
     them (lower case, whitespace, "_" read as " "): such classes could never be told apart.
     `training` adds what only the training loss tokenizes (PromptSRC's 60 templates)."""
+    learner = learner.learner if isinstance(learner, DePT) else learner       # DePT: the prompts of its learner
     source = learner.teacher if isinstance(learner, PromptKD) else learner   # PromptKD: the teacher's prompts
     templates = [source.template] if isinstance(source, ZeroShotCLIP) else [prompt_text(source.prefix, "{}")]
     if training and isinstance(learner, PromptSRC):

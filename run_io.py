@@ -634,7 +634,8 @@ def load_backbone(run_dir: str, device, trust: bool = False):
     teacher = None
     if ckpt["learner"] == "promptkd":
         teacher, _ = load_teacher(a["teacher"], a.get("teacher_clip") or "ViT-L/14", device, trust)
-    learner = prompts.build_learner(ckpt["learner"], clip, teacher, a.get("n_ctx"), a.get("ctx_init"), a.get("kd_weight"))
+    learner = prompts.build_learner(ckpt["learner"], clip, teacher, a.get("n_ctx"), a.get("ctx_init"), a.get("kd_weight"),
+                                    ckpt["classnames"] if a.get("dept") else None, a.get("dept_weight", prompts.DePT.WEIGHT))
     prompts.load_learner_state(learner, ckpt["state"])
     return learner.to(device).eval(), ckpt, clip
 
@@ -693,6 +694,9 @@ def dpc_backbone(args):
     args.clip, args.teacher_clip = clip_path(args.clip), clip_path(args.teacher_clip)
     learner, backbone = load_stage1(args.backbone, args.device, args.trust_checkpoint, args.clip, args.teacher,
                                     args.teacher_clip)
+    if isinstance(learner, prompts.DePT):   # Fig. 5 sets DPC beside DePT, each on the plain backbone
+        raise RunError(f"{args.backbone} is a DePT run (train_backbone.py --dept): DPC is plugged into the plain "
+                       f"backbone, beside DePT, not on top of it; pass the run trained without --dept")
     if backbone["data"] is None:
         if not args.data:
             raise RunError(f"{args.backbone} is a Dassl run: pass --data (and --root, --clip) for it")
@@ -768,6 +772,9 @@ def load_teacher(teacher_dir: str, teacher_clip: str, device, trust: bool = Fals
         args = None
     if name != "promptsrc":
         raise RunError(f"--teacher {teacher_dir} is a {name} run; PromptKD's teacher is a promptsrc run")
+    if isinstance(teacher, prompts.DePT):
+        raise RunError(f"--teacher {teacher_dir} is a promptsrc run with DePT's head (--dept); PromptKD's teacher is "
+                       f"a plain promptsrc run")
     return teacher, args
 
 

@@ -153,7 +153,10 @@ def accuracy(learner, items, classnames, device, workers=0, prompt=None, batch_s
         text = learner.encode_text(classnames)                                  # (C, E)
         features = image_features(learner, items, device, workers, batch_size, cache)
         for i, image in enumerate(features):                                    # (B, E) each
-            logits = prompts.cosine_logits(image, text, 1.0)                     # (B, C)
+            if isinstance(learner, prompts.DePT):   # DePT: s fused with its head on the classes it knows
+                logits = learner.logits(image, text, classnames)                 # (B, C)
+            else:
+                logits = prompts.cosine_logits(image, text, 1.0)                 # (B, C)
             correct += (logits.argmax(dim=-1).cpu() == labels[i * batch_size:(i + 1) * batch_size]).sum().item()
     return 100.0 * correct / max(len(items), 1)
 
@@ -252,7 +255,7 @@ NAMES = {"coop": "CoOp", "maple": "MaPLe", "promptsrc": "PromptSRC", "promptkd":
 
 
 def method(learner: str, kind: str) -> str:
-    return NAMES.get(learner, learner) + (" + DPC" if kind == "dpc" else "")
+    return NAMES.get(learner, learner) + {"dpc": " + DPC", "dept": " + DePT"}.get(kind, "")
 
 
 def paper_cell(learner: str, kind: str, name: str, datasets=None):
@@ -291,8 +294,8 @@ def format_table(cells: list[dict], averages: list[dict], markdown=False, blocks
         table = [["Method"] + [t for d in chunk for t in (titles[d], "", "")],
                  [""] + ["Base", "New", "H"] * len(chunk)]
         for learner, kind in rows:
-            # "+ DPC" under its backbone's row, as in Tab. 1; the full name when that row is missing
-            row = ["+ DPC" if kind == "dpc" and (learner, "backbone") in rows else method(learner, kind)]
+            # "+ DPC" (and "+ DePT") under its backbone's row, as in Tab. 1; the full name when that row is missing
+            row = [method("", kind).strip() if kind in ("dpc", "dept") and (learner, "backbone") in rows else method(learner, kind)]
             for d in chunk:
                 ours = by_key.get((learner, kind, d))
                 paper = paper_cell(learner, kind, d, by_key[learner, kind, "average"]["datasets"])

@@ -63,6 +63,12 @@ def get_args(argv=None):
     p.add_argument("--select-best-on-base-test", action="store_true",
                    help="keep the epoch with the best base TEST accuracy (PromptKD's original selection; "
                         "test-set selection, so off by default: the last epoch is reported, README Differences 4)")
+    p.add_argument("--dept", action="store_true",
+                   help="DePT (Fig. 5): train DePT's CAT head beside the prompt and fuse it on base classes; defaults "
+                        "follow DePT's recipe (CoOp: 16 random context tokens, lr 0.0035, 10 epochs, batch 4; MaPLe: "
+                        "10 epochs, batch 4; PromptSRC + DePT: our extension, PromptSRC's defaults; README)")
+    p.add_argument("--dept-weight", type=float, default=prompts.DePT.WEIGHT,
+                   help="DePT's λ in [0, 1]: weight of the head's loss in training and of its logits on base classes")
     p.add_argument("--gpa-mean", type=float, default=15.0, help="PromptSRC Gaussian prompt aggregation mean (epochs)")
     p.add_argument("--gpa-std", type=float, default=1.0, help="PromptSRC Gaussian prompt aggregation std (epochs)")
     p.add_argument("--output-dir", default=None, help="run folder (default output/<data>/<learner>/seed<seed>)")
@@ -70,6 +76,15 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     args.data = data.dataset_name(args.data)   # CoOp's config names too (imagenetv2): runs record ours
     defaults = prompts.LEARNERS[args.learner].DEFAULTS
+    if args.dept:   # DePT's own recipe for its learner, then any flag given
+        if args.learner == "promptkd":
+            raise RunError("--dept with --learner promptkd: PromptKD distils on unlabeled images of all classes and "
+                           "DePT's head needs labelled base classes; use coop, maple or promptsrc")
+        if not 0 <= args.dept_weight <= 1:
+            raise RunError(f"--dept-weight must be in [0, 1] (DePT's λ, 0.7), got {args.dept_weight}")
+        defaults = dict(defaults, **prompts.DePT.RECIPE[args.learner])
+        args.n_ctx = defaults.get("n_ctx") if args.n_ctx is None else args.n_ctx
+        args.ctx_init = defaults.get("ctx_init") if args.ctx_init is None else args.ctx_init
     args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
     args.batch_size = defaults["batch_size"] if args.batch_size is None else args.batch_size
     args.lr = defaults["lr"] if args.lr is None else args.lr
@@ -77,8 +92,8 @@ def get_args(argv=None):
         args.shots = 0 if args.learner == "promptkd" else 16
     if args.kd_weight is None and args.learner == "promptkd":
         args.kd_weight = 200.0 if args.data in prompts.KD_WEIGHT_200 else 1000.0
-    args.output_dir = args.output_dir or os.path.join("output", args.data, args.learner + "_ts" * bool(args.continue_from),
-                                                      f"seed{args.seed}")
+    args.output_dir = args.output_dir or os.path.join(
+        "output", args.data, args.learner + "_dept" * args.dept + "_ts" * bool(args.continue_from), f"seed{args.seed}")
     args.root = os.path.abspath(args.root)  # runs are re-evaluated from other folders
     args.teacher = args.teacher and os.path.abspath(args.teacher)
     args.clip, args.teacher_clip = run_io.clip_path(args.clip), run_io.clip_path(args.teacher_clip)
@@ -146,22 +161,28 @@ def main(args):
     continued = None
     if args.continue_from:  # Tab. 3 row (1), TS: the stage-1 run tuned for another --epochs
         _, continued, _ = run_io.load_backbone(args.continue_from, "cpu", args.trust_checkpoint)
-        mine = dict(learner=args.learner, data=args.data, clip=args.clip, subsample=args.subsample)
+        mine = dict(learner=args.learner, data=args.data, clip=args.clip, subsample=args.subsample, dept=args.dept)
         theirs = {k: continued["args"].get(k) for k in mine}
+        theirs["dept"] = bool(theirs["dept"])   # runs from before --dept existed
         if mine != theirs:
             raise RunError(f"--continue-from {args.continue_from} is a run of {theirs}, this command asks for "
                            f"{mine}: continue it with its own flags")
     train_images = data.train_set(train_items, image_size)
     torch.manual_seed(args.seed)  # prompt initialisation does not depend on the teacher being loaded
-    learner = prompts.build_learner(args.learner, clip, teacher, args.n_ctx, args.ctx_init, args.kd_weight).to(args.device)
+    learner = prompts.build_learner(args.learner, clip, teacher, args.n_ctx, args.ctx_init, args.kd_weight,
+                                    classnames if args.dept else None, args.dept_weight).to(args.device)
     prompts.check_classnames(learner, data.classnames_of(splits["all"]["train"]), training=True)
     params = prompts.trainable_parameters(learner)
     run_io.check_disk(args.output_dir, prompts.learner_state(learner).values())
     run_io.start_run(args)
     log(f"learner {args.learner}: {sum(p.numel() for p in params.values()):,} trainable values in "
         f"{len(params)} tensors; {len(train_items)} train images, {len(classnames)} classes")
-    # Dassl: SGD momentum 0.9, weight decay 5e-4 on every trainable tensor (README Differences 2).
-    optimizer = torch.optim.SGD(params.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    # Dassl: SGD momentum 0.9, weight decay 5e-4 on every trainable tensor (README Differences 2). DePT's
+    # staged lr: its head (FiLM maps, linear head) in a second group at 6.5x the prompt's lr.
+    head = [n for n in params if n.startswith(prompts.DePT.HEAD)]
+    groups = [[p for n, p in params.items() if n not in head], [params[n] for n in head]]
+    base_lrs = [args.lr, args.lr * prompts.DePT.HEAD_LR_MULT]
+    optimizer = torch.optim.SGD([dict(params=g) for g in groups if g], lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scaler = run_io.grad_scaler(args.device)
     gpa = prompts.gpa_weights(args.epochs, args.gpa_mean, args.gpa_std) if args.learner == "promptsrc" else None
     gpa_sum, best, start_epoch = None, None, 1   # best: (base test accuracy, learner state)
@@ -182,8 +203,8 @@ def main(args):
         loader = data.make_loader(train_images, args.batch_size, True, args.workers,
                                   seed=args.seed * 1000 + epoch, drop_last=True)
         lr = lr_at(epoch, args.lr, args.epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):   # DePT: 1e-5 for both in the warm-up epoch
+            group["lr"] = lr_at(epoch, base_lr, args.epochs)
         learner.train()
         progress = run_io.Progress(epoch, args.epochs, len(loader), args.print_every, steps_per_epoch)
         for it, (images, labels, _) in enumerate(loader, 1):
@@ -221,10 +242,10 @@ def main(args):
         prompts.load_learner_state(learner, best[1])
     learner.eval()
     results = scoring.base_to_new(learner, splits, args.device, args.workers, subsample=args.subsample, cache=args.feature_cache)
-    scoring.log_results(results, f"{args.learner} backbone")
+    scoring.log_results(results, f"{args.learner} {'+ DePT' if args.dept else 'backbone'}")
     run_io.save_atomic(run_io.backbone_checkpoint(args, learner, classnames, args.epochs, optimizer, gpa_sum, best, True),
                        os.path.join(args.output_dir, "checkpoint.pt"))
-    run_io.write_json_atomic(dict(results, kind="backbone", learner=args.learner, data=args.data, seed=args.seed,
+    run_io.write_json_atomic(dict(results, kind="dept" if args.dept else "backbone", learner=args.learner, data=args.data, seed=args.seed,
                                   shots=args.shots, epochs=args.epochs), os.path.join(args.output_dir, "results.json"))
     run_io.remember_last_backbone(args.output_dir)   # train_dpc.py without --backbone continues this run
     return results
