@@ -14,6 +14,10 @@ Tab. 1 (seeds 1-3 of each dataset, then one table; --out gets results.json and t
     python evaluate.py output/toy --zero-shot           # + a "Zero-shot CLIP" row per dataset
     python evaluate.py output/eurosat/coop_dpc/seed1 --omega-n 0     # recomputes: new classes with P only
     python evaluate.py output/ --figures                # + Fig. 1 and a Base/New/H figure (PNG, PDF, JSON)
+Fig. 5 (DePT beside DPC, §4.2): with + DePT runs among the runs, also the H of each backbone, + DePT and + DPC
+(fig5.md, "fig5" in results.json; fig5_hm.png with --figures):
+    python train_backbone.py --learner coop --dept --data eurosat --root /data --seed 1   # output/eurosat/coop_dept/seed1
+    python evaluate.py output/ --figures
 §4.4 (Fig. 7: the prompt before tuning, P and P' as feature maps; channel invariance; nearest words):
     python evaluate.py output/eurosat/coop_dpc --interpret --out fig7
 Fig. 6 (evaluation only, no retraining; --out gets sweep.json, and fig6_omega_*.png with --figures):
@@ -91,14 +95,15 @@ def get_args(argv=None):
                    "ω_b 0.1,0.2,0.3,0.5,1.0 (0 would be the backbone itself), ω_n 0,0.01,0.02,0.05,0.1,0.2)")
     p.add_argument("--figures", action="store_true",
                    help="also draw the results into --out as PNG + PDF, each with a JSON of the numbers drawn: "
-                        "Tab. 1 (the default) -> fig1_base (Fig. 1: base accuracy per learner without and with DPC, "
-                        "mean over datasets) and tab1_base_new_h (Base/New/H per dataset); --sweep -> fig6_omega_b "
+                        "Tab. 1 (the default) -> fig1_base (Fig. 1: base accuracy per learner, + DePT and + DPC, "
+                        "mean over datasets), tab1_base_new_h (Base/New/H per dataset) and, with + DePT runs, fig5_hm "
+                        "(Fig. 5: H of each backbone, + DePT, + DPC); --sweep -> fig6_omega_b "
                         "or fig6_omega_n (Fig. 6); needs matplotlib")
     p.add_argument("--words", type=int, default=5, help="--interpret: nearest words per context vector")
     p.add_argument("--target-root", default=None, help="dataset root of --target (default: --root, else the run's)")
     p.add_argument("--root", default=None, help="dataset root (default: the one stored in each run)")
     p.add_argument("--out", default="evaluation",
-                   help="where results.json + table.md, sweep.json, transfer.json or ablation.json go")
+                   help="where results.json + table.md (+ fig5.md), sweep.json, transfer.json or ablation.json go")
     p.add_argument("--workers", type=int, default=4, help="data-loading processes (0 = in the main process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run_io.add_feature_cache_flag(p)
@@ -144,11 +149,15 @@ def load_learner(run: str, ckpt: dict, opts):
                               a.get("teacher_clip"))[0]
 
 
+def row_kind(ckpt: dict) -> str:
+    """A run's row: "backbone", "dpc", or "dept" for a stage-1 run with DePT's head (Fig. 5's "+ DePT")."""
+    return "dept" if ckpt["args"].get("dept") else ckpt["kind"]
+
+
 def evaluate_run(run: str, ckpt: dict, opts) -> dict:
     """One row: base/new/HM from results.json, or recomputed from the checkpoint."""
     a, dpc = ckpt["args"], ckpt["kind"] == "dpc"
-    kind = "dept" if a.get("dept") else ckpt["kind"]   # a stage-1 run with DePT's head is Fig. 5's "+ DePT" row
-    row = dict(run=run, kind=kind, learner=ckpt["learner"], data=ckpt["data"], seed=a["seed"],
+    row = dict(run=run, kind=row_kind(ckpt), learner=ckpt["learner"], data=ckpt["data"], seed=a["seed"],
                shots=a.get("shots"), epochs=a.get("epochs"))
     overrides = opts.omega_b is not None or opts.omega_n is not None or opts.base_inference is not None
     results = None if opts.recompute or (dpc and overrides) else run_io.read_results(run)
@@ -330,9 +339,9 @@ def transfer(finished, opts) -> dict:
             elif dpc:
                 prompt = new_prompt   # Eq. (13)
             acc = scoring.accuracy(learner, items, classnames, opts.device, opts.workers, prompt, cache=opts.feature_cache)
-            log(f"=> result ({scoring.method(ckpt['learner'], ckpt['kind'])} {ckpt['data']} -> {target}, "
+            log(f"=> result ({scoring.method(ckpt['learner'], row_kind(ckpt))} {ckpt['data']} -> {target}, "
                 f"all {len(classnames)} classes, seed {a['seed']} {run})\n* accuracy: {acc:.2f}%")
-            rows.append(dict(run=run, kind=ckpt["kind"], learner=ckpt["learner"], source=ckpt["data"],
+            rows.append(dict(run=run, kind=row_kind(ckpt), learner=ckpt["learner"], source=ckpt["data"],
                              target=target, seed=a["seed"], accuracy=acc))
     summary = transfer_summary(rows)
     print("\n" + scoring.format_transfer(summary))
@@ -367,6 +376,9 @@ def ablation_row(ckpt: dict) -> str:
     (3) --loss learner --base-inference mixed --omega-n = --omega-b; (4) --loss learner --base-inference
     mixed (ω_n = 1e-6); (5) train_dpc.py with its defaults."""
     a = ckpt["args"]
+    if a.get("dept"):
+        raise RunError("--ablation lays out Tab. 3's rows; a DePT run (train_backbone.py --dept) is none of them: "
+                       "leave its folder out")
     if ckpt["kind"] == "backbone":
         return "(1) TS" if a.get("continue_from") else "backbone"
     if a.get("loss", "hard-negative") == "hard-negative":
@@ -485,11 +497,18 @@ def main(args):
         print("\n" + scoring.format_table(cells, averages) + notes, end="")
         out = dict(runs=rows, groups=cells, averages=averages,
                    convention="mean over seeds of base and new; H = harmonic mean of those means")
+        tables = {"table.md": scoring.format_table(cells, averages, markdown=True, blocks_per_line=4)}
+        if any(c["kind"] == "dept" for c in cells):   # Fig. 5: each backbone's H beside its + DePT and + DPC
+            out["fig5"] = scoring.fig5_numbers(cells, averages)
+            print("\n" + scoring.format_fig5(cells, averages), end="")
+            tables["fig5.md"] = scoring.format_fig5(cells, averages, markdown=True, blocks_per_line=4)
         run_io.write_json_atomic(out, os.path.join(args.out, "results.json"))
-        with open(os.path.join(args.out, "table.md"), "w") as f:
-            f.write(scoring.format_table(cells, averages, markdown=True, blocks_per_line=4))
-        if args.figures:   # Fig. 1 and Tab. 1 as a figure, from the numbers just written
-            for path in scoring.draw_fig1(averages, rows, args.out) + scoring.draw_tab1(cells, averages, rows, args.out):
+        for name, text in tables.items():
+            with open(os.path.join(args.out, name), "w") as f:
+                f.write(text)
+        if args.figures:   # Fig. 1, Tab. 1 as a figure and Fig. 5, from the numbers just written
+            for path in (scoring.draw_fig1(averages, rows, args.out) + scoring.draw_tab1(cells, averages, rows, args.out)
+                         + (scoring.draw_fig5(cells, averages, rows, args.out) if "fig5" in out else [])):
                 print(f"wrote figure {path}")
     print(f"wrote {os.path.abspath(args.out)}")
     return out

@@ -9,7 +9,7 @@ for days lives here, so that none of them has to show it:
   - checkpoints read as plain data, never running code from the file (README "Loading checkpoints
     safely"), with their schema and finite values checked where they are read;
   - CLIP weights, and finished stage-1 runs: ours (checkpoint.pt) or the original code's Dassl
-    folders (README Differences 11), PromptKD's teacher included;
+    folders (README Differences 11), PromptKD's teacher and DePT's head included;
   - precision: autocast and the fp16 loss scaler both stages use.
 This module never imports a stage file.
 """
@@ -663,14 +663,15 @@ def find_backbone(backbone: str | None) -> str:
 
 
 def load_stage1(run_dir: str, device, trust: bool = False, clip: str = None, teacher: str = None,
-                teacher_clip: str = None):
+                teacher_clip: str = None, classnames: list[str] = None):
     """The learner of a finished stage-1 run and its record {learner, clip, data, classnames, args}:
     a train_backbone.py run (checkpoint.pt), or a Dassl folder of the original code, which records no
-    dataset, classes or seed (data None) and whose CLIP and PromptKD teacher the flags name."""
+    dataset, classes or seed (data None) and whose CLIP, PromptKD teacher and DePT head's classes the
+    caller names."""
     if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
         learner, ckpt, _ = load_backbone(run_dir, device, trust)
         return learner, ckpt
-    learner, name = dassl_learner(run_dir, clip, device, teacher, teacher_clip, trust)
+    learner, name = dassl_learner(run_dir, clip, device, teacher, teacher_clip, trust, classnames)
     return learner, dict(learner=name, clip=clip, data=None, args={})
 
 
@@ -692,11 +693,15 @@ def dpc_backbone(args):
     args.data = args.data and data.dataset_name(args.data)          # CoOp's config names too (imagenetv2)
     args.teacher = args.teacher and os.path.abspath(args.teacher)   # a Dassl run is re-evaluated from other folders
     args.clip, args.teacher_clip = clip_path(args.clip), clip_path(args.teacher_clip)
-    learner, backbone = load_stage1(args.backbone, args.device, args.trust_checkpoint, args.clip, args.teacher,
-                                    args.teacher_clip)
-    if isinstance(learner, prompts.DePT):   # Fig. 5 sets DPC beside DePT, each on the plain backbone
-        raise RunError(f"{args.backbone} is a DePT run (train_backbone.py --dept): DPC is plugged into the plain "
-                       f"backbone, beside DePT, not on top of it; pass the run trained without --dept")
+    try:
+        learner, backbone = load_stage1(args.backbone, args.device, args.trust_checkpoint, args.clip, args.teacher,
+                                        args.teacher_clip)
+        dept = "train_backbone.py --dept" if isinstance(learner, prompts.DePT) else None   # who made its head
+    except HeadClassesUnknown:   # a DePT folder of the original code, refused before its head is built
+        dept = "the original code's ExtrasLinearProbe trainer"
+    if dept:   # Fig. 5 sets DPC beside DePT, each on the plain backbone
+        raise RunError(f"{args.backbone} is a DePT run ({dept}): DPC is plugged into the plain backbone, beside "
+                       f"DePT, not on top of it; pass the run trained without DePT")
     if backbone["data"] is None:
         if not args.data:
             raise RunError(f"{args.backbone} is a Dassl run: pass --data (and --root, --clip) for it")
@@ -783,8 +788,18 @@ def teacher_recipe_differences(args: dict) -> dict:
     return {k: (args.get(k), v) for k, v in PROMPTKD_TEACHER_RECIPE.items() if k != "learner" and args.get(k) != v}
 
 
-# Dassl folder name -> our learner (VLPromptLearner holds PromptSRC or, with a projector, PromptKD).
-DASSL_FOLDERS = {"prompt_learner": "coop", "MultiModalPromptLearner": "maple", "VLPromptLearner": "promptsrc"}
+# Dassl folder name -> our learner (VLPromptLearner holds PromptSRC or, with a projector, PromptKD;
+# PromptLearner is DePT's CoOp, Koorye/DePT trainers/elp_coop.py, which registers the whole model).
+DASSL_FOLDERS = {"prompt_learner": "coop", "MultiModalPromptLearner": "maple", "VLPromptLearner": "promptsrc",
+                 "PromptLearner": "coop"}
+
+# DePT's CAT head in the original code -> ours (prompts.DePT): FiLM maps and the linear head.
+DEPT_HEAD = {"film_lp_img": "film_image", "film_lp_text": "film_text", "linear_probe_proj": "linear_head"}
+
+
+def is_dept(state: dict) -> bool:
+    """A Dassl state dict of DePT (CoOp or MaPLe + DePT): it holds the CAT head's linear layer."""
+    return "linear_probe_proj.weight" in state
 
 
 def dassl_state(name: str, state: dict) -> dict:
@@ -792,7 +807,20 @@ def dassl_state(name: str, state: dict) -> dict:
     names (README Differences 11).
     CoOp saves its prompt learner alone (`ctx` + token buffers); MaPLe, PromptSRC and PromptKD save the
     whole model, whose frozen CLIP copies are dropped here, as are the token prefix/suffix buffers.
-    PromptKD's projector is 1x1 convolutions there (`VPT_image_trans.conv1.{0,1,3}`), Linear here."""
+    PromptKD's projector is 1x1 convolutions there (`VPT_image_trans.conv1.{0,1,3}`), Linear here.
+    DePT saves its whole model: the learner's tensors become `learner.*` (CoOp's are under `prompt_learner.`
+    there) and its head is renamed by DEPT_HEAD (FiLM fp32, the head fp16 in the original)."""
+    if is_dept(state):
+        head, rest = {}, {}
+        for key, value in state.items():
+            module, _, leaf = key.partition(".")
+            if module in DEPT_HEAD:
+                head[f"{DEPT_HEAD[module]}.{leaf}"] = value.float()
+            elif name != "coop":
+                rest[key] = value
+            elif module == "prompt_learner":   # CoOp's own tensors, as its prompt_learner/ folder holds them
+                rest[leaf] = value
+        return dict({f"learner.{k}": v for k, v in dassl_state(name, rest).items()}, **head)
     out = {}
     for key, value in state.items():
         parts = key.split(".")
@@ -840,12 +868,10 @@ def is_promptkd_student(state: dict) -> bool:
     return any(k.startswith("VPT_image_trans") for k in state)
 
 
-def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None, teacher_clip: str = None,
-                  trust: bool = False):
-    """The learner of a stage-1 folder of the original code: <run>/<name>/model.pth.tar-N (newest N)
-    or model-best.pth.tar. A PromptKD student is read from model-best.pth.tar when the folder has one,
-    as the released DPC code does (PromptKD saves its best-val student),
-    and also needs its teacher (load_teacher)."""
+def dassl_checkpoint(run_dir: str, trust: bool = False) -> tuple[str, str, dict]:
+    """(file, learner name, state_dict) of a stage-1 folder of the original code: <run>/<name>/model.pth.tar-N
+    (newest N) or model-best.pth.tar. A PromptKD student is read from model-best.pth.tar when the folder has
+    one, as the released DPC code does (PromptKD saves its best-val student)."""
     for folder, name in DASSL_FOLDERS.items():
         files = sorted((p for p in glob.glob(os.path.join(run_dir, folder, "model.pth.tar-*"))
                         if p.rsplit("-", 1)[1].isdigit()), key=lambda p: int(p.rsplit("-", 1)[1]))
@@ -863,17 +889,47 @@ def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None,
         elif files[-1] != best:
             state = None
     state = read_dassl_checkpoint(files[-1], trust) if state is None else state
+    return files[-1], "promptkd" if is_promptkd_student(state) else name, state
+
+
+class HeadClassesUnknown(RunError):
+    """A DePT folder of the original code read without the class names of its head's rows."""
+
+
+def dassl_options(name: str, state: dict, classnames: list[str] = None, path: str = "") -> dict:
+    """build_learner's options for a Dassl state dict. DePT's CoOp has M random context tokens (16 in
+    DePT's config; the prompt "X X .. X <class>."), MaPLe 2 tokens of "a photo of a". A DePT head's rows are
+    classes that Dassl does not record, so `classnames` must name them, in label order (the base classes)."""
+    options = dict(n_ctx=2 if name == "maple" else None, ctx_init=None, dept_classes=None)
+    if not is_dept(state):
+        return options
+    if name == "coop" and "prompt_learner.ctx" in state:
+        options.update(n_ctx=len(state["prompt_learner.ctx"]), ctx_init="")
+    rows = len(state["linear_probe_proj.weight"])
+    if classnames is None:
+        raise HeadClassesUnknown(f"{path} is a DePT run of the original code: the {rows} classes of its head must be "
+                                 f"given (e.g. --data, the dataset it was trained on), Dassl does not record them")
+    if rows != len(classnames):
+        raise RunError(f"the DePT head in {path} has {rows} rows, but {len(classnames)} class names were given: "
+                       f"pass the dataset (--data, --root) whose base classes it was trained on")
+    return dict(options, dept_classes=list(classnames))
+
+
+def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None, teacher_clip: str = None,
+                  trust: bool = False, classnames: list[str] = None):
+    """The learner of a stage-1 folder of the original code (dassl_checkpoint); a PromptKD student also
+    needs its teacher (load_teacher), a DePT run the class names of its head (dassl_options)."""
+    path, name, state = dassl_checkpoint(run_dir, trust)
+    options = dassl_options(name, state, classnames, path)   # before CLIP is loaded: a DePT head needs its classes
     teacher = None
-    if is_promptkd_student(state):
-        name = "promptkd"
+    if name == "promptkd":
         if not teacher_dir:
             raise RunError(f"{run_dir} is a Dassl PromptKD run: pass --teacher with its PromptSRC teacher "
                            f"folder (teacher_model/<Dataset>) and --teacher-clip")
         teacher, _ = load_teacher(teacher_dir, teacher_clip, device, trust)
-    clip = load_clip(clip_name, device)
-    learner = prompts.build_learner(name, clip, teacher, n_ctx=2 if name == "maple" else None)
+    learner = prompts.build_learner(name, load_clip(clip_name, device), teacher, **options)
     prompts.load_learner_state(learner, dassl_state(name, state))
-    print(f"loaded Dassl {name} backbone {files[-1]}")
+    print(f"loaded Dassl {name}{' + DePT' if options['dept_classes'] else ''} backbone {path}")
     return learner.to(device).eval(), name
 
 

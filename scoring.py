@@ -254,6 +254,10 @@ PAPER_TAB3 = {"backbone": (81.98, 68.84, 74.84), "(1) TS": (82.69, 68.39, None),
 NAMES = {"coop": "CoOp", "maple": "MaPLe", "promptsrc": "PromptSRC", "promptkd": "PromptKD"}
 
 
+KINDS = ("backbone", "dept", "dpc")   # a learner's rows in Tab. 1's order: the backbone, + DePT (Fig. 5), + DPC
+KIND_NAMES = {"backbone": "backbone", "dept": "+ DePT", "dpc": "+ DPC"}
+
+
 def method(learner: str, kind: str) -> str:
     return NAMES.get(learner, learner) + {"dpc": " + DPC", "dept": " + DePT"}.get(kind, "")
 
@@ -314,6 +318,68 @@ def format_table(cells: list[dict], averages: list[dict], markdown=False, blocks
               for a in averages if len(a["datasets"]) != n]
     if with_paper and any(set(a["datasets"]) != set(PAPER_DATASETS) for a in averages):
         lines.append("note: a paper average beside ours is the paper's mean over the same datasets")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def fig5_numbers(cells: list[dict], averages: list[dict]) -> dict:
+    """Fig. 5's numbers (§4.2, "Compare with another plug-and-play method"): per learner with a + DePT run,
+    the H of its backbone, + DePT and + DPC, over the datasets (evaluate.aggregate's averages) and on each
+    (its cells): H of the seed-mean base and new, as Tab. 1's; None where that run is missing. Learners
+    without a DePT run (PromptKD: DePT is not defined for it) are listed in left_out. The paper's Fig. 5
+    is a picture only (its table, Sup. Mat. B.7, is not available), so there are no paper numbers."""
+    by_key = {(c["learner"], c["kind"], c["data"]): c for c in cells + averages}
+    learners = {name: i for i, name in enumerate(prompts.LEARNERS)}
+    order = {d: i for i, d in enumerate(PAPER_DATASETS)}
+    with_dept = sorted({a["learner"] for a in averages if a["kind"] == "dept"}, key=lambda x: (learners.get(x, 99), x))
+    if not with_dept:
+        raise run_io.RunError("Fig. 5 needs + DePT runs (train_backbone.py --dept); none were given")
+    names = sorted({c["data"] for c in cells if c["learner"] in with_dept and c["kind"] in KINDS},
+                   key=lambda d: (order.get(d, len(order)), d))
+
+    def h(learner, kind, name):
+        cell = by_key.get((learner, kind, name))
+        return None if cell is None else cell["hm"]
+    rows = [dict(learner=x, method=method(x, "backbone"),
+                 average={k: h(x, k, "average") for k in KINDS},
+                 average_over={k: by_key[x, k, "average"]["datasets"] if (x, k, "average") in by_key else [] for k in KINDS},
+                 per_dataset={d: {k: h(x, k, d) for k in KINDS} for d in names}) for x in with_dept]
+    left_out = sorted({a["learner"] for a in averages if a["kind"] in KINDS} - set(with_dept),
+                      key=lambda x: (learners.get(x, 99), x))
+    return dict(figure="Fig. 5", metric="H (%)", kinds=list(KINDS), datasets=names, rows=rows, left_out=left_out)
+
+
+def format_fig5(cells: list[dict], averages: list[dict], markdown=False, blocks_per_line=3) -> str:
+    """Fig. 5 as a table: a row per learner with a + DePT run, an (backbone, + DePT, + DPC) block of H for
+    the average over datasets and for each dataset (fig5_numbers), "–" where a run is missing."""
+    numbers = fig5_numbers(cells, averages)
+    names, kinds = numbers["datasets"], numbers["kinds"]
+    columns = names if len(names) == 1 else ["average"] + names   # one dataset: its block is the average
+    titles = {"average": f"Avg over {len(names)} datasets", **{d: dataset_title(d) for d in names}}
+    heads = [KIND_NAMES[k] for k in kinds]
+    lines = ["Fig. 5: H of each backbone, + DePT, + DPC", ""]
+    for start in range(0, len(columns), blocks_per_line):
+        chunk = columns[start:start + blocks_per_line]
+        table = [["Method"] + [t for d in chunk for t in (titles[d], "", "")], [""] + heads * len(chunk)]
+        for r in numbers["rows"]:
+            values = [(r["average"] if d == "average" else r["per_dataset"][d])[k] for d in chunk for k in kinds]
+            table.append([r["method"]] + ["–" if v is None else f"{v:.2f}" for v in values])
+        if markdown:  # one header row: "<dataset> backbone | + DePT | + DPC"
+            header = ["Method"] + [f"{titles[d]} {m}" if i == 0 else m for d in chunk for i, m in enumerate(heads)]
+            lines += ["| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header)] + table[2:]] + [""]
+        else:   # a block's title spans its three columns, the last widened if it is longer
+            widths = [max(len(r[i]) for r in table[1 if i else 0:]) for i in range(len(table[0]))]
+            for b, d in enumerate(chunk):
+                widths[3 * b + 3] += max(0, len(titles[d]) - sum(widths[3 * b + 1:3 * b + 4]) - 4)
+            spans = [widths[0]] + [sum(widths[3 * b + 1:3 * b + 4]) + 4 for b in range(len(chunk))]
+            lines += ["  ".join(x.ljust(w) for x, w in zip(["Method"] + [titles[d] for d in chunk], spans)).rstrip()]
+            lines += ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in table[1:]] + [""]
+    lines += [f"note: the {method(r['learner'], k)} average is over {', '.join(r['average_over'][k])} only"
+              for r in numbers["rows"] for k in kinds if r["average_over"][k] and set(r["average_over"][k]) != set(names)]
+    if numbers["left_out"]:
+        lines.append(f"note: no + DePT run of {', '.join(NAMES.get(x, x) for x in numbers['left_out'])}: not in Fig. 5"
+                     + (" (DePT is not defined for PromptKD)" if "promptkd" in numbers["left_out"] else ""))
+    lines.append("note: H of the seed-mean base and new, as Tab. 1's; no paper numbers beside ours: the paper's "
+                 "Fig. 5 is a picture (its table is Sup. Mat. B.7, not available here)")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -400,21 +466,27 @@ def frame(fig, numbers: dict, title: str, caption: str, legend: dict | None = No
 
 
 def method_colour(learner: str, kind: str):
-    """One colour per method across the figures: grey for zero-shot CLIP, then a pair of matplotlib's
-    tab20 per learner in prompts.LEARNERS order, light for the backbone and dark for its + DPC."""
+    """One colour per method across the figures: grey for zero-shot CLIP, then a hue of matplotlib's
+    tab20c per learner in prompts.LEARNERS order (blue, orange, green, purple), in three of its shades:
+    light for the backbone, medium for its + DePT, dark for its + DPC."""
     from matplotlib import colormaps
     if kind == "zeroshot":
         return "0.6"
     order = list(prompts.LEARNERS)
     i = order.index(learner) if learner in order else len(order)
-    return colormaps["tab20"]((2 * i + (kind != "dpc")) % 20)
+    return colormaps["tab20c"]((4 * i + 2 - KINDS.index(kind) if kind in KINDS else 4 * i + 3) % 20)
 
 
 def method_order(learner: str, kind: str) -> tuple:
     """Tab. 1's row order (format_table): zero-shot CLIP first, then the learners as prompts.LEARNERS
-    lists them, each backbone before its + DPC."""
+    lists them, each backbone before its + DePT and its + DPC (KINDS)."""
     order = list(prompts.LEARNERS)
-    return kind != "zeroshot", order.index(learner) if learner in order else len(order), learner, kind == "dpc"
+    return (kind != "zeroshot", order.index(learner) if learner in order else len(order), learner,
+            KINDS.index(kind) if kind in KINDS else len(KINDS))
+
+
+# Fig. 1 and Fig. 5 colour a bar by its row, the same for every learner (the learner is on the x axis).
+KIND_COLOURS = {"backbone": "tab:blue", "dept": "tab:green", "dpc": "tab:orange"}
 
 
 def dataset_title(name: str) -> str:
@@ -451,13 +523,14 @@ def write_figure(fig, numbers: dict, stem: str) -> list[str]:
 
 
 def fig1_numbers(averages: list[dict]) -> dict:
-    """Fig. 1's bars: each learner's base accuracy without and with DPC, the mean over the datasets found
-    (evaluate.py's `averages`), each beside the paper's Tab. 1 mean over the same datasets (paper_cell:
-    None where a dataset is not the paper's or the learner is not one of its four); zero-shot CLIP, if
-    evaluated, as a reference line."""
+    """Fig. 1's bars: each learner's base accuracy without DPC, with DePT (a separate stage-1 run, where
+    there is one) and with DPC, the mean over the datasets found (evaluate.py's `averages`), each beside
+    the paper's Tab. 1 mean over the same datasets (paper_cell: None where a dataset is not the paper's,
+    the learner is not one of its four, or for + DePT, which no table of the paper lists);
+    zero-shot CLIP, if evaluated, as a reference line."""
     bars = [dict(learner=a["learner"], kind=a["kind"], method=method(a["learner"], a["kind"]), datasets=a["datasets"],
                  base=a["base"], paper_base=(paper_cell(a["learner"], a["kind"], "average", a["datasets"]) or [None])[0])
-            for a in sorted(averages, key=lambda a: method_order(a["learner"], a["kind"])) if a["kind"] in ("backbone", "dpc")]
+            for a in sorted(averages, key=lambda a: method_order(a["learner"], a["kind"])) if a["kind"] in KINDS]
     zero_shot = [dict(method=a["learner"], datasets=a["datasets"], base=a["base"]) for a in averages
                  if a["kind"] == "zeroshot"]
     return dict(figure="Fig. 1", metric="base-class accuracy (%)", bars=bars, zero_shot=zero_shot)
@@ -477,44 +550,50 @@ def paper_note(bars: list[dict]) -> str:
 
 def draw_fig1(averages: list[dict], rows: list[dict], out_dir: str) -> list[str]:
     """Fig. 1 of the paper from our runs, fig1_base.png/.pdf/.json: one group of bars per learner, its
-    backbone and + DPC solid, the paper's numbers hatched beside them where they apply, zero-shot CLIP
-    dashed. The y axis starts near the lowest bar, as the paper's Fig. 1 does; every bar carries its value."""
+    backbone, + DePT and + DPC solid, the paper's numbers hatched beside them where they apply, zero-shot
+    CLIP dashed. The y axis starts near the lowest bar, as the paper's Fig. 1 does; every bar carries its
+    value (turned upright when four or more bars share a group, so that neighbouring labels never touch)."""
     numbers = fig1_numbers(averages)
     bars = numbers["bars"]
     learners = list(dict.fromkeys(b["learner"] for b in bars))
-    with_paper = any(b["paper_base"] is not None for b in bars)
-    width = 0.6 / (4 if with_paper else 2)
-    fig = new_figure(FIGURE_SIZE)
+    kinds = [k for k in KINDS if any(b["kind"] == k for b in bars)]
+    slots = [(k, paper) for k in kinds for paper in (False, True)   # ours, then the paper's where it has one
+             if not paper or any(b["paper_base"] is not None for b in bars if b["kind"] == k)]
+    width = min(0.8, 0.3 * len(slots)) / len(slots)
+    upright = len(slots) > 3
+    label = dict(fmt="%.2f", fontsize=7, **(dict(rotation=90, padding=2) if upright else {}))
+    n_legend = len(slots) + len(numbers["zero_shot"])
+    fig = new_figure(FIGURE_SIZE, -(-n_legend // LEGEND_COLUMNS))
     ax = fig.subplots()
     for b in bars:
-        dpc = b["kind"] == "dpc"
-        x = learners.index(b["learner"]) - 0.3 + width * ((2 * dpc if with_paper else dpc) + 0.5)
-        colour, name = ("tab:orange", "+ DPC") if dpc else ("tab:blue", "backbone")
-        drawn = ax.bar(x, b["base"], width, color=colour, label=f"{name} (ours)")
-        ax.bar_label(drawn, fmt="%.2f", fontsize=7)
+        x = learners.index(b["learner"]) - width * len(slots) / 2 + width * (slots.index((b["kind"], False)) + 0.5)
+        colour, name = KIND_COLOURS[b["kind"]], KIND_NAMES[b["kind"]]
+        ax.bar_label(ax.bar(x, b["base"], width, color=colour, label=f"{name} (ours)"), **label)
         if b["paper_base"] is not None:
             drawn = ax.bar(x + width, b["paper_base"], width, facecolor="white", edgecolor=colour, hatch="///",
                            label=f"{name} (paper)")
-            ax.bar_label(drawn, fmt="%.2f", fontsize=7)
+            ax.bar_label(drawn, **label)
     for z in numbers["zero_shot"]:
         ax.axhline(z["base"], color="0.4", linestyle="--", linewidth=1, label=f"{z['method']} (ours)")
     values = [b["base"] for b in bars] + [b["paper_base"] for b in bars if b["paper_base"] is not None] + \
              [z["base"] for z in numbers["zero_shot"]]
     low = max(0.0, 5 * ((min(values) - 8) // 5))
-    ax.set_ylim(low, max(values) + 0.12 * (max(values) - low) + 1)
+    ax.set_ylim(low, max(values) + (0.22 if upright else 0.12) * (max(values) - low) + 1)
     ax.set_xticks(range(len(learners)), [NAMES.get(name, name) for name in learners])
-    ax.set_xlabel("prompt learner (stage 1), without and with DPC (stage 2)")
+    ax.set_xlabel("prompt learner (stage 1), without and with DPC (stage 2)" if "dept" not in kinds else
+                  "prompt learner (stage 1); + DePT: stage 1 with DePT's head; + DPC: stage 2")
     ax.set_ylabel(f"base-class accuracy (%), axis from {low:g}")
     handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", ncol=2)
+    unique = dict(zip(labels, handles))   # the bars in their order, then zero-shot CLIP (matplotlib lists lines first)
+    legend = {k: unique[k] for k in [f"{KIND_NAMES[k]} ({'paper' if paper else 'ours'})" for k, paper in slots]
+              + [f"{z['method']} (ours)" for z in numbers["zero_shot"]]}
     datasets = list(dict.fromkeys(d for b in bars for d in b["datasets"]))
     numbers["paper_note"] = paper_note(bars)
     ax.set_title(numbers["paper_note"], fontsize=8)
     partial = [f"{b['method']} over {', '.join(b['datasets'])} only" for b in bars if len(b["datasets"]) != len(datasets)]
     frame(fig, numbers, f"Fig. 1: base-class accuracy, mean over {len(datasets)} dataset{'s' * (len(datasets) > 1)}",
           f"{figure_source(rows)} Per dataset the mean over seeds, then the mean over "
-          f"{', '.join(map(dataset_title, datasets))}{'; ' + '; '.join(partial) if partial else ''}.")
+          f"{', '.join(map(dataset_title, datasets))}{'; ' + '; '.join(partial) if partial else ''}.", legend)
     return write_figure(fig, numbers, os.path.join(out_dir, "fig1_base"))
 
 
@@ -581,6 +660,49 @@ def draw_tab1(cells: list[dict], averages: list[dict], rows: list[dict], out_dir
     frame(fig, numbers, "Tab. 1: accuracy on base and new classes, and H", f"{figure_source(rows)} Base and New: mean over "
           f"seeds; H: their harmonic mean (of the means); the average: mean over datasets (table.md).", unique)
     return write_figure(fig, numbers, os.path.join(out_dir, "tab1_base_new_h"))
+
+
+def draw_fig5(cells: list[dict], averages: list[dict], rows: list[dict], out_dir: str) -> list[str]:
+    """Fig. 5 of the paper from our runs, fig5_hm.png/.pdf/.json: per learner with a + DePT run a group of
+    three bars, the H of its backbone, + DePT and + DPC over the datasets (fig5_numbers, the Fig. 5 table's
+    average block); each bar carries its value; a missing run leaves its place empty, marked "no run". The
+    y axis starts near the lowest bar, as Fig. 1's. The JSON holds the bars drawn (no paper numbers: the
+    paper's Fig. 5 is a picture)."""
+    table = fig5_numbers(cells, averages)
+    bars = [dict(learner=r["learner"], kind=k, method=method(r["learner"], k), datasets=r["average_over"][k],
+                 hm=r["average"][k]) for r in table["rows"] for k in KINDS if r["average"][k] is not None]
+    numbers = dict(figure="Fig. 5", metric="H (%)", bars=bars, left_out=table["left_out"],
+                   missing=[method(r["learner"], k) for r in table["rows"] for k in KINDS if r["average"][k] is None])
+    learners = [r["learner"] for r in table["rows"]]
+    width = 0.8 / len(KINDS)
+    fig = new_figure(FIGURE_SIZE, 1)
+    ax = fig.subplots()
+    values = [b["hm"] for b in bars]
+    low = max(0.0, 5 * ((min(values) - 8) // 5))
+    for i, learner in enumerate(learners):
+        for j, kind in enumerate(KINDS):
+            x = i - 0.4 + width * (j + 0.5)
+            b = next((b for b in bars if (b["learner"], b["kind"]) == (learner, kind)), None)
+            if b is None:
+                ax.text(x, low, "no run", rotation=90, ha="center", va="bottom", fontsize=7, color="0.4")
+            else:
+                ax.bar_label(ax.bar(x, b["hm"], width, color=KIND_COLOURS[kind], label=KIND_NAMES[kind]),
+                             fmt="%.2f", fontsize=7)
+    ax.set_ylim(low, max(values) + 0.12 * (max(values) - low) + 1)
+    ax.set_xticks(range(len(learners)), [NAMES.get(name, name) for name in learners])
+    ax.set_xlabel("prompt learner; + DePT: its own stage-1 run; + DPC: stage 2 on the backbone")
+    ax.set_ylabel(f"H (%), axis from {low:g}")
+    handles, labels = ax.get_legend_handles_labels()
+    datasets = table["datasets"]
+    partial = [f"{b['method']} over {', '.join(b['datasets'])} only" for b in bars if set(b["datasets"]) != set(datasets)]
+    left_out = f"; no + DePT run of {', '.join(NAMES.get(x, x) for x in table['left_out'])}" if table["left_out"] else ""
+    over = "the paper's 11 datasets" if set(datasets) == set(PAPER_DATASETS) else ", ".join(map(dataset_title, datasets))
+    frame(fig, numbers, f"Fig. 5: H of each backbone, + DePT, + DPC, mean over {len(datasets)} "
+          f"dataset{'s' * (len(datasets) > 1)}",
+          f"{figure_source(rows)} H of base and new, each averaged over seeds, then over "
+          f"{over} (Tab. 1's){'; ' + '; '.join(partial) if partial else ''}"
+          f"{left_out}. No paper numbers: its Fig. 5 is a picture.", dict(zip(labels, handles)))
+    return write_figure(fig, numbers, os.path.join(out_dir, "fig5_hm"))
 
 
 def omega_axis(parameter: str, omegas: list[float]) -> dict:

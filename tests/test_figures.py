@@ -1,8 +1,9 @@
 """evaluate.py --figures on real runs of both training scripts (coop backbone and coop + DPC, seeds 1 and 2,
 tiny random CLIP, synthetic data, CPU): Fig. 1 and the Tab. 1 figure in the default mode, Fig. 6 with
 --sweep, each a PNG of the chosen size and a PDF beside a JSON that holds exactly evaluate.py's numbers;
-nothing drawn without the flag; matplotlib never imported by the stages. The tiny CLIP's accuracies mean
-nothing; only that the figures carry them is tested."""
+with coop + DePT runs beside them (train_backbone.py --dept), Fig. 5 as a table (fig5.md, results.json)
+and a figure, and DePT's bars in Fig. 1; nothing drawn without the flag; matplotlib never imported by the
+stages. The tiny CLIP's accuracies mean nothing; only that the figures carry them is tested."""
 
 import json
 import os
@@ -15,12 +16,14 @@ from PIL import Image
 import evaluate
 import scoring
 import test_evaluate
+import train_backbone as tb
 
 runs = test_evaluate.runs   # the fixture of test_evaluate.py, made again for this module: coop and coop + DPC, seeds 1, 2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAB1_FILES = ["fig1_base.png", "fig1_base.pdf", "fig1_base.json",
               "tab1_base_new_h.png", "tab1_base_new_h.pdf", "tab1_base_new_h.json"]
+FIG5_FILES = ["fig5_hm.png", "fig5_hm.pdf", "fig5_hm.json"]
 
 
 def evaluate_main(*argv) -> dict:
@@ -114,6 +117,89 @@ def test_the_papers_numbers_stand_beside_ours_on_its_datasets(tmp_path):
     assert [eurosat["coop", "dpc"][m] for m in ("base", "new")] == [90.0, 50.0]
     assert eurosat["Zero-shot CLIP", "zeroshot"]["paper"] is None
     assert [b["kind"] for b in tab1["panels"][0]["bars"]] == ["zeroshot", "backbone", "dpc"]   # Tab. 1's row order
+
+
+# ---------------------------------------------------------------------------------------------
+# Fig. 5: each backbone's H beside + DePT and + DPC (runs of train_backbone.py --dept)
+
+@pytest.fixture(scope="module")
+def dept_runs(runs, tmp_path_factory):
+    """coop + DePT, seeds 1 and 2, on the data of `runs`, in a folder of their own (test_evaluate's tests
+    count the runs under runs["runs"])."""
+    base = tmp_path_factory.mktemp("dept")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)   # train_backbone.py writes output/last_backbone.txt under the cwd
+        for seed in (1, 2):
+            tb.main(tb.get_args(["--learner", "coop", "--dept", "--data", "synthetic", "--root", runs["root"], "--clip",
+                                 "tiny", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--shots", "4",
+                                 "--seed", str(seed), "--output-dir", str(base / "runs" / "coop_dept" / f"seed{seed}")]))
+    return str(base / "runs")
+
+
+def test_fig5_holds_aggregates_h_of_each_kind_and_fig1_gains_depts_bars(runs, dept_runs, tmp_path, capsys):
+    out = evaluate_main(runs["runs"], dept_runs, "--figures", "--out", tmp_path)
+    stdout = capsys.readouterr().out
+    assert written_figures(stdout) == sorted(str(tmp_path / name) for name in TAB1_FILES + FIG5_FILES)
+    groups, averages = by_method(out["groups"]), by_method(out["averages"])
+    assert set(groups) == {("coop", "backbone"), ("coop", "dept"), ("coop", "dpc")}
+
+    (row,) = out["fig5"]["rows"]          # the table's numbers: aggregate's H, the same cells as Tab. 1's
+    assert row["learner"] == "coop" and out["fig5"]["datasets"] == ["synthetic"] and out["fig5"]["left_out"] == []
+    for kind in scoring.KINDS:
+        assert row["per_dataset"]["synthetic"][kind] == groups["coop", kind]["hm"] == averages["coop", kind]["hm"]
+        assert row["average"][kind] == averages["coop", kind]["hm"] and row["average_over"][kind] == ["synthetic"]
+    hs = [f"{row['average'][k]:.2f}" for k in scoring.KINDS]
+    printed = stdout[stdout.index("Fig. 5: H of each backbone, + DePT, + DPC"):].splitlines()
+    assert printed[3].split() == ["backbone", "+", "DePT", "+", "DPC"] and printed[4].split() == ["CoOp"] + hs
+    assert f"| CoOp | {' | '.join(hs)} |" in (tmp_path / "fig5.md").read_text()
+    assert read_json(tmp_path / "results.json")["fig5"] == out["fig5"]
+
+    fig5 = check_drawn(tmp_path / "fig5_hm", (960, 630))    # the picture's bars: the table's average block
+    assert [(b["method"], b["hm"], b["datasets"]) for b in fig5["bars"]] == \
+        [(scoring.method("coop", k), row["average"][k], ["synthetic"]) for k in scoring.KINDS]
+    assert fig5["missing"] == [] and fig5["caption"].startswith("From 6 runs under ")
+
+    fig1 = check_drawn(tmp_path / "fig1_base", (960, 630))   # Fig. 1: backbone, + DePT, + DPC, in that order
+    assert [(b["kind"], b["base"], b["paper_base"]) for b in fig1["bars"]] == \
+        [(k, averages["coop", k]["base"], None) for k in scoring.KINDS]
+    (panel,) = check_drawn(tmp_path / "tab1_base_new_h", (960, 600))["panels"]
+    assert [b["kind"] for b in panel["bars"]] == list(scoring.KINDS)
+
+
+def test_fig5_marks_a_missing_run_and_an_average_over_fewer_datasets(tmp_path):
+    """Fabricated numbers (no training): CoOp has no + DPC run, MaPLe's + DePT ran on EuroSAT only,
+    PromptKD has no + DePT run (DePT is not defined for it): "–" in the table and no bar, a note each."""
+    cells, averages = [], []
+    for learner, kind, numbers in (("coop", "backbone", {"eurosat": (80.0, 50.0), "dtd": (70.0, 40.0)}),
+                                   ("coop", "dept", {"eurosat": (85.0, 52.0), "dtd": (72.0, 41.0)}),
+                                   ("maple", "backbone", {"eurosat": (82.0, 60.0), "dtd": (75.0, 50.0)}),
+                                   ("maple", "dept", {"eurosat": (88.0, 62.0)}),
+                                   ("maple", "dpc", {"eurosat": (90.0, 60.0), "dtd": (80.0, 50.0)}),
+                                   ("promptkd", "backbone", {"eurosat": (90.0, 70.0), "dtd": (80.0, 60.0)})):
+        for name, (base, new) in numbers.items():
+            cells.append(dict(learner=learner, kind=kind, data=name, seeds=[1], base=base, new=new,
+                              hm=scoring.harmonic_mean(base, new)))
+        base, new = (scoring.mean([v[i] for v in numbers.values()]) for i in range(2))
+        averages.append(dict(learner=learner, kind=kind, data="average", datasets=list(numbers), base=base, new=new,
+                             hm=scoring.harmonic_mean(base, new)))
+    h = {(a["learner"], a["kind"]): f"{a['hm']:.2f}" for a in averages}
+    text = scoring.format_fig5(cells, averages)
+    lines = text.splitlines()
+    assert lines[2].split()[:5] == ["Method", "Avg", "over", "2", "datasets"]
+    coop, maple = (next(x.split()[1:] for x in lines if x.startswith(name)) for name in ("CoOp", "MaPLe"))
+    assert coop[:3] == [h["coop", "backbone"], h["coop", "dept"], "–"] and coop[5] == coop[8] == "–"
+    assert maple[:3] == [h["maple", k] for k in scoring.KINDS] and maple[4] == "–"   # DTD's + DePT
+    assert "note: the MaPLe + DePT average is over eurosat only" in text
+    assert "note: no + DePT run of PromptKD: not in Fig. 5" in text and "PromptKD  " not in text
+
+    rows = [dict(run=str(tmp_path / "runs" / k / "seed1"), kind=k, seed=1) for k in ("coop", "coop_dept")]
+    scoring.draw_fig5(cells, averages, rows, str(tmp_path))
+    fig5 = check_drawn(tmp_path / "fig5_hm", (960, 630))
+    assert [(b["learner"], b["kind"]) for b in fig5["bars"]] == [("coop", "backbone"), ("coop", "dept"), ("maple", "backbone"),
+                                                                  ("maple", "dept"), ("maple", "dpc")]
+    assert [f"{b['hm']:.2f}" for b in fig5["bars"]] == [h[b["learner"], b["kind"]] for b in fig5["bars"]]
+    assert fig5["missing"] == ["CoOp + DPC"] and fig5["left_out"] == ["promptkd"]
+    assert "MaPLe + DePT over eurosat only" in fig5["caption"]
 
 
 # ---------------------------------------------------------------------------------------------

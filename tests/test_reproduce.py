@@ -1,10 +1,12 @@
 """tools/reproduce.py: the whole base-to-new protocol in one command (paper Tab. 1), CPU only.
 
-End to end in the toy world (a smaller copy of its benchmark, so that 11 runs fit in well under a
-minute): coop and promptkd (with its teacher) on two seeds, interrupted with Ctrl-C while a teacher
-trains, then rerun in the multi-GPU mode; the second call must run exactly what the first left.
-The other tests plan on fake checkpoints (only their `finished` flag is read) and run no training.
+End to end in the toy world (a smaller copy of its benchmark: its 13 runs take about two minutes on 2 cores):
+coop and promptkd (with its teacher) on two seeds, with --dept (coop + DePT, Fig. 5; none for promptkd),
+interrupted with Ctrl-C while a teacher trains, then rerun in the multi-GPU mode; the second call must
+run exactly what the first left. The other tests plan on fake checkpoints (only their `finished` flag is
+read) and run no training.
 """
+import json
 import os
 import re
 import shlex
@@ -24,6 +26,7 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 import reproduce  # noqa: E402
 
 LINE = re.compile(r"^(skip \(finished\)|resume|run|done|failed): (\S+)")
+DEPT = ["--dept", "--dept-flags", "--epochs 1 --batch-size 8 --workers 0 --shots 4"]   # Fig. 5's + DePT runs
 
 
 def toy_argv(tmp, *more):
@@ -52,7 +55,7 @@ def snapshot(runs):
 def toy(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reproduce")
     toy_world.make_toy_dataset(str(tmp / "data"), n_train=16, n_val=0, n_test=4)   # the toy world, fewer images
-    cmd = [sys.executable, os.path.join(REPO, "tools", "reproduce.py")] + toy_argv(tmp)
+    cmd = [sys.executable, os.path.join(REPO, "tools", "reproduce.py")] + toy_argv(tmp, *DEPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")      # first call: one chain at a time
     teacher = tmp / "runs" / "teachers" / "toy" / "seed1"
     t0 = time.time()
@@ -82,15 +85,15 @@ def test_interrupted_then_rerun_runs_only_what_is_missing(toy):
     assert toy["first_rc"] == 130 and toy["first_err"].strip().splitlines()[-1].startswith("interrupted (SIGINT):")
     first = actions(toy["first"])
     order = [str(runs / "toy" / "coop" / "seed1"), str(runs / "toy" / "coop_dpc" / "seed1"),
-             str(runs / "teachers" / "toy" / "seed1")]
-    assert list(first) == order and first[order[0]] == first[order[1]] == ["run", "done"]
-    assert first[order[2]] == ["run"]                                  # stopped during its epoch 2
-    assert toy["before"] == {order[0]: True, order[1]: True, order[2]: False}
+             str(runs / "toy" / "coop_dept" / "seed1"), str(runs / "teachers" / "toy" / "seed1")]
+    assert list(first) == order and first[order[0]] == first[order[1]] == first[order[2]] == ["run", "done"]
+    assert first[order[3]] == ["run"]                                  # stopped during its epoch 2
+    assert toy["before"] == {order[0]: True, order[1]: True, order[2]: True, order[3]: False}
 
     assert toy["second"].returncode == 0, toy["second"].stderr
     second = actions(toy["second"].stdout)
-    every = {str(runs / d / f"seed{s}") for s in (1, 2) for d in ("toy/coop", "toy/coop_dpc", "toy/promptkd",
-                                                                  "toy/promptkd_dpc", "teachers/toy")}
+    every = {str(runs / d / f"seed{s}") for s in (1, 2) for d in ("toy/coop", "toy/coop_dpc", "toy/coop_dept",
+                                                                  "toy/promptkd", "toy/promptkd_dpc", "teachers/toy")}
     assert set(second) == every
     expected = {True: ["skip (finished)"], False: ["resume", "done"], None: ["run", "done"]}
     for run_dir, said in second.items():   # finished: skipped; interrupted: resumed; never started: run
@@ -98,14 +101,18 @@ def test_interrupted_then_rerun_runs_only_what_is_missing(toy):
     assert re.search(r"\[GPU [01]\]", toy["second"].stdout)           # the chains went to the two devices
     after = snapshot(runs)
     assert all(after[p] == kept for p, kept in toy["kept"].items() if toy["before"][os.path.dirname(p)])
-    assert run_io.read_checkpoint(os.path.join(order[2], "checkpoint.pt"))["epoch"] == 3
+    assert run_io.read_checkpoint(os.path.join(order[3], "checkpoint.pt"))["epoch"] == 3
+    assert not (runs / "toy" / "promptkd_dept").exists()              # DePT is not defined for PromptKD
     table = (runs / "evaluation" / "table.md").read_text()
-    assert "CoOp" in table and "PromptKD" in table and "+ DPC" in table and "Teacher" not in table
+    assert "CoOp" in table and "PromptKD" in table and "+ DPC" in table and "+ DePT" in table and "Teacher" not in table
+    fig5 = json.loads((runs / "evaluation" / "results.json").read_text())["fig5"]   # evaluate.py got the DePT runs
+    assert [r["learner"] for r in fig5["rows"]] == ["coop"] and fig5["left_out"] == ["promptkd"]
+    assert None not in fig5["rows"][0]["average"].values() and "| CoOp |" in (runs / "evaluation" / "fig5.md").read_text()
     print(f"end to end (both calls): {toy['seconds']:.0f} s")
 
 
 def test_dry_run_after_everything_finished_is_empty(toy, capsys):
-    run_io.run_cli(reproduce.main, reproduce.get_args, toy_argv(toy["tmp"], "--dry-run"))
+    run_io.run_cli(reproduce.main, reproduce.get_args, toy_argv(toy["tmp"], "--dry-run", *DEPT))
     assert capsys.readouterr().out.strip() == ""
 
 
@@ -157,6 +164,24 @@ def test_dry_run_lines_are_chains_in_dependency_order(half_done, capsys):
     assert teacher.endswith(f"--epochs 3 --workers 0 --shots 4 --print-every 1 --output-dir {runs}/teachers/toy/seed2")
     assert f"--teacher {runs}/teachers/toy/seed2 " in student and f"--backbone {runs}/toy/promptkd/seed2 " in kd_dpc
     assert "evaluate.py" not in "".join(lines) and "evaluate.py" in err and "teachers" not in err
+
+
+def test_dry_run_with_dept_adds_a_dept_run_to_each_chain_but_promptkds(half_done, capsys):
+    """--dept: each coop chain ends with its + DePT run (train_backbone.py --dept, its own folder and
+    --dept-flags); the promptkd chains have none; the table's command names the DePT folders too."""
+    lines, err = dry_run(half_done, capsys, *DEPT)
+    runs, py = half_done / "runs", "python " + REPO
+    assert len(lines) == 4 and [line.count("--dept") for line in lines] == [1, 0, 1, 0]
+    for line, seed in ((lines[0], 1), (lines[2], 2)):
+        dept = line.split(" && ")[-1]
+        assert dept == (f"{py}/train_backbone.py --learner coop --dept --data toy --root {half_done}/data --seed {seed} "
+                        f"--clip toy --epochs 1 --batch-size 8 --workers 0 --shots 4 --output-dir {runs}/toy/coop_dept/seed{seed}")
+    assert lines[0].split(" && ")[0].endswith("--output-dir " + f"{runs}/toy/coop_dpc/seed1 --resume")   # as without --dept
+    table = shlex.split(err.split("the table: ")[1])
+    assert table[2:table.index("--out")] == [f"{runs}/toy/{name}/seed{s}" for s in (1, 2) for name in
+                                             ("coop", "coop_dpc", "coop_dept", "promptkd", "promptkd_dpc")]
+    args = reproduce.get_args(toy_argv(half_done, *DEPT))
+    assert vars(reproduce.get_args(reproduce.driver_flags(args))) == vars(args)   # what a Slurm task repeats
 
 
 def test_slurm_script_has_one_task_per_chain_with_work_left(half_done, capsys):

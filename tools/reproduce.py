@@ -5,7 +5,11 @@ Per (dataset, seed, learner) one chain of runs, each a call of the project's own
                   (PromptSRC on --teacher-clip) -> RUN_ROOT/teachers/<data>/seed<s>   (not a Tab. 1 row)
   stage 1         train_backbone.py --learner <l> ...        -> RUN_ROOT/<data>/<l>/seed<s>
   stage 2         train_dpc.py --backbone <stage-1 folder>   -> RUN_ROOT/<data>/<l>_dpc/seed<s>
-then evaluate.py on every stage-1 and DPC folder -> RUN_ROOT/evaluation (table.md: the Tab. 1 layout).
+  [--dept only]   train_backbone.py --learner <l> --dept ... -> RUN_ROOT/<data>/<l>_dept/seed<s>
+                  (Fig. 5's + DePT: a stage-1 run of its own, with DePT's recipe; none for promptkd, for
+                  which DePT is not defined; last in its chain, so its failure stops nothing else)
+then evaluate.py on every stage-1, DPC and DePT folder -> RUN_ROOT/evaluation (table.md: the Tab. 1 layout;
+with --dept also fig5.md: the H of each backbone, + DePT and + DPC).
 
 Each run's state is decided when its turn comes: finished (its checkpoint.pt says so) -> skipped,
 unfinished -> continued with --resume, no checkpoint -> trained. So after a crash, Ctrl-C, SIGTERM or
@@ -23,6 +27,7 @@ same logic for one chain, so a requeued, resubmitted or partly finished task jus
 
     python tools/reproduce.py --datasets eurosat,dtd --root /data --workers 8
     python tools/reproduce.py --datasets eurosat --learners coop --seeds 1 --backbone-flags "--epochs 10 --lr 0.002"
+    python tools/reproduce.py --datasets eurosat,dtd --root /data --learners coop,maple,promptsrc --dept  # + Fig. 5
     python tools/reproduce.py --root /data --dry-run | parallel -j 4      # one chain per line, any engine
     python tools/reproduce.py --root /data --slurm tab1.sbatch            # a Slurm job array, one chain per task
     python tools/reproduce.py --datasets toy --clip toy --teacher-clip toy --workers 0   # the toy world, on a CPU
@@ -51,7 +56,7 @@ import scoring  # noqa: E402
 GENERATED = ("toy", "synthetic")  # written under --root by the scripts on first use
 # Set by this tool: passed through, they would break the run tree (argparse also takes their prefixes).
 RESERVED = ("--learner", "--data", "--root", "--seed", "--clip", "--teacher", "--backbone", "--output-dir",
-            "--resume", "--overwrite")
+            "--resume", "--overwrite", "--dept")
 
 
 def get_args(argv=None):
@@ -69,6 +74,9 @@ def get_args(argv=None):
                    '(one flag alone: --backbone-flags=--flag)')
     p.add_argument("--teacher-flags", default="", help="more flags of the teacher runs (after the recipe's: they win)")
     p.add_argument("--dpc-flags", default="", help="more flags of the train_dpc.py runs")
+    p.add_argument("--dept", action="store_true",
+                   help="Fig. 5: also a + DePT run per chain (train_backbone.py --dept, DePT's recipe; not for promptkd)")
+    p.add_argument("--dept-flags", default="", help="more flags of the DePT runs (after DePT's recipe: they win)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the chains left to run, one shell line each")
     mode.add_argument("--slurm", metavar="FILE", default=None, help="write a Slurm job-array script, one chain a task")
@@ -91,7 +99,7 @@ def get_args(argv=None):
     for s in args.seeds:
         check(s.isascii() and s.isdigit(), f"--seeds: {s!r} is not a non-negative integer")
     args.seeds = [int(s) for s in args.seeds]
-    for name in ("backbone_flags", "teacher_flags", "dpc_flags"):
+    for name in ("backbone_flags", "teacher_flags", "dpc_flags", "dept_flags"):
         setattr(args, name, split_flags(getattr(args, name), "--" + name.replace("_", "-")))
     args.workers = [] if args.workers is None else ["--workers", str(args.workers)]   # flags of every script
     n = len(args.datasets) * len(args.seeds) * len(args.learners)
@@ -128,7 +136,8 @@ def split_flags(text: str, option: str) -> list[str]:
 
 def plan(args) -> list[list[tuple[str, list[str]]]]:
     """Every chain of Tab. 1: a list of (run folder, [script, flags...]) in dependency order. Each
-    promptkd chain trains its own teacher (one per dataset and seed), so chains never share a folder."""
+    promptkd chain trains its own teacher (one per dataset and seed), so chains never share a folder.
+    With --dept, a chain ends with its learner's + DePT run (Fig. 5), which needs none of the others."""
     chains = []
     for d in args.datasets:
         for s in args.seeds:
@@ -147,6 +156,10 @@ def plan(args) -> list[list[tuple[str, list[str]]]]:
                               + ["--clip", args.clip] + args.backbone_flags + ["--output-dir", stage1]))
                 chain.append((dpc, ["train_dpc.py", "--backbone", stage1] + args.workers + args.dpc_flags
                               + ["--output-dir", dpc]))
+                if args.dept and learner != "promptkd":   # DePT's head needs labelled base classes
+                    dept = os.path.join(args.out, d, learner + "_dept", f"seed{s}")
+                    chain.append((dept, ["train_backbone.py", "--learner", learner, "--dept"] + common
+                                  + ["--clip", args.clip] + args.dept_flags + ["--output-dir", dept]))
                 chains.append(chain)
     return chains
 
@@ -178,9 +191,17 @@ def shell_lines(chains) -> list[str]:
     return lines
 
 
+def stage1_dir(chain) -> str:
+    """The folder a chain is named after (its lock, its status lines): the stage-1 run, its DPC run's --backbone."""
+    argv = next(argv for _, argv in chain if argv[0] == "train_dpc.py")
+    return argv[argv.index("--backbone") + 1]
+
+
 def evaluate_command(python: str, args, chains) -> list[str]:
-    """Tab. 1 over every stage-1 and DPC folder, named one by one (a missing run is an error, not a gap)."""
-    run_dirs = [run_dir for chain in chains for run_dir, _ in chain[-2:]]   # not the teachers
+    """Tab. 1 (and Fig. 5) over every stage-1, DPC and DePT folder, named one by one (a missing run is an
+    error, not a gap): each chain's runs from its stage 1 on, not PromptKD's teacher before it."""
+    run_dirs = [run_dir for chain in chains
+                for run_dir, _ in chain[[d for d, _ in chain].index(stage1_dir(chain)):]]
     return [python, os.path.join(REPO, "evaluate.py")] + run_dirs + ["--out", os.path.join(args.out, "evaluation")] \
         + args.workers
 
@@ -189,9 +210,9 @@ def driver_flags(args) -> list[str]:
     """This tool's own flags, as an array task repeats them (plan() then numbers the chains the same way)."""
     flags = ["--datasets", ",".join(args.datasets), "--seeds", ",".join(map(str, args.seeds)), "--learners",
              ",".join(args.learners), "--root", args.root, "--out", args.out, "--clip", args.clip,
-             "--teacher-clip", args.teacher_clip] + args.workers
+             "--teacher-clip", args.teacher_clip] + args.workers + ["--dept"] * args.dept
     return flags + [f"--{name.replace('_', '-')}={shlex.join(getattr(args, name))}"
-                    for name in ("backbone_flags", "teacher_flags", "dpc_flags") if getattr(args, name)]
+                    for name in ("backbone_flags", "teacher_flags", "dpc_flags", "dept_flags") if getattr(args, name)]
 
 
 def write_slurm(path: str, tasks: list[int], task_line: str, evaluate_line: str, logs: str) -> None:
@@ -238,7 +259,7 @@ class Stop(threading.Event):
 
 def chain_lock(args, chain) -> str:
     """The lock file of a chain, named after its stage-1 folder: <out>/.chain-<data>-<learner>-seed<s>.lock."""
-    return os.path.join(args.out, ".chain-" + os.path.relpath(chain[-2][0], args.out).replace(os.sep, "-") + ".lock")
+    return os.path.join(args.out, ".chain-" + os.path.relpath(stage1_dir(chain), args.out).replace(os.sep, "-") + ".lock")
 
 
 def acquire(lock: str, stop: Stop, what: str) -> int | None:
@@ -270,10 +291,10 @@ def run_chain(chain, lock: str, gpus: queue.Queue, stop: Stop, failed: list, bus
     (come back later), or, with busy None, this driver waits for it."""
     fd = run_io.hold_lock(lock)
     if fd is None and busy is not None:
-        say(f"busy: {chain[-2][0]} (its chain is run by {run_io.lock_holder(lock)}); back to it after the others")
+        say(f"busy: {stage1_dir(chain)} (its chain is run by {run_io.lock_holder(lock)}); back to it after the others")
         busy.append(chain)
         return
-    fd = fd if fd is not None else acquire(lock, stop, f"the chain of {chain[-2][0]} is run by")
+    fd = fd if fd is not None else acquire(lock, stop, f"the chain of {stage1_dir(chain)} is run by")
     if fd is None:
         return
     gpu = gpus.get()   # a free GPU for the whole chain: never two processes on one GPU
