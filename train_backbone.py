@@ -8,6 +8,7 @@ that "+ DPC" is compared with in Tab. 1.
 
     python train_backbone.py --learner coop --data eurosat --root /data --seed 1
     python train_backbone.py --learner coop --data synthetic --clip tiny --epochs 2   # offline smoke run
+    python train_backbone.py --learner coop --dept --data eurosat --root /data   # + DePT's head (Fig. 5, README)
 
 The run folder (default output/<data>/<learner>/seed<seed>) holds args.json, log.txt,
 checkpoint.pt (trainable tensors + optimiser + class names + CLIP name, written atomically every

@@ -271,3 +271,33 @@ def test_refusals_are_one_line(run, data_root, capsys, monkeypatch):
     fails(capsys, train_dpc.run, ["--backbone", "straight", "--workers", "0", "--output-dir", "dpc"],
           "is a DePT run (train_backbone.py --dept)")
     assert not (run["cwd"] / "dpc" / "checkpoint.pt").exists()
+
+
+def test_transfer_gives_a_dept_run_its_own_row_and_clips_logits_on_a_class_set_beyond_its_head(run, monkeypatch):
+    """Tab. 2 on a DePT run: its own "dept" row; all 10 classes of a test split are not the head's 5, so the
+    accuracy is the learner's alone (as DePT's code, which fuses only on its own classes)."""
+    import evaluate
+    monkeypatch.chdir(run["cwd"])
+    out = evaluate.main(evaluate.get_args(["straight", "--target", "synthetic", "--workers", "0", "--out", "xd"]))
+    (row,) = out["runs"]
+    learner, ckpt, _ = run_io.load_backbone(str(run["cwd"] / "straight"), "cpu")
+    items = data.read_splits(ckpt["args"]["root"], "synthetic")["test"]
+    assert row["kind"] == "dept" and out["mean_over_seeds"][0]["kind"] == "dept"
+    assert row["accuracy"] == scoring.accuracy(learner.learner, items, data.classnames_of(items), "cpu")
+
+
+@pytest.mark.parametrize("name", ["coop", "maple"])   # DePT's own learners; PromptSRC's head is the same code
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dept_trains_and_scores_under_autocast(name, dtype, data_root, tmp_path, monkeypatch):
+    """The GPU path on CPU (bf16 as on an H100, fp16 with loss scaling as on a V100): the head's loss on
+    16-bit features, both lr groups through the scaler, fused 16-bit logits at test; finite fp32 tensors."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run_io, "autocast", lambda device: torch.autocast("cpu", dtype=dtype))
+    if dtype == torch.float16:
+        monkeypatch.setattr(run_io, "grad_scaler", lambda device: torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))
+    flags = argv(data_root, "--epochs", "2", "--batch-size", "8", "--output-dir", "r")
+    results = train_backbone.main(train_backbone.get_args(flags[:1] + [name] + flags[2:]))
+    assert 0 <= results["base"] <= 100 and 0 <= results["new"] <= 100
+    state = torch.load(os.path.join("r", "checkpoint.pt"), weights_only=True)["state"]
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state.values())
+    assert not torch.equal(state["film_image.scale"], torch.ones_like(state["film_image.scale"]))   # it trained

@@ -84,20 +84,26 @@ def test_tab1_figures_hold_evaluates_numbers(runs, tmp_path, capsys):
     assert read_json(tmp_path / "results.json")["groups"] == out["groups"]   # the numbers of the JSON beside it
 
 
-def test_the_papers_numbers_stand_beside_ours_on_its_datasets(tmp_path):
-    """Fabricated numbers on EuroSAT and DTD (no training): Fig. 1's hatched bars are the paper's Tab. 1
-    mean over those two datasets; the Tab. 1 figure has an average panel and one per dataset in Tab. 1's
-    order, each bar with the paper's (base, new, H); zero-shot CLIP has no paper number."""
+def fabricated(table) -> tuple[list[dict], list[dict]]:
+    """evaluate.aggregate's cells and averages for made-up (learner, kind, {dataset: (base, new)}) rows."""
     cells, averages = [], []
-    for learner, kind, numbers in (("coop", "backbone", {"eurosat": (80.0, 50.0), "dtd": (70.0, 40.0)}),
-                                   ("coop", "dpc", {"eurosat": (90.0, 50.0), "dtd": (75.0, 40.0)}),
-                                   ("Zero-shot CLIP", "zeroshot", {"eurosat": (60.0, 55.0), "dtd": (50.0, 45.0)})):
+    for learner, kind, numbers in table:
         for name, (base, new) in numbers.items():
             cells.append(dict(learner=learner, kind=kind, data=name, seeds=[1], base=base, new=new,
                               hm=scoring.harmonic_mean(base, new)))
         base, new = (scoring.mean([v[i] for v in numbers.values()]) for i in range(2))
         averages.append(dict(learner=learner, kind=kind, data="average", datasets=list(numbers), base=base, new=new,
                              hm=scoring.harmonic_mean(base, new)))
+    return cells, averages
+
+
+def test_the_papers_numbers_stand_beside_ours_on_its_datasets(tmp_path):
+    """Fabricated numbers on EuroSAT and DTD (no training): Fig. 1's hatched bars are the paper's Tab. 1
+    mean over those two datasets; the Tab. 1 figure has an average panel and one per dataset in Tab. 1's
+    order, each bar with the paper's (base, new, H); zero-shot CLIP has no paper number."""
+    cells, averages = fabricated((("coop", "backbone", {"eurosat": (80.0, 50.0), "dtd": (70.0, 40.0)}),
+                                  ("coop", "dpc", {"eurosat": (90.0, 50.0), "dtd": (75.0, 40.0)}),
+                                  ("Zero-shot CLIP", "zeroshot", {"eurosat": (60.0, 55.0), "dtd": (50.0, 45.0)})))
     rows = [dict(run=str(tmp_path / "runs" / k / "seed1"), kind=k, seed=1) for k in ("coop", "coop_dpc")]
 
     scoring.draw_fig1(averages, rows, str(tmp_path))
@@ -169,19 +175,12 @@ def test_fig5_holds_aggregates_h_of_each_kind_and_fig1_gains_depts_bars(runs, de
 def test_fig5_marks_a_missing_run_and_an_average_over_fewer_datasets(tmp_path):
     """Fabricated numbers (no training): CoOp has no + DPC run, MaPLe's + DePT ran on EuroSAT only,
     PromptKD has no + DePT run (DePT is not defined for it): "–" in the table and no bar, a note each."""
-    cells, averages = [], []
-    for learner, kind, numbers in (("coop", "backbone", {"eurosat": (80.0, 50.0), "dtd": (70.0, 40.0)}),
-                                   ("coop", "dept", {"eurosat": (85.0, 52.0), "dtd": (72.0, 41.0)}),
-                                   ("maple", "backbone", {"eurosat": (82.0, 60.0), "dtd": (75.0, 50.0)}),
-                                   ("maple", "dept", {"eurosat": (88.0, 62.0)}),
-                                   ("maple", "dpc", {"eurosat": (90.0, 60.0), "dtd": (80.0, 50.0)}),
-                                   ("promptkd", "backbone", {"eurosat": (90.0, 70.0), "dtd": (80.0, 60.0)})):
-        for name, (base, new) in numbers.items():
-            cells.append(dict(learner=learner, kind=kind, data=name, seeds=[1], base=base, new=new,
-                              hm=scoring.harmonic_mean(base, new)))
-        base, new = (scoring.mean([v[i] for v in numbers.values()]) for i in range(2))
-        averages.append(dict(learner=learner, kind=kind, data="average", datasets=list(numbers), base=base, new=new,
-                             hm=scoring.harmonic_mean(base, new)))
+    cells, averages = fabricated((("coop", "backbone", {"eurosat": (80.0, 50.0), "dtd": (70.0, 40.0)}),
+                                  ("coop", "dept", {"eurosat": (85.0, 52.0), "dtd": (72.0, 41.0)}),
+                                  ("maple", "backbone", {"eurosat": (82.0, 60.0), "dtd": (75.0, 50.0)}),
+                                  ("maple", "dept", {"eurosat": (88.0, 62.0)}),
+                                  ("maple", "dpc", {"eurosat": (90.0, 60.0), "dtd": (80.0, 50.0)}),
+                                  ("promptkd", "backbone", {"eurosat": (90.0, 70.0), "dtd": (80.0, 60.0)})))
     h = {(a["learner"], a["kind"]): f"{a['hm']:.2f}" for a in averages}
     text = scoring.format_fig5(cells, averages)
     lines = text.splitlines()
