@@ -20,6 +20,7 @@ import toy_world
 import train_backbone
 import train_dpc
 from clip_model import random_clip
+from test_reliability import crashing_loader
 
 BASE = ["red square", "blue circle", "green star", "pink heart"]
 NEW = ["lime ring", "teal cross", "brown moon"]
@@ -167,14 +168,7 @@ def run(data_root, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
         results = train_backbone.main(train_backbone.get_args(flags + ["--output-dir", "straight"]))
-        real = data.make_loader
-
-        def crash_in_epoch_3(dataset, batch_size, shuffle, workers, seed=0, drop_last=False):
-            if shuffle and seed % 1000 == 3:
-                raise KeyboardInterrupt
-            return real(dataset, batch_size, shuffle, workers, seed=seed, drop_last=drop_last)
-
-        mp.setattr(data, "make_loader", crash_in_epoch_3)
+        mp.setattr(data, "make_loader", crashing_loader(data.make_loader, 3))
         for folder in ("cut", "cut_too"):   # the second for the --resume flag check
             with pytest.raises(SystemExit) as exit_:
                 train_backbone.run(flags + ["--output-dir", folder])

@@ -361,18 +361,22 @@ def test_interrupted_run_resumes_to_identical_results(world, tmp_path, how):
         json.loads((tmp_path / "cut" / "results.json").read_text())
 
 
+def crashing_loader(real, epoch: int):
+    """data.make_loader that stops the run like Ctrl-C when asked for epoch `epoch`'s shuffled loader (the
+    stages seed each epoch's loader with seed * 1000 + epoch)."""
+    def make_loader(dataset, batch_size, shuffle, workers, seed=0, drop_last=False):
+        if shuffle and seed % 1000 == epoch:
+            raise KeyboardInterrupt
+        return real(dataset, batch_size, shuffle, workers, seed=seed, drop_last=drop_last)
+    return make_loader
+
+
 def test_interrupted_dpc_run_resumes_to_identical_results(world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     flags = ["--backbone", world["coop"], "--epochs", "2", "--workers", "0", "--shots", "4"]
     straight = train_dpc.main(train_dpc.get_args(flags + ["--output-dir", "straight"]))
     real = data.make_loader
-
-    def crash_in_epoch_2(dataset, batch_size, shuffle, workers, seed=0, drop_last=False):
-        if shuffle and seed % 1000 == 2:
-            raise KeyboardInterrupt
-        return real(dataset, batch_size, shuffle, workers, seed=seed, drop_last=drop_last)
-
-    monkeypatch.setattr(data, "make_loader", crash_in_epoch_2)
+    monkeypatch.setattr(data, "make_loader", crashing_loader(real, 2))
     with pytest.raises(SystemExit) as exit_:
         train_dpc.run(flags + ["--output-dir", "cut"])
     assert exit_.value.code == 130

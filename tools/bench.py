@@ -13,6 +13,7 @@ Prints a table and writes bench.json:
              cannot avoid: CoOp image fwd + text fwd/bwd; MaPLe image fwd/bwd + text fwd/bwd;
              PromptSRC that + a frozen image fwd; PromptKD image fwd/bwd + teacher image fwd
              (teacher text is cached); also over the text-side floor (image fwd + text fwd/bwd)
+             and, but for PromptKD, the same step with DePT's head (prompts.DePT) over the plain step
   dpc        one DPC step (train_dpc.dpc_step at b = 4, K = 8 -> L <= 32 pairs, negatives rendered
              from decoded photos; plus its backward and SGD step) against a CoOp backbone step on 32
              images, and the sampler's share (for CoOp: scores, sampling, rendering the negatives)
@@ -546,6 +547,19 @@ def main():
         t = timed(step, r, dev)
         out[name] = dict(step_s=t, step_over_floor=t / floors[name], step_over_text_floor=t / floors["text"],
                          images_per_s=args.batch / t)
+        if name != "promptkd":   # the same step with DePT's head (Fig. 5): FiLM maps, linear head, 2B-row loss
+            dept = prompts.DePT(learner, names).to(dev).train()
+            dept_opt = torch.optim.SGD(prompts.trainable_parameters(dept).values(), lr=1e-3, momentum=0.9)
+
+            def dept_step():
+                with run_io.autocast(dev):
+                    loss = dept.training_loss(images, labels, names)["loss"]
+                dept_opt.zero_grad()
+                loss.backward()
+                dept_opt.step()
+
+            t_dept = timed(dept_step, r, dev)
+            out[name].update(dept_step_s=t_dept, dept_step_over_step=t_dept / t)
 
     # (c), (d): DPC step at b = 4, K = 8 vs a CoOp backbone step on 32 images
     b, k = 4, min(8, args.classes)
@@ -634,7 +648,8 @@ def main():
     for name in args.learners.split(","):
         o = out[name]
         print(f"{name:10s} step {o['step_s']:.3f} s = {o['step_over_floor']:.2f} x its floor "
-              f"({floors[name]:.3f} s), {o['step_over_text_floor']:.2f} x the text-side floor")
+              f"({floors[name]:.3f} s), {o['step_over_text_floor']:.2f} x the text-side floor"
+              + (f"; + DePT's head: {o['dept_step_over_step']:.3f} x that step" if "dept_step_over_step" in o else ""))
     d = out["dpc"]
     print(f"DPC step (b=4, K={k}, mean L {d['mean_pairs_L']:.1f}) = {d['dpc_over_coop32']:.2f} x CoOp step on 32 images; sampler share "
           f"{100 * d['sampler_share']:.1f}%")
