@@ -280,8 +280,7 @@ def test_transfer_gives_a_dept_run_its_own_row_and_clips_logits_on_a_class_set_b
     assert row["accuracy"] == scoring.accuracy(learner.learner, items, data.classnames_of(items), "cpu")
 
 
-@pytest.mark.parametrize("name", ["coop", "maple"])   # DePT's own learners; PromptSRC's head is the same code
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name, dtype", [("coop", torch.float16), ("maple", torch.bfloat16)])   # DePT's learners
 def test_dept_trains_and_scores_under_autocast(name, dtype, data_root, tmp_path, monkeypatch):
     """The GPU path on CPU (bf16 as on an H100, fp16 with loss scaling as on a V100): the head's loss on
     16-bit features, both lr groups through the scaler, fused 16-bit logits at test; finite fp32 tensors."""

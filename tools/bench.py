@@ -532,33 +532,28 @@ def main():
                   promptsrc=t_img_train + t_txt + t_img,   # + frozen CLIP's image features (its L1/KL targets)
                   promptkd=t_img_train + t_img)            # no text pass (cached teacher text); + teacher images
     out["floors_s"] = floors
-    for name in args.learners.split(","):
-        teacher = prompts.PromptSRC(clip).to(dev) if name == "promptkd" else None
-        learner = prompts.build_learner(name, clip, teacher).to(dev).train()
-        opt = torch.optim.SGD(prompts.trainable_parameters(learner).values(), lr=1e-3, momentum=0.9)
+
+    def training_step(model):
+        """One forward + backward + SGD step of `model`'s training loss on the batch."""
+        opt = torch.optim.SGD(prompts.trainable_parameters(model).values(), lr=1e-3, momentum=0.9)
 
         def step():
             with run_io.autocast(dev):
-                loss = learner.training_loss(images, labels, names)["loss"]
+                loss = model.training_loss(images, labels, names)["loss"]
             opt.zero_grad()
             loss.backward()
             opt.step()
+        return step
 
-        t = timed(step, r, dev)
+    for name in args.learners.split(","):
+        teacher = prompts.PromptSRC(clip).to(dev) if name == "promptkd" else None
+        learner = prompts.build_learner(name, clip, teacher).to(dev).train()
+
+        t = timed(training_step(learner), r, dev)
         out[name] = dict(step_s=t, step_over_floor=t / floors[name], step_over_text_floor=t / floors["text"],
                          images_per_s=args.batch / t)
         if name != "promptkd":   # the same step with DePT's head (Fig. 5): FiLM maps, linear head, 2B-row loss
-            dept = prompts.DePT(learner, names).to(dev).train()
-            dept_opt = torch.optim.SGD(prompts.trainable_parameters(dept).values(), lr=1e-3, momentum=0.9)
-
-            def dept_step():
-                with run_io.autocast(dev):
-                    loss = dept.training_loss(images, labels, names)["loss"]
-                dept_opt.zero_grad()
-                loss.backward()
-                dept_opt.step()
-
-            t_dept = timed(dept_step, r, dev)
+            t_dept = timed(training_step(prompts.DePT(learner, names).to(dev).train()), r, dev)
             out[name].update(dept_step_s=t_dept, dept_step_over_step=t_dept / t)
 
     # (c), (d): DPC step at b = 4, K = 8 vs a CoOp backbone step on 32 images
