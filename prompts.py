@@ -434,8 +434,6 @@ class DePT(nn.Module):
     RECIPE = {"coop": dict(epochs=10, lr=0.0035, batch_size=4, n_ctx=16, ctx_init=""),
               "maple": dict(epochs=10, lr=0.0035, batch_size=4, n_ctx=2, ctx_init="a photo of a"),
               "promptsrc": {}}
-    SOURCE = ("DePT vit_b16_ep10_bs4_lr35 (CoOp) / vit_b16_c2_ep10_batch4_2ctx (MaPLe), train.py: "
-              "λ 0.7, head lr 6.5x")
     WEIGHT = 0.7              # λ: loss weight and fusion weight (TRAINER.LINEAR_PROBE.WEIGHT)
     HEAD_LR_MULT = 6.5        # FiLM and head learn at 6.5x the prompt's lr, except in the warm-up epoch
     HEAD = ("film_image.", "film_text.", "linear_head.")   # the tensors of the head (lr group 1)

@@ -663,15 +663,15 @@ def find_backbone(backbone: str | None) -> str:
 
 
 def load_stage1(run_dir: str, device, trust: bool = False, clip: str = None, teacher: str = None,
-                teacher_clip: str = None, classnames: list[str] = None):
+                teacher_clip: str = None):
     """The learner of a finished stage-1 run and its record {learner, clip, data, classnames, args}:
     a train_backbone.py run (checkpoint.pt), or a Dassl folder of the original code, which records no
-    dataset, classes or seed (data None) and whose CLIP, PromptKD teacher and DePT head's classes the
-    caller names."""
+    dataset, classes or seed (data None) and whose CLIP and PromptKD teacher the flags name (a DePT
+    folder, whose head's classes it does not record either, stops with HeadClassesUnknown)."""
     if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
         learner, ckpt, _ = load_backbone(run_dir, device, trust)
         return learner, ckpt
-    learner, name = dassl_learner(run_dir, clip, device, teacher, teacher_clip, trust, classnames)
+    learner, name = dassl_learner(run_dir, clip, device, teacher, teacher_clip, trust)
     return learner, dict(learner=name, clip=clip, data=None, args={})
 
 
