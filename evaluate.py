@@ -127,17 +127,17 @@ def dpc_settings(ckpt: dict, opts) -> Namespace:
 
 
 def dpc_prompts(ckpt: dict, s: Namespace, device) -> tuple[dict, dict]:
-    """(base-class prompt, P̃_n) of a DPC run at the settings s, from its stored P and P̃_b. P' is
-    recovered with the ω_b P̃_b was trained at, so an inference ω_b only moves the "mixed" base prompt
-    (train_dpc.inference_prompts); at the training settings this is bitwise what training evaluated."""
-    tuned, mixed = stored_prompts(ckpt, device)
-    return td.inference_prompts(mixed, tuned, ckpt["args"]["omega_b"], s.omega_b, s.omega_n, s.base_inference)
+    """(base-class prompt, P̃_n) of a DPC run at the settings s, from its stored P and P'; an inference ω_b
+    only moves the "mixed" base prompt (train_dpc.inference_prompts); at the training settings this is
+    bitwise what training evaluated."""
+    tuned, parallel = stored_prompts(ckpt, device)
+    return td.inference_prompts(parallel, tuned, s.omega_b, s.omega_n, s.base_inference)
 
 
 def stored_prompts(ckpt: dict, device) -> tuple[dict, dict]:
-    """P and P̃_b as the DPC run stored them."""
+    """P and P' as the DPC run stored them."""
     return ({n: t.to(device) for n, t in ckpt["tuned_prompt"].items()},
-            {n: t.to(device) for n, t in ckpt["mixed_prompt"].items()})
+            {n: t.to(device) for n, t in ckpt["parallel_prompt"].items()})
 
 
 def load_learner(run: str, ckpt: dict, opts):
@@ -165,7 +165,8 @@ def evaluate_run(run: str, ckpt: dict, opts) -> dict:
     if dpc:
         s = dpc_settings(ckpt, opts)
         row.update(omega_b=s.omega_b, omega_n=s.omega_n, base_inference=s.base_inference, topk=a.get("topk"),
-                   loss=a.get("loss", "hard-negative"))
+                   loss=a.get("loss", "hard-negative"), parallel_step=a.get("parallel_step"),
+                   min_negatives=a.get("min_negatives"))
     else:
         row.update(continued=bool(a.get("continue_from")))  # Tab. 3 row (1)
     if results is None:
@@ -173,7 +174,7 @@ def evaluate_run(run: str, ckpt: dict, opts) -> dict:
         learner = load_learner(run, ckpt, opts)
         splits = data.load_splits(ckpt["data"], root, a["shots"], a["seed"])
         if dpc:
-            results = td.evaluate_dpc(learner, splits, *stored_prompts(ckpt, opts.device), a["omega_b"], s)
+            results = td.evaluate_dpc(learner, splits, *stored_prompts(ckpt, opts.device), s)
         else:
             results = scoring.base_to_new(learner, splits, opts.device, opts.workers, subsample=a.get("subsample", "base"),
                                           cache=opts.feature_cache)
@@ -231,7 +232,7 @@ def aggregate(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     for (learner, kind, name), rs in groups.items():
         seeds = [r["seed"] for r in rs]
         settings = {tuple(r.get(k) for k in ("shots", "epochs", "omega_b", "omega_n", "base_inference", "topk",
-                                             "loss", "continued")) for r in rs}
+                                             "loss", "parallel_step", "min_negatives", "continued")) for r in rs}
         if len(set(seeds)) < len(seeds) or len(settings) > 1:  # e.g. two Tab. 4 settings in one call
             print(f"warning: {learner} {kind} {name} averages runs of seeds {seeds} with {len(settings)} "
                   f"different settings: evaluate each setting's folder separately", file=sys.stderr)
@@ -432,8 +433,7 @@ def interpret(finished, opts) -> dict:
         if backbone["data"] is None:
             raise RunError(f"{run}: its backbone {ckpt['backbone']} is a Dassl folder, which records no seed or "
                            f"initialisation to rebuild the prompt before tuning; use a backbone of train_backbone.py")
-        tuned, mixed = stored_prompts(ckpt, "cpu")
-        parallel = td.decoupling(mixed, tuned, ckpt["args"]["omega_b"])   # Eq. (12): P' = F⁻¹(P̃_b)
+        tuned, parallel = stored_prompts(ckpt, "cpu")
         initial, init_kind = initial_prompt(backbone, learner)
         moved = [n for n, t in tuned.items() if t.dim() == 2 and not n.endswith(".weight")
                  and not torch.equal(t.float(), initial[n])]             # context tensors stage 1 trained

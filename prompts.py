@@ -601,7 +601,7 @@ def load_learner_state(learner, state: dict) -> None:
 def substitute(learner, values: dict):
     """Run `learner` with `values` in place of the prompt tensors of the same names.
 
-    The values may be any tensors (e.g. F⁻¹(P̃_b) of DPC, which carries gradients to P̃_b); the
+    The values may be any tensors (e.g. DPC's trainable P', which gradients then reach); the
     learner's own parameters are put back on exit. This is torch.func.functional_call's mechanism,
     kept as a context so that encode_text and encode_image can both be called inside it.
     """

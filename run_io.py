@@ -485,12 +485,12 @@ def load_safely(path: str, trust: bool = False, inert_objects: bool = False):
 # the types the stages rely on; RUN_ARGS: the entries of its args that are read back.
 RUN_KEYS = {"backbone": ("learner", "clip", "data", "classnames", "state", "epoch", "finished", "args", "optimizer",
                          "gpa_sum", "best"),
-            "dpc": ("learner", "clip", "data", "classnames", "backbone", "tuned_prompt", "mixed_prompt", "epoch",
+            "dpc": ("learner", "clip", "data", "classnames", "backbone", "tuned_prompt", "parallel_prompt", "epoch",
                     "finished", "args", "optimizer")}
 
 RUN_TYPES = {"learner": str, "clip": str, "data": str, "classnames": list, "state": dict, "epoch": int,
              "finished": bool, "args": dict, "optimizer": dict, "backbone": str, "tuned_prompt": dict,
-             "mixed_prompt": dict, "gpa_sum": (dict, type(None)), "best": (tuple, list, type(None))}
+             "parallel_prompt": dict, "gpa_sum": (dict, type(None)), "best": (tuple, list, type(None))}
 
 RUN_ARGS = {"backbone": {"seed": int, "root": str, "shots": int},
             "dpc": {"seed": int, "root": str, "shots": int, "omega_b": (int, float), "omega_n": (int, float),
@@ -508,12 +508,12 @@ def backbone_checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, be
                 optimizer=optimizer.state_dict(), gpa_sum=gpa_sum, best=best)
 
 
-def dpc_checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, epoch, optimizer, finished) -> dict:
-    """What train_dpc.py saves: P and P̃_b (the learner's tensors only), never the frozen CLIP."""
+def dpc_checkpoint(args, backbone, classnames, tuned_prompt, parallel_prompt, epoch, optimizer, finished) -> dict:
+    """What train_dpc.py saves: P and the trained P' (the learner's tensors only), never the frozen CLIP."""
     return dict(kind="dpc", learner=args.learner, clip=backbone["clip"], data=args.data, classnames=classnames,
                 backbone=os.path.abspath(args.backbone), epoch=epoch, finished=finished, args=vars(args),
                 tuned_prompt={n: t.detach().cpu() for n, t in tuned_prompt.items()},
-                mixed_prompt={n: t.detach().cpu() for n, t in mixed_prompt.items()},
+                parallel_prompt={n: t.detach().cpu() for n, t in parallel_prompt.items()},
                 optimizer=optimizer.state_dict())
 
 
@@ -530,7 +530,7 @@ def schema_problem(ckpt: dict, kind: str) -> str | None:
         return f"unknown learner {ckpt['learner']!r}"
     if not all(isinstance(c, str) for c in ckpt["classnames"]):
         return "classnames are not all strings"
-    for part in ("state",) if kind == "backbone" else ("tuned_prompt", "mixed_prompt"):
+    for part in ("state",) if kind == "backbone" else ("tuned_prompt", "parallel_prompt"):
         if not all(isinstance(k, str) for k in ckpt[part]):
             return f"{part} has names that are not strings"
     best = ckpt.get("best")
@@ -551,12 +551,16 @@ def read_checkpoint(path: str, trust: bool = False) -> dict:
     if kind not in RUN_KEYS:
         raise RunError(f"{path} was not written by train_backbone.py or train_dpc.py (no kind 'backbone' or "
                        f"'dpc'): pass a run folder of this project, or a Dassl folder to train_dpc.py --backbone")
+    if kind == "dpc" and "mixed_prompt" in ckpt and "parallel_prompt" not in ckpt:
+        raise RunError(f"{path} was written by an earlier train_dpc.py, which stored the mixed prompt P̃_b and moved P' "
+                       f"1/ω_b times farther per step than the released code (README Differences 6): train that run "
+                       f"again with train_dpc.py --overwrite")
     problem = schema_problem(ckpt, kind)
     if problem:
         raise RunError(f"{path} is an incomplete or damaged {kind} checkpoint ({problem}): "
                        f"train that run again with {SCRIPT[kind]} --overwrite")
     parts = {"state": ckpt["state"], "gpa_sum": ckpt["gpa_sum"] or {}, "best": ckpt["best"][1] if ckpt["best"] else {}} \
-        if kind == "backbone" else {part: ckpt[part] for part in ("tuned_prompt", "mixed_prompt")}
+        if kind == "backbone" else {part: ckpt[part] for part in ("tuned_prompt", "parallel_prompt")}
     tensors = {f"{part} {k}": v for part, values in parts.items() for k, v in values.items()}
     check_finite(tensors, path, f"train that run again with a lower --lr ({SCRIPT[kind]} --overwrite)")
     return ckpt

@@ -788,7 +788,7 @@ def channel_invariance(moved: Tensor, reference: Tensor) -> dict:
 
 
 def invariance(initial: Tensor, tuned_prompt: Tensor, parallel_prompt: Tensor) -> dict:
-    """§4.4's claim as numbers, per context vector: P' = F⁻¹(P̃_b) against P, beside P against its
+    """§4.4's claim as numbers, per context vector: P' against P, beside P against its
     initial prompt, and how far DPC moved each vector relative to how far stage 1 moved it."""
     return {"parallel_vs_tuned": channel_invariance(parallel_prompt, tuned_prompt),
             "tuned_vs_initial": channel_invariance(tuned_prompt, initial),
@@ -861,10 +861,10 @@ def feature_map(vector: list[float]):
 
 def draw_fig7(r: dict, stem: str) -> list[str]:
     """Fig. 7 of one DPC run (an entry of evaluate.interpret): per context vector of the pictured tensor,
-    (a) the prompt before tuning, (b) the tuned P, (c) P' = F⁻¹(P̃_b), on one colour scale per vector, with
+    (a) the prompt before tuning, (b) the tuned P, (c) P', on one colour scale per vector, with
     cos(P', P) and cos(P, P_0) beside it. stem.png/.pdf, and stem.json with the maps drawn."""
     columns = (("initial", f"(a) before tuning: {r['initial']}"), ("P", "(b) tuned prompt P"),
-               ("P'", r"(c) parallel prompt $P' = F^{-1}(\tilde{P}_b)$"))
+               ("P'", r"(c) parallel prompt $P'$"))
     inv, vectors = r["tensors"][r["pictured"]], len(r["prompts"]["P"])
     fig = new_figure((FIG7_WIDTH, FIG7_ROW * vectors + PANEL_MARGIN))
     axes = fig.subplots(vectors, 3, squeeze=False)

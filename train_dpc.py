@@ -7,15 +7,16 @@ the Weighting-Decoupling module (§3.4) for base and new inference.
 
 Glossary (paper symbol -> name in this file)
   P       tuned_prompt      frozen named tensors of the stage-1 learner (README Differences 5)
-  P'      parallel_prompt   = F⁻¹(P̃_b), what the hard-negative loss optimises (Eq. 5: P' := P at start)
-  P̃_b     mixed_prompt      the trainable tensors, ω_b P' + (1-ω_b) P (Eq. 12, README Differences 6)
-  P̃_n     new_class_prompt  ω_n P' + (1-ω_n) P, used for new classes (Eq. 13)
+  P'      parallel_prompt   the trainable tensors (Eq. 5: P' := P at start), what the hard-negative loss optimises;
+                            each step moves it as the released code does (README Differences 6)
+  P̃_b     mixed_prompt      ω_b P' + (1-ω_b) P, Eq. (12): base classes with --base-inference mixed
+  P̃_n     new_class_prompt  ω_n P' + (1-ω_n) P, Eq. (13): new classes
   ω_b/ω_n omega_b/omega_n   --omega-b / --omega-n
   K       topk              top-K classes the frozen backbone (with P) ranks first; K-1 are negatives
   Q       selection_matrix  one-hot L×n matrix picking the mini-batch's text rows (Eq. 8)
   s = 1/τ logit_scale       CLIP's exp(logit_scale) = 100
 
-Shapes: B batch (the paper's b), n base classes, L <= B·K pairs of the hard-negative mini-batch, E width.
+Shapes: B batch (the paper's b), n base classes, L pairs of the hard-negative mini-batch, E width.
 Usage:
   python train_dpc.py --topk 8                       # after train_backbone.py: picks up its last run
   python train_dpc.py --backbone output/eurosat/coop/seed1 --omega-b 0.2 --omega-n 1e-6
@@ -47,7 +48,8 @@ class DPCError(ValueError):
 
 
 def check_omegas(omega_b: float, omega_n: float) -> None:
-    """ω_b divides in F⁻¹, so 0 must be refused here (the released code has no guard at ω_b = 0)."""
+    """ω_b divides the released step's gradient (1/ω_b), so 0 must be refused here (the released code has no
+    guard at ω_b = 0)."""
     if not 0.0 < omega_b <= 1.0:  # `not` form also rejects NaN
         raise DPCError(f"--omega-b must be in (0, 1] (Decoupling divides by it); got {omega_b}")
     if not 0.0 <= omega_n <= 1.0:
@@ -84,7 +86,7 @@ def _check_same_tensors(a: dict, b: dict, what: str) -> None:
 
 
 def weighting(parallel_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor], omega_b: float) -> dict:
-    """F: combine the dual prompts into the mixed prompt for base classes.
+    """F: combine the dual prompts into the mixed prompt P̃_b (--base-inference mixed).
     Evaluated with torch.lerp, which is exact where the algebra is: P' itself at ω_b = 1, and P itself
     when P' = P (an untrained run), for every ω_b; ω_b P + (1-ω_b) P is not P for most ω_b."""
     _check_same_tensors(parallel_prompt, tuned_prompt, "parallel_prompt")
@@ -92,47 +94,64 @@ def weighting(parallel_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor
     return {k: torch.lerp(tuned_prompt[k], parallel_prompt[k], omega_b) for k in tuned_prompt}
 
 
-def decoupling(mixed_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor], omega_b: float) -> dict:
-    """F⁻¹: recover P' from the trainable mixed prompt; every forward goes through this, so the
-    gradient reaching P̃_b is (1/ω_b)·∂loss/∂P' (README Differences 6: like training P' at lr/ω_b²).
-    (P̃_b - (1-ω_b) P)/ω_b is computed in the algebraically equal form P + (P̃_b - P)/ω_b: at
-    initialisation P̃_b = P, so P' = P bitwise and step 0 reproduces the backbone exactly."""
-    _check_same_tensors(mixed_prompt, tuned_prompt, "mixed_prompt")
-    # F⁻¹ of Eq. (12), used in Eq. (13): P' = (P̃_b - (1 - ω_b) P) / ω_b = P + (P̃_b - P) / ω_b
-    return {k: tuned_prompt[k] + (mixed_prompt[k] - tuned_prompt[k]) / omega_b for k in tuned_prompt}
-
-
-def new_class_prompt(mixed_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor],
-                     omega_b: float, omega_n: float) -> dict:
+def new_class_prompt(parallel_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor], omega_n: float) -> dict:
     """P̃_n for new classes: mostly the tuned prompt P, which holds the backbone's generalisation.
-    Evaluated with torch.lerp (as F): P bitwise at ω_n = 0 for finite P', so new-class accuracy equals
-    the backbone's exactly (the paper's tables show identical new accuracy); P bitwise at any ω_n when
-    P' = P (an untrained run); P' bitwise at ω_n = 1 (Tab. 3 row 2)."""
-    parallel_prompt = decoupling(mixed_prompt, tuned_prompt, omega_b)
-    # Eq. (13): P̃_n = ω_n F⁻¹(P̃_b) + (1 - ω_n) P
+    The paper decouples P' = F⁻¹(P̃_b) from a stored P̃_b first; here P' is the trained tensor itself
+    (README Differences 6), as in the file the released code saves. Evaluated with torch.lerp: P bitwise
+    at ω_n = 0 for finite P', so new-class accuracy equals the backbone's exactly (the paper's tables show
+    identical new accuracy); P bitwise at any ω_n when P' = P (an untrained run); P' bitwise at ω_n = 1
+    (Tab. 3 row 2)."""
+    _check_same_tensors(parallel_prompt, tuned_prompt, "parallel_prompt")
+    # Eq. (13): P̃_n = ω_n F⁻¹(P̃_b) + (1 - ω_n) P, with F⁻¹(P̃_b) = P'
     return {k: torch.lerp(tuned_prompt[k], parallel_prompt[k], omega_n) for k in tuned_prompt}
 
 
-def initial_mixed_prompt(tuned_prompt: dict[str, Tensor]) -> dict[str, nn.Parameter]:
-    """P̃_b at step 0: an exact copy of P. Eq. (5) sets P' := P, and Eq. (12) at P' = P is P̃_b = P; the
-    copy is P bit for bit, so that F⁻¹(P̃_b) = P exactly and an untrained DPC model is the backbone
-    bitwise, on base and new classes, at any ω_b and ω_n."""
+def initial_parallel_prompt(tuned_prompt: dict[str, Tensor]) -> dict[str, nn.Parameter]:
+    """P' at step 0: an exact copy of P (Eq. 5), so an untrained DPC model is the backbone bitwise, on
+    base and new classes, at any ω_b and ω_n."""
+    # Eq. (5): P' := P, P frozen
     return {n: nn.Parameter(t.detach().clone()) for n, t in tuned_prompt.items()}
+
+
+STEP_CHOICES = ("released", "paper")
+
+
+def released_step_tensors(learner_name: str, names) -> list[str]:
+    """The tensors of P' whose gradient the released code scales by 1/ω_b (README Differences 6): those its
+    forward decouples, (P̃_b - (1-ω_b) P)/ω_b. CoOp + DPC (sple_coop.py): its one prompt, `ctx`. PromptKD + DPC
+    (sple_promptkd.py): only the teacher's text context (`prompt_learner.ctx` there, `teacher.ctx` here); the
+    visual prompts, deep prompts and projector go into its forward as they are, so they step at lr. MaPLe and
+    PromptSRC have no released DPC trainer: CoOp's rule, every tensor."""
+    if learner_name == "promptkd":
+        return [n for n in names if n == "teacher.ctx"]
+    return list(names)
+
+
+def scale_released_gradients(parallel_prompt: dict[str, nn.Parameter], names: list[str], omega_b: float) -> None:
+    """The released step on P' (README Differences 6). The release keeps P̃_b as its parameter and P in a
+    tensor that shares P̃_b's storage (nn.Parameter wraps it without a copy), so its forward
+    (P̃_b - (1-ω_b) P)/ω_b returns the parameter's own value, P', and the gradient reaching it is
+    (1/ω_b)·∂L/∂P'. SGD with weight decay on that parameter then moves P' by
+    P' <- P' - lr·(∂L/∂P'/ω_b + wd·P'), with momentum: this function does the 1/ω_b, SGD the rest."""
+    for name in names:
+        grad = parallel_prompt[name].grad
+        if grad is not None:   # a tensor the loss does not reach (PromptKD's teacher.ctx under --loss learner)
+            grad.mul_(1 / omega_b)
 
 
 BASE_INFERENCE_CHOICES = ("parallel", "mixed")
 
 
-def base_class_prompt(mixed_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor],
+def base_class_prompt(parallel_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor],
                       omega_b: float, base_inference: str) -> dict:
     """The prompt for base-class inference (README Differences 6).
-    "parallel" (default): P' = F⁻¹(P̃_b), what the released code evaluates and what produced the
-    paper's numbers. "mixed": P̃_b itself = ω_b P' + (1-ω_b) P, the literal reading of Eq. (12)."""
+    "parallel" (default): P', what the released code evaluates and what produced the paper's numbers.
+    "mixed": P̃_b = ω_b P' + (1-ω_b) P, the literal reading of Eq. (12)."""
     if base_inference == "parallel":
-        return decoupling(mixed_prompt, tuned_prompt, omega_b)
+        _check_same_tensors(parallel_prompt, tuned_prompt, "parallel_prompt")
+        return dict(parallel_prompt)
     if base_inference == "mixed":
-        _check_same_tensors(mixed_prompt, tuned_prompt, "mixed_prompt")
-        return dict(mixed_prompt)  # Eq. (12): P̃_b, already stored in this form
+        return weighting(parallel_prompt, tuned_prompt, omega_b)
     raise DPCError(f"--base-inference must be one of {list(BASE_INFERENCE_CHOICES)}; got {base_inference!r}")
 
 
@@ -193,11 +212,16 @@ class HardNegativeBatch(NamedTuple):
 class NegativeSampler:
     """Builds the hard-negative mini-batch from labels and indices only (no images, no model): deterministic
     given its seed and inputs (main() reseeds it every epoch). pool_labels[j]: the base class of pool image j
-    (the few-shot or the full base train split; never val/test or a new class: scores cover base classes)."""
+    (the few-shot or the full base train split; never val/test or a new class: scores cover base classes).
+    min_negatives: an image left with fewer hard negatives after the filtering gets random base classes up
+    to this many (the released code: 2; 0: hard negatives only; README Differences 7)."""
 
-    def __init__(self, pool_labels: list[int], n_base: int, topk: int, seed: int):
+    def __init__(self, pool_labels: list[int], n_base: int, topk: int, seed: int, min_negatives: int = 2):
         if not 2 <= topk <= n_base:
             raise DPCError(f"topk {topk} must be in [2, {n_base}]; pass it through check_topk first")
+        if min_negatives < 0:
+            raise DPCError(f"--min-negatives must be 0 or more; got {min_negatives}")
+        self.min_negatives = min_negatives
         bad = sorted({int(y) for y in pool_labels if not 0 <= int(y) < n_base})
         if bad:
             raise DPCError(f"negative pool has labels {bad[:5]} outside the {n_base} base classes")
@@ -209,7 +233,8 @@ class NegativeSampler:
 
     def sample(self, scores: Tensor, labels: Tensor) -> HardNegativeBatch:
         """scores (B, n): the frozen backbone's similarity (with P) of each batch image to every base
-        class; labels (B,): ground truth. Returns a HardNegativeBatch with L <= B·K pairs."""
+        class; labels (B,): ground truth. Returns a HardNegativeBatch with L <= B·max(K, 1 + min_negatives)
+        pairs."""
         assert scores.dim() == 2 and scores.shape == (labels.shape[0], self.n_base), scores.shape
         labels = [int(y) for y in labels.tolist()]  # (B,)
         # stable sort: ties go to the lower class index, so the choice never depends on the kernel
@@ -231,11 +256,18 @@ class NegativeSampler:
             # top-K minus the ground truth, keeping K-1 (the paper; the released code keeps all K
             # when the ground truth is not in the top-K), then skip classes already in the batch.
             candidates = [c for c in top_k[i] if c != labels[i]][:self.topk - 1]
-            for c in candidates:
-                if c in in_batch or not self.images_of_class[c]:  # no pool image: cannot pair it
-                    continue
+            negatives = [c for c in candidates if c not in in_batch and self.images_of_class[c]]  # pool image needed
+            in_batch.update(negatives)
+            # Top-up (the released code, sple_coop.py): fewer than min_negatives left after the filtering ->
+            # random base classes not yet in the mini-batch, as long as there are any.
+            missing = self.min_negatives - len(negatives)
+            if missing > 0:
+                free = [c for c in range(self.n_base) if c not in in_batch and self.images_of_class[c]]
+                drawn = self.rng.sample(free, min(missing, len(free)))
+                negatives += drawn
+                in_batch.update(drawn)
+            for c in negatives:
                 pair_labels.append(c)
-                in_batch.add(c)
                 negative_images.append(self.rng.choice(self.images_of_class[c]))
         return HardNegativeBatch(positives, pair_labels, negative_images)
 
@@ -246,8 +278,8 @@ class Step(NamedTuple):
     sampler_s: float       # seconds spent on work only the sampler needs
 
 
-def dpc_step(learner, images, labels, sampler, pool, threads, tuned_prompt, tuned_text, mixed_prompt, classnames,
-             omega_b, logit_scale, device) -> Step:
+def dpc_step(learner, images, labels, sampler, pool, threads, tuned_prompt, tuned_text, parallel_prompt, classnames,
+             logit_scale, device) -> Step:
     """Steps 2-5 of Fig. 3 on one mini-batch (step 1, P' := P, happened once before training). images
     (B, 3, H, W) on `device`, labels (B,); tuned_text (n, E): the sampler's fixed text features of P."""
     # 3. Negative Sampler: the frozen backbone (P) ranks all base classes for each image.
@@ -258,18 +290,20 @@ def dpc_step(learner, images, labels, sampler, pool, threads, tuned_prompt, tune
         t0 = time.time()
     picked = sampler.sample(F.normalize(batch_image.float(), dim=-1) @ tuned_text.t(), labels)   # scores (B, n)
     negatives = data.augmented_images(pool, picked.negative_images, threads)   # [(3, H, W)]
-    negatives = torch.stack(negatives).to(device) if negatives else images[:0]           # (L - B', 3, H, W)
+    negatives = torch.stack(negatives).to(device) if negatives else None                 # (L - B', 3, H, W)
     pair_labels = torch.tensor(picked.pair_labels, device=device)                         # (L,)
     sampler_s = time.time() - t0
 
-    # 2. Decoupling: every forward uses P' = F⁻¹(P̃_b), so gradients reach P̃_b through it.
-    parallel_prompt = decoupling(mixed_prompt, tuned_prompt, omega_b)
+    # 2. The parallel prompt P' in every forward (its step: main, README Differences 6).
     with prompts.substitute(learner, parallel_prompt), run_io.autocast(device):
         if learner.image_side:
-            image_features = learner.encode_image(torch.cat([images[picked.positives], negatives]))   # (L, E)
+            pair_images = images[picked.positives] if negatives is None else torch.cat([images[picked.positives], negatives])
+            image_features = learner.encode_image(pair_images)                           # (L, E)
         else:  # f(V) has no prompt (CoOp): the sampler's features of the positives serve as they are
-            with torch.no_grad():
-                image_features = torch.cat([batch_image[picked.positives], learner.encode_image(negatives)])
+            image_features = batch_image[picked.positives]                               # (B', E)
+            if negatives is not None:   # no forward on an empty batch (CUDA's attention kernels refuse it)
+                with torch.no_grad():
+                    image_features = torch.cat([image_features, learner.encode_image(negatives)])   # (L, E)
         text_features = learner.encode_text(classnames)                                  # (n, E)
     # 4. Feature Filtering, Eq. (6)-(8): ĝ(C) of all n base classes, then g(C') = Q · ĝ(C).
     pair_text = filter_features(text_features, pair_labels)                              # (L, E)
@@ -277,10 +311,9 @@ def dpc_step(learner, images, labels, sampler, pool, threads, tuned_prompt, tune
     return Step(hard_negative_loss(image_features, pair_text, logit_scale), len(pair_labels), sampler_s)
 
 
-def learner_loss_step(learner, images, labels, tuned_prompt, mixed_prompt, classnames, omega_b, device) -> Step:
-    """Tab. 3 rows (3) and (4), "--loss learner": P' = F⁻¹(P̃_b) trained with the backbone learner's own
-    training loss (CoOp: cross-entropy, Eq. 3) on the plain few-shot batch; no negative sampler."""
-    parallel_prompt = decoupling(mixed_prompt, tuned_prompt, omega_b)
+def learner_loss_step(learner, images, labels, parallel_prompt, classnames, device) -> Step:
+    """Tab. 3 rows (3) and (4), "--loss learner": P' trained with the backbone learner's own training loss
+    (CoOp: cross-entropy, Eq. 3) on the plain few-shot batch; no negative sampler."""
     with prompts.substitute(learner, parallel_prompt), run_io.autocast(device):
         loss = learner.training_loss(images, labels, classnames)["loss"]
     return Step(loss, images.shape[0], 0.0)
@@ -296,7 +329,10 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4, help="b (paper §4.1: 4, so b·K = 32 as the backbone's batch)")
     p.add_argument("--epochs", type=int, default=20,
                    help="DPC epochs (the released configs: 20 for every learner; Tab. 5 varies it, e.g. --epochs 10)")
-    p.add_argument("--lr", type=float, default=0.002, help="SGD lr on P̃_b (released DPC configs), same schedule as the backbone")
+    p.add_argument("--lr", type=float, default=0.002, help="SGD lr (released DPC configs), same schedule as the backbone")
+    p.add_argument("--parallel-step", default="released", choices=STEP_CHOICES,
+                   help="how P' moves: released = P' <- P' - lr·(∂L/∂P'/ω_b + wd·P') (the released code: its "
+                        "decoupled tensors, README Differences 6); paper = plain SGD on P' at lr (P' imported to the optimizer)")
     p.add_argument("--omega-b", type=float, default=None, help="ω_b in (0, 1] (paper §4.1: 0.2; MaPLe 1.0)")
     p.add_argument("--omega-n", type=float, default=1e-6, help="ω_n in [0, 1] (paper §4.1: 1e-6)")
     p.add_argument("--base-inference", default="parallel", choices=BASE_INFERENCE_CHOICES,
@@ -307,6 +343,9 @@ def get_args(argv=None):
                         "own training loss on the plain few-shot batch (Tab. 3 rows 3-4: weighting without DHNO)")
     p.add_argument("--negative-pool", default="fewshot", choices=("fewshot", "full"),
                    help="where negative images come from: the few-shot base train set, or the full base train split")
+    p.add_argument("--min-negatives", type=int, default=2,
+                   help="an image left with fewer hard negatives after the filtering gets random base classes not yet "
+                        "in the mini-batch up to this many (the released code: 2; 0 = hard negatives only; README Differences 7)")
     p.add_argument("--shots", type=int, default=16, help="few-shot base train set (also for a PromptKD backbone, paper §4.1)")
     p.add_argument("--seed", type=int, default=None, help="default: the backbone's seed")
     run_io.add_backbone_flags(p)   # --data, --root, --clip, --teacher, --teacher-clip: the backbone's unless given
@@ -317,6 +356,8 @@ def get_args(argv=None):
     run_io.check_shots(args.shots)
     run_io.check_run_flags(args)
     check_topk(args.topk, max(args.topk, 2))  # K < 2 fails before anything is loaded or written
+    if args.min_negatives < 0:
+        raise DPCError(f"--min-negatives must be 0 or more (0 = hard negatives only); got {args.min_negatives}")
     return args
 
 
@@ -340,34 +381,36 @@ def main(args):
     pool = train_items if args.negative_pool == "fewshot" else data.subsample(splits["unsampled"], args.subsample)["train"]
     pool_images = train_images if args.negative_pool == "fewshot" else data.train_set(pool, train_images.transform.size)
     topk = check_topk(args.topk, len(classnames))
-    run_io.check_disk(args.output_dir, list(prompts.prompt_tensors(learner).values()) * 2)   # P and P̃_b are both saved
+    run_io.check_disk(args.output_dir, list(prompts.prompt_tensors(learner).values()) * 2)   # P and P' are both saved
     run_io.start_run(args)
     if topk < args.topk:
         log(f"warning: --topk {args.topk} > {len(classnames)} base classes; using K = {topk}")
-    sampler = NegativeSampler([item.label for item in pool], len(classnames), topk, args.seed)
+    sampler = NegativeSampler([item.label for item in pool], len(classnames), topk, args.seed, args.min_negatives)
     logit_scale = learner.clip.logit_scale.exp().item()               # s = 1/τ = 100, frozen
     learner.eval()  # BN statistics of P stay P's (PromptKD's projector); CLIP has no dropout
 
     # 1. Dual prompt initialisation. Eq. (5): P' := P, with P frozen.
     tuned_prompt = {n: t.detach().clone().requires_grad_(False) for n, t in prompts.prompt_tensors(learner).items()}
-    # 2. Weighting-Decoupling: the trainable tensor is the mixed prompt P̃_b (README Differences 6).
-    mixed_prompt = initial_mixed_prompt(tuned_prompt)
-    optimizer = torch.optim.SGD(mixed_prompt.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    parallel_prompt = initial_parallel_prompt(tuned_prompt)   # the trainable tensors (README Differences 6)
+    optimizer = torch.optim.SGD(parallel_prompt.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    # The released code moves these tensors of P' at lr/ω_b (scale_released_gradients); --parallel-step paper: none.
+    scaled = released_step_tensors(args.learner, parallel_prompt) if args.parallel_step == "released" else []
     scaler = run_io.grad_scaler(args.device)   # fp16 autocast only (GPUs without bf16), as in stage 1
     start_epoch = 1
     if previous is not None:
         path = os.path.join(args.output_dir, "checkpoint.pt")
-        _check_same_tensors(previous["mixed_prompt"], tuned_prompt, f"the mixed prompt of {path}")
+        _check_same_tensors(previous["parallel_prompt"], tuned_prompt, f"the parallel prompt of {path}")
         with torch.no_grad():
-            for n, p in mixed_prompt.items():
-                p.copy_(previous["mixed_prompt"][n])
+            for n, p in parallel_prompt.items():
+                p.copy_(previous["parallel_prompt"][n])
         run_io.load_optimizer_state(optimizer, previous["optimizer"], path)
         start_epoch = previous["epoch"] + 1
         log(f"resuming after epoch {previous['epoch']}")
     log(f"DPC on {args.learner} backbone {args.backbone}: P = {len(tuned_prompt)} tensors, "
         f"{sum(t.numel() for t in tuned_prompt.values()):,} values; b = {args.batch_size}, K = {topk}, "
         f"ω_b = {args.omega_b}, ω_n = {args.omega_n}, base inference {args.base_inference}, loss {args.loss}; "
-        f"{len(train_items)} train images, negatives from {len(pool)} ({args.negative_pool})")
+        f"P' step {args.parallel_step} (lr/ω_b on {len(scaled)} of {len(parallel_prompt)} tensors); {len(train_items)} train "
+        f"images, negatives from {len(pool)} ({args.negative_pool}), at least {args.min_negatives} per image")
 
     # The sampler's frozen text features of P over all base classes never change: computed once.
     with torch.no_grad(), prompts.substitute(learner, tuned_prompt), run_io.autocast(args.device):
@@ -388,57 +431,55 @@ def main(args):
             images = images.to(args.device, non_blocking=True)
             if args.loss == "hard-negative":
                 step = dpc_step(learner, images, labels, sampler, pool_images, threads, tuned_prompt, tuned_text,
-                                mixed_prompt, classnames, args.omega_b, logit_scale, args.device)
+                                parallel_prompt, classnames, logit_scale, args.device)
             else:  # Tab. 3 rows (3)-(4): P' trained with the learner's own loss on the plain few-shot batch
-                step = learner_loss_step(learner, images, labels.to(args.device), tuned_prompt, mixed_prompt,
-                                         classnames, args.omega_b, args.device)
+                step = learner_loss_step(learner, images, labels.to(args.device), parallel_prompt, classnames,
+                                         args.device)
             if not torch.isfinite(step.loss):
                 raise DPCError(f"loss is {step.loss.item()} at epoch {epoch} iteration {it}: lower --lr or raise "
                                f"--omega-b; " + run_io.kept_checkpoint(epoch))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(step.loss).backward()
+            # The released step: P' <- P' - lr·(∂L/∂P'/ω_b + wd·P'), momentum 0.9 (README Differences 6)
+            scale_released_gradients(parallel_prompt, scaled, args.omega_b)
             scaler.step(optimizer)
             scaler.update()
             pairs += step.pairs
             t_sampler += step.sampler_s
             progress.done(it, lambda s: f"loss {step.loss.item():.4f} lr {lr:.2e} L {pairs / it:.1f} "
                                         f"{pairs / s:.1f} pairs/s sampler {100 * t_sampler / s:.0f}%")
-        run_io.check_diverged(mixed_prompt, epoch)
-        run_io.save_atomic(run_io.dpc_checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, epoch, optimizer,
+        run_io.check_diverged(parallel_prompt, epoch)
+        run_io.save_atomic(run_io.dpc_checkpoint(args, backbone, classnames, tuned_prompt, parallel_prompt, epoch, optimizer,
                                                  False), os.path.join(args.output_dir, "checkpoint.pt"))
     if threads is not None:
         threads.shutdown()
 
-    results = evaluate_dpc(learner, splits, tuned_prompt, mixed_prompt, args.omega_b, args)
+    results = evaluate_dpc(learner, splits, tuned_prompt, parallel_prompt, args)
     scoring.log_results(results, f"{args.learner} + DPC")
-    run_io.save_atomic(run_io.dpc_checkpoint(args, backbone, classnames, tuned_prompt, mixed_prompt, args.epochs, optimizer,
+    run_io.save_atomic(run_io.dpc_checkpoint(args, backbone, classnames, tuned_prompt, parallel_prompt, args.epochs, optimizer,
                                              True), os.path.join(args.output_dir, "checkpoint.pt"))
     run_io.write_json_atomic(dict(results, kind="dpc", learner=args.learner, data=args.data, seed=args.seed,
                                   omega_b=args.omega_b, omega_n=args.omega_n, base_inference=args.base_inference,
-                                  loss=args.loss, topk=topk, epochs=args.epochs, backbone=os.path.abspath(args.backbone)),
+                                  loss=args.loss, topk=topk, epochs=args.epochs, parallel_step=args.parallel_step,
+                                  min_negatives=args.min_negatives, backbone=os.path.abspath(args.backbone)),
                              os.path.join(args.output_dir, "results.json"))
     return results
 
 
-def inference_prompts(mixed_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor], trained_omega_b: float,
-                      omega_b: float, omega_n: float, base_inference: str) -> tuple[dict, dict]:
-    """Weighting-Decoupling at inference (Fig. 4): (base-class prompt, new-class prompt P̃_n).
-    P' = F⁻¹(P̃_b) is always recovered with the ω_b that P̃_b was trained at (trained_omega_b); an
-    inference ω_b (evaluate.py --omega-b, the Fig. 6a sweep) only re-mixes the "mixed" base prompt
-    ω_b P' + (1-ω_b) P. So P' and P̃_n are the trained ones bit for bit whatever ω_b is asked for."""
-    if base_inference == "mixed" and omega_b != trained_omega_b:
-        parallel_prompt = decoupling(mixed_prompt, tuned_prompt, trained_omega_b)
-        base_prompt = weighting(parallel_prompt, tuned_prompt, omega_b)   # Eq. (12) at the inference ω_b
-    else:
-        base_prompt = base_class_prompt(mixed_prompt, tuned_prompt, trained_omega_b, base_inference)
-    return base_prompt, new_class_prompt(mixed_prompt, tuned_prompt, trained_omega_b, omega_n)   # Eq. (13)
+def inference_prompts(parallel_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor], omega_b: float,
+                      omega_n: float, base_inference: str) -> tuple[dict, dict]:
+    """Weighting-Decoupling at inference (Fig. 4): (base-class prompt, new-class prompt P̃_n) from the trained
+    P' and the frozen P. An inference ω_b (evaluate.py --omega-b, the Fig. 6a sweep) moves only the "mixed"
+    base prompt ω_b P' + (1-ω_b) P: P' and P̃_n are the trained ones bit for bit whatever ω_b is asked for."""
+    return (base_class_prompt(parallel_prompt, tuned_prompt, omega_b, base_inference),
+            new_class_prompt(parallel_prompt, tuned_prompt, omega_n))   # Eq. (12) / Eq. (13)
 
 
-def evaluate_dpc(learner, splits, tuned_prompt, mixed_prompt, trained_omega_b, args) -> dict:
+def evaluate_dpc(learner, splits, tuned_prompt, parallel_prompt, args) -> dict:
     """Base accuracy with the base-class prompt, new accuracy with P̃_n (inference_prompts)."""
     with torch.no_grad():
-        base_prompt, new_prompt = inference_prompts(mixed_prompt, tuned_prompt, trained_omega_b, args.omega_b,
-                                                    args.omega_n, args.base_inference)
+        base_prompt, new_prompt = inference_prompts(parallel_prompt, tuned_prompt, args.omega_b, args.omega_n,
+                                                    args.base_inference)
     return scoring.base_to_new(learner, splits, args.device, args.workers, base_prompt, new_prompt,
                                getattr(args, "subsample", "base"), args.feature_cache)
 

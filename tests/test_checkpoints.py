@@ -147,7 +147,9 @@ DAMAGED_DPC_RUNS = {
     "omega_b is a string": lambda c: dict(c, args=_args(c, omega_b="x")),
     "args without omega_b": lambda c: dict(c, args={k: v for k, v in c["args"].items() if k != "omega_b"}),
     "base_inference unknown": lambda c: dict(c, args=_args(c, base_inference="bogus")),
-    "mixed prompt of another shape": lambda c: dict(c, mixed_prompt={"ctx": torch.zeros(3)}),
+    "parallel prompt of another shape": lambda c: dict(c, parallel_prompt={"ctx": torch.zeros(3)}),
+    "written by an earlier train_dpc.py (P̃_b)": lambda c: {**{k: v for k, v in c.items() if k != "parallel_prompt"},
+                                                           "mixed_prompt": c["parallel_prompt"]},
 }
 
 
@@ -174,12 +176,12 @@ def test_a_damaged_dpc_checkpoint_is_one_error_line(world, tmp_path, capsys, dam
                                            "--output-dir", str(run)], tmp_path)
 
 
-def test_resuming_a_dpc_run_whose_mixed_prompt_does_not_fit_is_one_error_line(world, tmp_path, capsys):
+def test_resuming_a_dpc_run_whose_parallel_prompt_does_not_fit_is_one_error_line(world, tmp_path, capsys):
     run = damaged_copy(world["dpc"], tmp_path / "run",
-                       lambda c: dict(c, finished=False, epoch=0, mixed_prompt={"ctx": torch.zeros(3)}))
+                       lambda c: dict(c, finished=False, epoch=0, parallel_prompt={"ctx": torch.zeros(3)}))
     err = one_error_line(capsys, train_dpc.run, ["--backbone", world["coop"], "--workers", "0", "--shots", "2",
                                                  "--epochs", "1", "--resume", "--output-dir", str(run)], tmp_path)
-    assert "the mixed prompt of" in err and "['ctx'] has shape (3,)" in err, err
+    assert "the parallel prompt of" in err and "['ctx'] has shape (3,)" in err, err
 
 
 def test_an_optimiser_state_that_does_not_fit_is_one_error_line(world, tmp_path, capsys):

@@ -231,7 +231,8 @@ CHANGED = [("backbone", "--seed", "2"), ("backbone", "--shots", "4"), ("backbone
            ("backbone", "--select-best-on-base-test", None), ("backbone", "--root", "elsewhere"),
            ("dpc", "--omega-b", "1"), ("dpc", "--omega-n", "0.5"), ("dpc", "--topk", "2"), ("dpc", "--lr", "0.01"),
            ("dpc", "--epochs", "3"), ("dpc", "--batch-size", "2"), ("dpc", "--seed", "7"), ("dpc", "--shots", "1"),
-           ("dpc", "--loss", "learner"), ("dpc", "--negative-pool", "full"), ("dpc", "--base-inference", "mixed")]
+           ("dpc", "--loss", "learner"), ("dpc", "--negative-pool", "full"), ("dpc", "--base-inference", "mixed"),
+           ("dpc", "--parallel-step", "paper"), ("dpc", "--min-negatives", "0")]
 
 
 @pytest.mark.parametrize("stage, flag, value", CHANGED, ids=[f"{s} {f}" for s, f, _ in CHANGED])

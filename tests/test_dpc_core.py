@@ -11,9 +11,9 @@ import torch
 
 import data
 import toy_world
-from train_dpc import (DPCError, NegativeSampler, base_class_prompt, check_omegas, check_topk, decoupling,
-                       filter_features, hard_negative_loss, new_class_prompt, selection_matrix,
-                       weighting)
+from train_dpc import (DPCError, NegativeSampler, base_class_prompt, check_omegas, check_topk, filter_features,
+                       hard_negative_loss, initial_parallel_prompt, new_class_prompt, released_step_tensors,
+                       scale_released_gradients, selection_matrix, weighting)
 
 
 def prompts(seed: int, scale: float = 0.02) -> dict:
@@ -87,59 +87,69 @@ def test_hard_negative_loss_limits():
 # ---------------------------------------------------------------------------------------------
 # Weighting-Decoupling (Eq. 12-13)
 
-@pytest.mark.parametrize("omega_b", [0.2, 0.5, 1.0, 0.03])
-def test_decoupling_inverts_weighting(omega_b):
-    tuned, parallel = prompts(0), prompts(1)
-    back = decoupling(weighting(parallel, tuned, omega_b), tuned, omega_b)
-    for k in tuned:
-        assert torch.allclose(back[k], parallel[k], atol=1e-6, rtol=0), k
-
-
-def test_weighting_with_omega_b_one_is_parallel_exactly():
+def test_weighting_is_eq_12_and_exact_at_the_ends():
     tuned, parallel = prompts(0, scale=1.0), prompts(1, scale=1.0)
-    mixed = weighting(parallel, tuned, 1.0)
-    assert all(torch.equal(mixed[k], parallel[k]) for k in tuned)
+    for omega_b in (0.1, 0.2, 0.5, 0.03):
+        mixed = weighting(parallel, tuned, omega_b)
+        for k in tuned:
+            torch.testing.assert_close(mixed[k], omega_b * parallel[k] + (1 - omega_b) * tuned[k], rtol=0, atol=1e-6)
+    assert all(torch.equal(weighting(parallel, tuned, 1.0)[k], parallel[k]) for k in tuned)
+    assert all(torch.equal(weighting(tuned, tuned, w)[k], tuned[k]) for w in (0.2, 0.37, 0.9) for k in tuned)
 
 
 def test_new_class_prompt_with_omega_n_zero_is_tuned_exactly():
-    tuned, mixed = prompts(0, scale=1.0), prompts(1, scale=3.0)
-    for omega_b in (0.2, 0.5, 1.0):
-        p_n = new_class_prompt(mixed, tuned, omega_b, 0.0)
-        assert all(torch.equal(p_n[k], tuned[k]) for k in tuned)
-    p_n = new_class_prompt(mixed, tuned, 0.2, 1e-6)
+    tuned, parallel = prompts(0, scale=1.0), prompts(1, scale=3.0)
+    p_n = new_class_prompt(parallel, tuned, 0.0)
+    assert all(torch.equal(p_n[k], tuned[k]) for k in tuned)
+    p_n = new_class_prompt(parallel, tuned, 1.0)
+    assert all(torch.equal(p_n[k], parallel[k]) for k in tuned)
+    p_n = new_class_prompt(parallel, tuned, 1e-6)
     assert all(torch.allclose(p_n[k], tuned[k], atol=1e-4, rtol=0) for k in tuned)
+    assert not all(torch.equal(p_n[k], tuned[k]) for k in tuned)
 
 
-def test_decoupling_at_initialisation_returns_tuned():
+def test_initial_parallel_prompt_is_tuned_exactly_and_trainable():
     tuned = prompts(0, scale=1.0)
-    mixed = {k: v.clone() for k, v in tuned.items()}  # README Differences 6: P̃_b starts at P
-    for omega_b in (0.2, 0.5, 1.0, 0.07):
-        p = decoupling(mixed, tuned, omega_b)
-        assert all(torch.equal(p[k], tuned[k]) for k in tuned)
+    parallel = initial_parallel_prompt(tuned)
+    assert all(torch.equal(parallel[k], tuned[k]) and parallel[k].requires_grad for k in tuned)
+    assert all(parallel[k].data_ptr() != tuned[k].data_ptr() for k in tuned)  # a copy: P never moves with P'
 
 
-def test_gradient_through_decoupling_is_scaled_by_one_over_omega_b():
-    omega_b = 0.2
-    tuned = prompts(0)
-    w = prompts(5, scale=1.0)  # a fixed linear "loss" so both gradients are comparable
-    mixed = {k: v.clone().requires_grad_(True) for k, v in tuned.items()}
-    parallel = {k: v.clone().requires_grad_(True) for k, v in tuned.items()}
-    sum((decoupling(mixed, tuned, omega_b)[k] * w[k]).sum() for k in tuned).backward()
-    sum((parallel[k] * w[k]).sum() for k in tuned).backward()
-    for k in tuned:
-        assert mixed[k].grad is not None and tuned[k].grad is None
-        assert torch.allclose(mixed[k].grad, parallel[k].grad / omega_b, rtol=1e-6, atol=0)
+def test_released_step_tensors_per_learner():
+    """sple_coop.py decouples its one prompt; sple_promptkd.py only the teacher's text context."""
+    names = ["ctx", "text_deep.0", "visual_prompt", "proj.weight"]
+    for learner in ("coop", "maple", "promptsrc"):
+        assert released_step_tensors(learner, names) == names
+    kd = ["visual_prompt", "visual_deep.0", "projector.0.weight", "teacher.ctx", "teacher.text_deep.0"]
+    assert released_step_tensors("promptkd", kd) == ["teacher.ctx"]
+
+
+def test_scaled_gradient_is_the_released_gradient_through_its_shared_storage():
+    """The release's forward (P̃_b - (1-ω_b) P)/ω_b with P sharing P̃_b's storage: its value is the parameter
+    itself and its gradient (1/ω_b)·∂L/∂P' -- what scale_released_gradients applies to ∂L/∂P'."""
+    w = prompts(5, scale=1.0)  # a fixed linear "loss"
+    for omega_b in (0.1, 0.2, 0.5, 1.0):
+        tuned = prompts(0)
+        released = {k: torch.nn.Parameter(v) for k, v in tuned.items()}   # shares storage with tuned, as the release
+        decoupled = {k: (released[k] - (1 - omega_b) * tuned[k]) * (1 / omega_b) for k in tuned}
+        sum((decoupled[k] * w[k]).sum() for k in tuned).backward()
+        parallel = initial_parallel_prompt(prompts(0))
+        sum((parallel[k] * w[k]).sum() for k in tuned).backward()
+        scale_released_gradients(parallel, list(tuned), omega_b)
+        for k in tuned:
+            torch.testing.assert_close(decoupled[k], released[k], rtol=0, atol=1e-6)   # the value: P' itself
+            torch.testing.assert_close(parallel[k].grad, released[k].grad, rtol=1e-6, atol=0)
 
 
 def test_base_class_prompt_modes():
-    tuned, mixed = prompts(0), prompts(1)
-    par = base_class_prompt(mixed, tuned, 0.2, "parallel")
-    ref = decoupling(mixed, tuned, 0.2)
-    assert all(torch.equal(par[k], ref[k]) for k in tuned)
-    mix = base_class_prompt(mixed, tuned, 0.2, "mixed")
-    assert all(mix[k] is mixed[k] for k in tuned)
+    tuned, parallel = prompts(0), prompts(1)
+    par = base_class_prompt(parallel, tuned, 0.2, "parallel")
+    assert all(par[k] is parallel[k] for k in tuned)
+    mix = base_class_prompt(parallel, tuned, 0.2, "mixed")
+    ref = weighting(parallel, tuned, 0.2)
+    assert all(torch.equal(mix[k], ref[k]) for k in tuned)
     with pytest.raises(DPCError, match="--base-inference"):
-        base_class_prompt(mixed, tuned, 0.2, "converse")
+        base_class_prompt(parallel, tuned, 0.2, "converse")
 
 
 def test_mismatched_prompt_dicts_are_refused():
@@ -147,7 +157,7 @@ def test_mismatched_prompt_dicts_are_refused():
     with pytest.raises(DPCError, match="missing"):
         weighting({k: v for k, v in tuned.items() if k != "ctx"}, tuned, 0.2)
     with pytest.raises(DPCError, match="shape"):
-        decoupling({**tuned, "ctx": torch.zeros(2, 512)}, tuned, 0.2)
+        new_class_prompt({**tuned, "ctx": torch.zeros(2, 512)}, tuned, 0.2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +192,7 @@ def test_check_topk():
 def test_sampler_small_example():
     # classes 0..4, two images each; batch of 3 with a repeated class
     pool = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-    sampler = NegativeSampler(pool, n_base=5, topk=3, seed=0)
+    sampler = NegativeSampler(pool, n_base=5, topk=3, seed=0, min_negatives=0)
     scores = torch.tensor([[0.9, 0.8, 0.1, 0.7, 0.0],   # gt 0: top-3 = 0, 1, 3 -> negatives 1 (in batch), 3
                            [0.1, 0.2, 0.3, 0.4, 0.5],   # gt 0 again: dropped as a positive
                            [0.0, 0.5, 0.9, 0.1, 0.6]])  # gt 1: top-3 = 2, 4, 1 -> K-1 = 2: 2, 4
@@ -190,6 +200,50 @@ def test_sampler_small_example():
     assert positives == [0, 2]
     assert pair_labels == [0, 1, 3, 2, 4]
     assert [pool[j] for j in negative_images] == [3, 2, 4]
+
+
+def release_example():
+    """A batch like the one issue-tracked against the released code: 4 images, 16 base classes, K = 8. Image 0
+    ranks the other three ground truths among its top 8, so it keeps 5 hard negatives; images 1-3 rank only
+    classes already in the mini-batch, so the filtering leaves them none."""
+    labels = torch.tensor([0, 1, 2, 3])
+    scores = torch.zeros(4, 16)
+    for i, top in enumerate(([0, 1, 2, 4, 5, 6, 7, 8], [1, 0, 2, 3, 4, 5, 6, 7], [2, 0, 1, 3, 4, 5, 6, 8],
+                             [3, 0, 1, 2, 4, 6, 7, 8])):
+        scores[i, top] = torch.linspace(1.0, 0.5, 8)
+    return labels, scores
+
+
+def test_sampler_tops_up_to_two_negatives_as_the_released_code():
+    labels, scores = release_example()
+    pool = [c for c in range(16) for _ in range(3)]
+    hard_only = NegativeSampler(pool, 16, 8, seed=0, min_negatives=0).sample(scores, labels)
+    assert hard_only.pair_labels == [0, 1, 2, 3, 4, 5, 6, 7, 8] and len(hard_only.pair_labels) == 9
+    picked = NegativeSampler(pool, 16, 8, seed=0).sample(scores, labels)      # the default: at least 2
+    assert len(picked.pair_labels) == 15                                       # L of the released code
+    assert picked.pair_labels[:9] == hard_only.pair_labels                     # image 0's group is unchanged
+    drawn = picked.pair_labels[9:]
+    assert len(set(picked.pair_labels)) == 15 and set(drawn) <= set(range(9, 16))   # never a class in the batch
+    for c, j in zip(picked.pair_labels[4:], picked.negative_images):
+        assert pool[j] == c                                                    # one pool image of its class
+    # the release draws with randint(1, n - 2): never class 0 or n - 1; here every free class can be drawn
+    seen = set()
+    for seed in range(60):
+        seen.update(NegativeSampler(pool, 16, 8, seed=seed).sample(scores, labels).pair_labels[9:])
+    assert seen == set(range(9, 16))
+    # the same seed draws the same classes and images, bit for bit
+    assert NegativeSampler(pool, 16, 8, seed=5).sample(scores, labels) == NegativeSampler(pool, 16, 8, seed=5).sample(
+        scores, labels)
+
+
+def test_sampler_top_up_stops_when_the_classes_run_out():
+    labels, scores = release_example()
+    pool = [c for c in range(10) for _ in range(2)] + [12]          # classes 10, 11, 13-15 have no pool image
+    picked = NegativeSampler(pool, 16, 8, seed=0).sample(scores, labels)
+    assert picked.pair_labels[:9] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert sorted(picked.pair_labels[9:]) == [9, 12]                  # the only free classes with an image
+    assert NegativeSampler(pool, 16, 8, seed=0, min_negatives=5).sample(scores, labels).pair_labels[:9] == \
+        picked.pair_labels[:9]
 
 
 def test_sampler_skips_classes_without_pool_images():
@@ -201,6 +255,8 @@ def test_sampler_skips_classes_without_pool_images():
 def test_sampler_refuses_bad_arguments():
     with pytest.raises(DPCError, match="check_topk"):
         NegativeSampler([0, 1], n_base=2, topk=3, seed=0)
+    with pytest.raises(DPCError, match="--min-negatives"):
+        NegativeSampler([0, 1], n_base=2, topk=2, seed=0, min_negatives=-1)
     with pytest.raises(DPCError, match="outside"):
         NegativeSampler([0, 5], n_base=3, topk=2, seed=0)
 
@@ -219,14 +275,18 @@ def test_sampler_properties_over_random_batches():
     rng = random.Random(1234)
     for case in range(500):
         b, n, k, pool, scores, labels = random_case(rng)
+        m = rng.choice((0, 1, 2, 3))
+        if rng.random() < 0.3:   # some classes without a pool image
+            pool = [c for c in pool if c % 3 or c in labels.tolist()] or pool
         assert check_topk(k, n) == k
-        sampler = NegativeSampler(pool, n_base=n, topk=k, seed=case)
+        sampler = NegativeSampler(pool, n_base=n, topk=k, seed=case, min_negatives=m)
         positives, pair_labels, negative_images = sampler.sample(scores, labels)
         gt = labels.tolist()
         n_pos = len(positives)
+        has_image = set(pool)
 
         assert all(0 <= c < n for c in pair_labels)
-        assert len(pair_labels) == n_pos + len(negative_images) <= b * k
+        assert len(pair_labels) == n_pos + len(negative_images) <= b * max(k, 1 + m)
         assert len(set(pair_labels)) == len(pair_labels)  # internal filtering
         # positives: the first image of each distinct ground-truth class, in batch order
         assert positives == sorted({gt.index(c) for c in set(gt)})
@@ -241,12 +301,18 @@ def test_sampler_properties_over_random_batches():
         for i in positives:
             order = sorted(range(n), key=lambda c: (-scores[i, c].item(), c))[:k]  # top-K by score
             candidates = [c for c in order if c != gt[i]][:k - 1]
-            expected = [c for c in candidates if c not in seen]  # every class has a pool image here
+            expected = [c for c in candidates if c not in seen and c in has_image]
             group = negatives[pos:pos + len(expected)]
             assert group == expected  # from the top-K, in score order, ≤ K-1, maximal after filtering
             assert gt[i] not in group and len(group) <= k - 1
             seen.update(group)
             pos += len(group)
+            # the top-up: random classes not yet in the batch, up to m negatives or until none is left
+            free = {c for c in range(n) if c not in seen and c in has_image}
+            drawn = negatives[pos:pos + min(max(m - len(group), 0), len(free))]
+            assert set(drawn) <= free and len(set(drawn)) == len(drawn)
+            seen.update(drawn)
+            pos += len(drawn)
         assert pos == len(negatives)
 
 

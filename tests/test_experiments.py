@@ -110,13 +110,13 @@ def test_tab3_rows_are_what_their_flags_say(tab3):
     assert not torch.equal(row1["state"]["ctx"], backbone["state"]["ctx"])    # tuned further from P
     # (2): one prompt for base and new, so base and new inference both use P'
     r2 = ckpt(tab3, "row2")
-    mixed, tuned = r2["mixed_prompt"], r2["tuned_prompt"]
-    assert all(torch.equal(b, n) for b, n in zip(train_dpc.base_class_prompt(mixed, tuned, 1.0, "parallel").values(),
-                                                 train_dpc.new_class_prompt(mixed, tuned, 1.0, 1.0).values()))
+    parallel, tuned = r2["parallel_prompt"], r2["tuned_prompt"]
+    assert all(torch.equal(b, n) for b, n in zip(train_dpc.base_class_prompt(parallel, tuned, 1.0, "parallel").values(),
+                                                 train_dpc.new_class_prompt(parallel, tuned, 1.0).values()))
     # (3) and (4) train the same P' (same seed, same loss): only their inference differs
     r3, r4 = ckpt(tab3, "row3"), ckpt(tab3, "row4")
-    assert all(torch.equal(r3["mixed_prompt"][k], r4["mixed_prompt"][k]) for k in r3["mixed_prompt"])
-    assert not torch.equal(r3["mixed_prompt"]["ctx"], ckpt(tab3, "row5")["mixed_prompt"]["ctx"])   # another loss
+    assert all(torch.equal(r3["parallel_prompt"][k], r4["parallel_prompt"][k]) for k in r3["parallel_prompt"])
+    assert not torch.equal(r3["parallel_prompt"]["ctx"], ckpt(tab3, "row5")["parallel_prompt"]["ctx"])   # another loss
     assert results(tab3, "row3")["base"] == results(tab3, "row4")["base"]      # both: the mixed prompt on base
     assert results(tab3, "row4")["new"] == results(tab3, "coop")["new"]        # (4) decouples: new is P's
     assert results(tab3, "row3")["loss"] == "learner" and results(tab3, "row5")["loss"] == "hard-negative"

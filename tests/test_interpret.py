@@ -98,7 +98,7 @@ def test_interpret_draws_fig7_from_the_runs_own_prompts(world, tmp_path, capsys,
     ckpt = run_io.read_checkpoint(os.path.join(run, "checkpoint.pt"))
     r = out["runs"][0]
     pictured = "visual_prompt" if name == "promptkd" else "ctx"
-    parallel = td.decoupling(ckpt["mixed_prompt"], ckpt["tuned_prompt"], ckpt["args"]["omega_b"])[pictured]
+    parallel = ckpt["parallel_prompt"][pictured]
     assert r["pictured"] == pictured
     assert torch.equal(torch.tensor(r["prompts"]["P"]), ckpt["tuned_prompt"][pictured].float())
     assert torch.equal(torch.tensor(r["prompts"]["P'"]), parallel.float())

@@ -383,6 +383,6 @@ def test_interrupted_dpc_run_resumes_to_identical_results(world, tmp_path, monke
     monkeypatch.setattr(data, "make_loader", real)
     resumed = train_dpc.main(train_dpc.get_args(flags + ["--output-dir", "cut", "--resume"]))
     assert resumed == straight
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["mixed_prompt"]
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["mixed_prompt"]
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["parallel_prompt"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["parallel_prompt"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -34,19 +34,19 @@ def test_weighting_decoupling_on_learner_logits(name):
     images = torch.randn(3, 3, 32, 32)
     tuned = {n: t.detach().clone() for n, t in prompts.prompt_tensors(learner).items()}
     backbone = logits(learner, images, {})
-    # at the start of training P̃_b = P: the DPC model's base logits are the backbone's
+    # at the start of training P' = P: the DPC model's base logits are the backbone's
     assert torch.equal(logits(learner, images, base_class_prompt(tuned, tuned, 0.2, "parallel")), backbone)
-    # after some training P̃_b != P
+    # after some training P' != P
     torch.manual_seed(1)
-    mixed = {n: t + 0.05 * torch.randn_like(t) for n, t in tuned.items()}
-    assert not torch.allclose(logits(learner, images, base_class_prompt(mixed, tuned, 0.2, "parallel")), backbone)
+    parallel = {n: t + 0.05 * torch.randn_like(t) for n, t in tuned.items()}
+    assert not torch.allclose(logits(learner, images, base_class_prompt(parallel, tuned, 0.2, "parallel")), backbone)
     # ω_n = 0 reproduces the backbone's new-class logits exactly; 1e-6 within 1e-4
-    assert torch.equal(logits(learner, images, new_class_prompt(mixed, tuned, 0.2, 0.0)), backbone)
-    close = logits(learner, images, new_class_prompt(mixed, tuned, 0.2, 1e-6))
+    assert torch.equal(logits(learner, images, new_class_prompt(parallel, tuned, 0.0)), backbone)
+    close = logits(learner, images, new_class_prompt(parallel, tuned, 1e-6))
     assert (close - backbone).abs().max() < 1e-4
     # `mixed` with ω_b = 1 equals `parallel`
-    torch.testing.assert_close(logits(learner, images, base_class_prompt(mixed, tuned, 1.0, "mixed")),
-                               logits(learner, images, base_class_prompt(mixed, tuned, 1.0, "parallel")))
+    torch.testing.assert_close(logits(learner, images, base_class_prompt(parallel, tuned, 1.0, "mixed")),
+                               logits(learner, images, base_class_prompt(parallel, tuned, 1.0, "parallel")))
 
 
 def test_promptkd_prompt_covers_teacher_text():
@@ -80,12 +80,12 @@ def test_dpc_run_folder_and_results(runs):
     assert res["new"] == backbone["new"]  # ω_n = 1e-6: new-class accuracy is the backbone's
 
 
-def test_only_the_mixed_prompt_trains(runs):
+def test_only_the_parallel_prompt_trains(runs):
     ckpt = torch.load(runs["dpc"] / "checkpoint.pt", weights_only=True)
     backbone = torch.load(runs["backbone"] / "checkpoint.pt", weights_only=True)
     assert ckpt["finished"] and set(ckpt["tuned_prompt"]) == {"ctx"}
     assert torch.equal(ckpt["tuned_prompt"]["ctx"], backbone["state"]["ctx"])   # P did not move
-    assert not torch.equal(ckpt["mixed_prompt"]["ctx"], backbone["state"]["ctx"])  # P̃_b did
+    assert not torch.equal(ckpt["parallel_prompt"]["ctx"], backbone["state"]["ctx"])  # P' did
     assert os.path.getsize(runs["dpc"] / "checkpoint.pt") < 100_000                # no CLIP inside
 
 
@@ -215,43 +215,38 @@ def test_an_untrained_dpc_model_is_the_backbone_bitwise_at_every_omega_b(name):
         for p in prompts.prompt_tensors(learner).values():
             p.add_(0.05 * torch.randn_like(p))
     tuned = {n: t.detach().clone() for n, t in prompts.prompt_tensors(learner).items()}
-    mixed = train_dpc.initial_mixed_prompt(tuned)
+    parallel = train_dpc.initial_parallel_prompt(tuned)
     images = torch.randn(3, 3, 32, 32)
     backbone = logits(learner, images, {})
     for omega_b, omega_n in zip(OMEGAS, reversed(OMEGAS)):
         for mode in ("parallel", "mixed"):
-            prompt = base_class_prompt(mixed, tuned, omega_b, mode)
+            prompt = base_class_prompt(parallel, tuned, omega_b, mode)
             assert all(torch.equal(prompt[k], tuned[k]) for k in tuned), (omega_b, mode)
-        # the new side too (Eq. 13 at P' = P), at every ω_n, and at an inference ω_b other than the
-        # training one (evaluate.py --omega-b re-mixes the mixed base prompt)
-        new = new_class_prompt(mixed, tuned, omega_b, omega_n)
+        # the new side too (Eq. 13 at P' = P), at every ω_n
+        new = new_class_prompt(parallel, tuned, omega_n)
         assert all(torch.equal(new[k], tuned[k]) for k in tuned), (omega_b, omega_n)
-        for inference_omega_b in (omega_b, omega_n):
-            for mode in ("parallel", "mixed"):
-                pair = train_dpc.inference_prompts(mixed, tuned, omega_b, inference_omega_b, omega_n, mode)
-                assert all(torch.equal(p[k], tuned[k]) for p in pair for k in tuned), (omega_b, inference_omega_b)
-        assert torch.equal(logits(learner, images, base_class_prompt(mixed, tuned, omega_b, "parallel")), backbone)
+        for mode in ("parallel", "mixed"):
+            pair = train_dpc.inference_prompts(parallel, tuned, omega_b, omega_n, mode)
+            assert all(torch.equal(p[k], tuned[k]) for p in pair for k in tuned), (omega_b, omega_n)
+        assert torch.equal(logits(learner, images, base_class_prompt(parallel, tuned, omega_b, "mixed")), backbone)
         assert torch.equal(logits(learner, images, new), backbone)
 
 
 @pytest.mark.parametrize("name", list(prompts.LEARNERS))
 def test_an_inference_omega_b_never_changes_the_trained_parallel_prompt(name):
-    """evaluate.py --omega-b / the ω_b sweep: P' = F⁻¹(P̃_b) is recovered at the training ω_b, so the
-    parallel base prompt and P̃_n are the trained ones bit for bit at every inference ω_b, and the
-    mixed base prompt is Eq. (12) at the inference ω_b."""
+    """evaluate.py --omega-b / the ω_b sweep: the parallel base prompt and P̃_n are the trained ones bit for
+    bit at every inference ω_b, and the mixed base prompt is Eq. (12) at the inference ω_b."""
     learner = make_learner(name)
     torch.manual_seed(6)
     tuned = {n: t.detach().clone() for n, t in prompts.prompt_tensors(learner).items()}
-    trained = 0.2
-    mixed = {n: t + 0.05 * torch.randn_like(t) for n, t in tuned.items()}   # a trained P̃_b
-    parallel = train_dpc.decoupling(mixed, tuned, trained)
-    new = new_class_prompt(mixed, tuned, trained, 1e-6)
+    parallel = {n: t + 0.05 * torch.randn_like(t) for n, t in tuned.items()}   # a trained P'
+    new = new_class_prompt(parallel, tuned, 1e-6)
     for omega_b in OMEGAS:
-        base_parallel, new_parallel = train_dpc.inference_prompts(mixed, tuned, trained, omega_b, 1e-6, "parallel")
-        base_mixed, new_mixed = train_dpc.inference_prompts(mixed, tuned, trained, omega_b, 1e-6, "mixed")
+        base_parallel, new_parallel = train_dpc.inference_prompts(parallel, tuned, omega_b, 1e-6, "parallel")
+        base_mixed, new_mixed = train_dpc.inference_prompts(parallel, tuned, omega_b, 1e-6, "mixed")
         assert all(torch.equal(base_parallel[k], parallel[k]) for k in tuned), omega_b
         assert all(torch.equal(n[k], new[k]) for n in (new_parallel, new_mixed) for k in tuned), omega_b
-        expected = mixed if omega_b == trained else train_dpc.weighting(parallel, tuned, omega_b)
+        expected = train_dpc.weighting(parallel, tuned, omega_b)
         assert all(torch.equal(base_mixed[k], expected[k]) for k in tuned), omega_b
 
 
@@ -268,9 +263,9 @@ def train_backbone_b(name, tmp_path, shots):
 
 @pytest.mark.parametrize("name", list(prompts.LEARNERS))
 def test_train_dpc_starts_from_the_backbone_bitwise(name, tmp_path, monkeypatch):
-    """train_dpc.main itself, every learner: with the optimiser's step switched off, P̃_b stays P bit for
-    bit and the DPC run's base and new accuracies are the backbone's, at ω_b = 1e-6 (where rounding would
-    be amplified 1e6 times) and ω_n = 0.37 (P̃_n = P only because P' = P exactly), both base inferences."""
+    """train_dpc.main itself, every learner: with the optimiser's step switched off, P' stays P bit for
+    bit and the DPC run's base and new accuracies are the backbone's, at ω_b = 1e-6 (the released step
+    scales gradients by 1e6) and ω_n = 0.37 (P̃_n = P only because P' = P exactly), both base inferences."""
     monkeypatch.chdir(tmp_path)
     train_backbone_b(name, tmp_path, shots=4)
     backbone = json.loads((tmp_path / "b" / "results.json").read_text())
@@ -280,7 +275,7 @@ def test_train_dpc_starts_from_the_backbone_bitwise(name, tmp_path, monkeypatch)
                                                  "--base-inference", mode, "--epochs", "1", "--workers", "0",
                                                  "--shots", "4", "--output-dir", f"o_{mode}"]))
         ckpt = torch.load(tmp_path / f"o_{mode}" / "checkpoint.pt", weights_only=True)
-        assert all(torch.equal(ckpt["mixed_prompt"][k], ckpt["tuned_prompt"][k]) for k in ckpt["tuned_prompt"])
+        assert all(torch.equal(ckpt["parallel_prompt"][k], ckpt["tuned_prompt"][k]) for k in ckpt["tuned_prompt"])
         assert res["base"] == backbone["base"] and res["new"] == backbone["new"], mode
 
 
@@ -310,6 +305,123 @@ def test_both_stages_train_under_autocast(name, dtype, tmp_path, monkeypatch):
                                              "--output-dir", "d"]))
     assert 0 <= res["base"] <= 100 and 0 <= res["new"] <= 100
     ckpt = torch.load(os.path.join("d", "checkpoint.pt"), weights_only=True)
-    assert all(torch.isfinite(t).all() for t in ckpt["mixed_prompt"].values())
+    assert all(torch.isfinite(t).all() for t in ckpt["parallel_prompt"].values())
     if dtype == torch.float16:
         assert stage1_calls > 0 and CountingScaler.calls > stage1_calls
+
+
+# -- the step on P' (README Differences 6), checked against its formula, not against the code ------------
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    """A 1-epoch backbone of every learner on synthetic data (PromptKD with a 1-epoch PromptSRC teacher)."""
+    base = tmp_path_factory.mktemp("step")
+    with contextlib.chdir(base):
+        for name in prompts.LEARNERS:
+            os.makedirs(name)
+            with contextlib.chdir(name):
+                train_backbone_b(name, base, shots=2)
+    return base
+
+
+class StepRecorder:
+    """Around every training step of train_dpc.main: P' as the step's forward saw it (the values it substitutes
+    into the learner with gradients on) and ∂L/∂P' at those values, taken from the step's own loss."""
+
+    def __init__(self, monkeypatch):
+        self.inside, self.seen, self.steps = False, [], []
+        real_substitute, real_step = prompts.substitute, train_dpc.dpc_step
+
+        @contextlib.contextmanager
+        def substitute(learner, values):
+            if self.inside and torch.is_grad_enabled():
+                self.seen.append(values)
+            with real_substitute(learner, values) as inner:
+                yield inner
+
+        def step(*args, **kwargs):
+            self.inside, self.seen = True, []
+            out = real_step(*args, **kwargs)
+            self.inside = False
+            values = self.seen[0]
+            names = list(values)
+            grads = torch.autograd.grad(out.loss, [values[n] for n in names], retain_graph=True, allow_unused=True)
+            self.steps.append(({n: values[n].detach().clone() for n in names},
+                               {n: torch.zeros_like(values[n]) if g is None else g.detach().clone()
+                                for n, g in zip(names, grads)}))
+            return out
+
+        monkeypatch.setattr(prompts, "substitute", substitute)
+        monkeypatch.setattr(train_dpc, "dpc_step", step)
+
+
+def dassl_lr(epoch, base_lr, epochs):
+    """The schedule as the spec states it: epoch 1 at 1e-5, then cosine over E epochs offset by one."""
+    import math
+    return 1e-5 if epoch == 1 else base_lr * 0.5 * (1 + math.cos(math.pi * (epoch - 2) / epochs))
+
+
+def expected_trajectory(steps, final, divided, omega_b, base_lr, epochs, scale_power=1):
+    """SGD with momentum 0.9 and weight decay 5e-4, applied by hand to the recorded gradients:
+    P' <- P' - lr·(g/ω_b^scale_power + wd·P') for the `divided` tensors (g for the others). Returns, per step, the
+    P' the formula gives from the previous recorded P' (the last one compared with the final checkpoint)."""
+    per_epoch = len(steps) // epochs
+    assert per_epoch * epochs == len(steps) and per_epoch > 0
+    buffers, out = {}, []
+    for t, (p, g) in enumerate(steps):
+        lr = dassl_lr(t // per_epoch + 1, base_lr, epochs)
+        nxt = {}
+        for n in p:
+            d = g[n] / (omega_b ** scale_power if n in divided else 1.0) + 5e-4 * p[n]
+            buffers[n] = d.clone() if t == 0 else 0.9 * buffers[n] + d
+            nxt[n] = p[n] - lr * buffers[n]
+        actual = steps[t + 1][0] if t + 1 < len(steps) else final
+        out.append((nxt, actual))
+    return out
+
+
+RELEASED_DIVIDED = {"coop": None, "maple": None, "promptsrc": None, "promptkd": {"teacher.ctx"}}  # None: every tensor
+
+
+@pytest.mark.parametrize("name", list(prompts.LEARNERS))
+@pytest.mark.parametrize("omega_b", [0.1, 0.2, 0.5, 1.0])
+def test_each_step_moves_the_parallel_prompt_as_the_released_code(name, omega_b, backbones, tmp_path, monkeypatch):
+    """P' <- P' - lr·(∂L/∂P'/ω_b + wd·P'), momentum 0.9, over a warm-up epoch and two cosine epochs: the
+    released code's step (sple_coop.py; for PromptKD, sple_promptkd.py divides only its text context). P stays
+    the backbone's bit for bit, and the first step's P' is P bit for bit (the untrained model is the backbone)."""
+    monkeypatch.chdir(tmp_path)
+    recorder = StepRecorder(monkeypatch)
+    lr, epochs = 0.02, 3
+    train_dpc.main(train_dpc.get_args(["--backbone", str(backbones / name / "b"), "--omega-b", str(omega_b),
+                                       "--epochs", str(epochs), "--lr", str(lr), "--workers", "0", "--shots", "2",
+                                       "--output-dir", "d"]))
+    ckpt = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)
+    backbone = run_io.read_checkpoint(str(backbones / name / "b" / "checkpoint.pt"))
+    tuned = ckpt["tuned_prompt"]
+    assert all(torch.equal(tuned[n], backbone["state"][n]) for n in tuned if n in backbone["state"])   # P unmoved
+    first = recorder.steps[0][0]
+    assert first.keys() == tuned.keys() and all(torch.equal(first[n], tuned[n]) for n in tuned)        # P' := P
+    divided = RELEASED_DIVIDED[name] or set(tuned)
+    for expected, actual in expected_trajectory(recorder.steps, ckpt["parallel_prompt"], divided, omega_b, lr, epochs):
+        for n in tuned:
+            torch.testing.assert_close(actual[n], expected[n], rtol=1e-4, atol=1e-7, msg=n)
+    if omega_b < 1:   # the test can tell the rules apart: the paper's plain lr, and the earlier lr/ω_b²
+        moved = {n: ckpt["parallel_prompt"][n] - tuned[n] for n in divided}
+        assert max(m.abs().max().item() for m in moved.values()) > 1e-4
+        for power in (0, 2):
+            other = expected_trajectory(recorder.steps, ckpt["parallel_prompt"], divided, omega_b, lr, epochs, power)
+            assert any(not torch.allclose(a[n], e[n], rtol=1e-3, atol=1e-6) for e, a in other for n in divided)
+
+
+@pytest.mark.parametrize("name", ["coop", "promptkd"])
+def test_the_paper_step_moves_the_parallel_prompt_at_lr(name, backbones, tmp_path, monkeypatch):
+    """--parallel-step paper: P' imported to the optimizer, a plain SGD step at lr on every tensor."""
+    monkeypatch.chdir(tmp_path)
+    recorder = StepRecorder(monkeypatch)
+    train_dpc.main(train_dpc.get_args(["--backbone", str(backbones / name / "b"), "--omega-b", "0.2", "--epochs", "2",
+                                       "--lr", "0.02", "--parallel-step", "paper", "--workers", "0", "--shots", "2",
+                                       "--output-dir", "d"]))
+    ckpt = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)
+    for expected, actual in expected_trajectory(recorder.steps, ckpt["parallel_prompt"], set(), 0.2, 0.02, 2):
+        for n in expected:
+            torch.testing.assert_close(actual[n], expected[n], rtol=1e-4, atol=1e-7, msg=n)

@@ -376,12 +376,12 @@ def cache_section(coop, items, dev, workers) -> dict:
     with the cache off, i.e. a fresh image pass."""
     names = data.classnames_of(items)
     tuned = {n: t.detach().clone() for n, t in prompts.prompt_tensors(coop).items()}
-    mixed = {n: t + 0.01 * torch.randn_like(t) for n, t in tuned.items()}
+    parallel = {n: t + 0.01 * torch.randn_like(t) for n, t in tuned.items()}
     cache = tempfile.mkdtemp(prefix="bench_cache_")
     values = (0, 1e-6, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
     def evaluate(omega_n, where):
-        prompt = train_dpc.new_class_prompt(mixed, tuned, 0.2, omega_n)
+        prompt = train_dpc.new_class_prompt(parallel, tuned, omega_n)
         return scoring.accuracy(coop, items, names, dev, workers, prompt, cache=where)
 
     t0 = time.perf_counter()
@@ -570,8 +570,8 @@ def main():
         opt.step()
 
     tuned = {n: t.detach().clone() for n, t in prompts.prompt_tensors(coop).items()}
-    mixed = {n: torch.nn.Parameter(t.clone()) for n, t in tuned.items()}
-    dpc_opt = torch.optim.SGD(mixed.values(), lr=1e-3, momentum=0.9)
+    parallel = train_dpc.initial_parallel_prompt(tuned)
+    dpc_opt = torch.optim.SGD(parallel.values(), lr=1e-3, momentum=0.9)
     # the negative pool: decoded PIL images of a typical photo size, as train_dpc.py keeps them
     folder = toy_world.make_synthetic_imagefolder(tempfile.mkdtemp(), "pool", n_classes=args.classes, n_train=4, n_val=0,
                                                   n_test=1, size=args.photo_size)
@@ -584,7 +584,7 @@ def main():
 
     def dpc_step():  # train_dpc.py's own step, then its backward and SGD step
         step = train_dpc.dpc_step(coop, coop_images[:b], coop_labels[:b].cpu(), sampler, pool, threads, tuned,
-                                  tuned_text, mixed, names, 0.2, 100.0, dev)
+                                  tuned_text, parallel, names, 100.0, dev)
         dpc_opt.zero_grad()
         step.loss.backward()
         dpc_opt.step()
