@@ -407,14 +407,15 @@ class CLIP(nn.Module):
         """Plain CLIP text features (C, E) of tokenized strings."""
         return self.encode_text_embeddings(self.token_embeddings(tokens), tokens)
 
-    def encode_text_embeddings(self, x, tokens, deep_prompts=(), truncate: bool = True):
+    def encode_text_embeddings(self, x, tokens, deep_prompts=(), truncate: bool = True, length: int = None):
         """x (C, 77, D) prompt embeddings, tokens (C, 77) ids (for EOT pooling) -> (C, E).
 
-        deep_prompts[i-1] (M, D) replaces positions 1..M before text block i (MaPLe/IVLP).
+        deep_prompts[i-1] (M, D) replaces positions 1..M before text block i (MaPLe/IVLP). `length`: the
+        longest EOT position + 1 when the caller knows it (else read from tokens, a wait on a GPU).
         """
         eot = tokens.argmax(dim=-1)  # EOT id 49407 is the largest id in every row
         if truncate:  # changed: causal attention makes everything after the longest EOT dead weight
-            x = x[:, : int(eot.max()) + 1]                         # (C, T, D)
+            x = x[:, : int(eot.max()) + 1 if length is None else length]   # (C, T, D)
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
         m = deep_prompts[0].shape[0] if len(deep_prompts) else 0
         x = self.transformer(x, deep_prompts, slice(1, 1 + m))

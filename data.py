@@ -696,9 +696,12 @@ def train_set(items: list[Item], image_size: int) -> ImageDataset:
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0,
-                drop_last: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader whose shuffle is seeded: a run (and a resumed run) draws the same batches."""
+                drop_last: bool = False, pin: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader whose shuffle is seeded: a run (and a resumed run) draws the same batches. `pin` (a GPU
+    run): batches in page-locked memory, so that .to(device, non_blocking=True) does not wait. A loader per
+    epoch, its workers started anew: each epoch's augmentation is then seeded by (seed, epoch) alone, which
+    --resume relies on (persistent workers would carry their random state over from earlier epochs)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                                        drop_last=drop_last and len(dataset) >= batch_size, generator=generator,
-                                       persistent_workers=False, pin_memory=False)
+                                       persistent_workers=False, pin_memory=pin)

@@ -44,7 +44,8 @@ from clip_model import tokenize, tokenizer
 # ================================================================================================
 
 def class_prompts(clip, classnames, prefix: str, cache: dict):
-    """Tokens (C, L) and frozen token embeddings (C, L, D_t) of "<prefix> <class name>.".
+    """Tokens (C, L), frozen token embeddings (C, L, D_t) of "<prefix> <class name>." and the length T up to
+    the longest EOT (counted on the CPU once, so the text tower never waits for the GPU to learn it).
 
     The learnable context later overwrites positions 1..M, so the class name sits at the end
     (CoOp's class_token_position "end"). Cached per class list: tokenizing is the slow part.
@@ -52,9 +53,11 @@ def class_prompts(clip, classnames, prefix: str, cache: dict):
     key = (prefix, tuple(classnames))
     if key not in cache:
         texts = [prompt_text(prefix, name) for name in classnames]
-        tokens = tokenize(texts).to(clip.positional_embedding.device)
+        tokens = tokenize(texts)
+        length = int(tokens.argmax(dim=-1).max()) + 1                    # EOT, the largest id, ends each row
+        tokens = tokens.to(clip.positional_embedding.device)
         with torch.no_grad():
-            cache[key] = (tokens, clip.token_embeddings(tokens))
+            cache[key] = (tokens, clip.token_embeddings(tokens), length)
     return cache[key]
 
 
@@ -65,11 +68,11 @@ def prompt_text(prefix: str, classname: str) -> str:
 
 def encode_prompted_text(clip, ctx, classnames, prefix, cache, deep_prompts=()):
     """g(P_t): [SOT][ctx_1..ctx_M][rest of prefix][class name][.][EOT] -> (C, E)."""
-    tokens, embeddings = class_prompts(clip, classnames, prefix, cache)   # (C, L), (C, L, D_t)
+    tokens, embeddings, length = class_prompts(clip, classnames, prefix, cache)   # (C, L), (C, L, D_t), T
     c, m = embeddings.shape[0], ctx.shape[0]
     # Eq. (2): P = [p]_1 [p]_2 ... [p]_M [CLASS], the context in front of each class name
     x = torch.cat([embeddings[:, :1], ctx.to(embeddings.dtype).expand(c, -1, -1), embeddings[:, 1 + m:]], dim=1)
-    return clip.encode_text_embeddings(x, tokens, deep_prompts)
+    return clip.encode_text_embeddings(x, tokens, deep_prompts, length=length)
 
 
 def init_context(clip, n_ctx: int, ctx_init: str):
@@ -97,8 +100,17 @@ def deep_prompts(n: int, m: int, width: int):
 
 
 def cosine_logits(image_features, text_features, logit_scale):
-    """Eq. (4): s · cos(f(P_v, V), g(P_t)) -> (B, C)."""
-    return logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t()
+    """Eq. (4): s · cos(f(P_v, V), g(P_t)) -> (B, C), in fp32 whatever the towers ran in (scaled_dot)."""
+    return scaled_dot(F.normalize(image_features.float(), dim=-1), F.normalize(text_features.float(), dim=-1),
+                      logit_scale)
+
+
+def scaled_dot(image, text, logit_scale):
+    """s · image textᵀ of unit rows (B, E), (C, E) -> (B, C) in fp32 with autocast off. Under bf16 autocast the
+    product would keep ~3 significant digits: cosines 0.3019 and 0.3025 both become 0.3027, a tie argmax
+    breaks towards the lower class, and at s = 100 a logit moves by up to ~0.4 (README Differences 16)."""
+    with torch.autocast(image.device.type, enabled=False):
+        return logit_scale * image.float() @ text.float().t()
 
 
 # ================================================================================================
@@ -271,11 +283,11 @@ class PromptSRC(nn.Module):
         text_features, image_features = self.encode_text(classnames), self.encode_image(images)
         text = F.normalize(text_features, dim=-1)                                   # (C, E)
         image = F.normalize(image_features, dim=-1)                                 # (B, E)
-        logits = scale * image @ text.t()                                           # (B, C)
+        logits = scaled_dot(image, text, scale)                                     # (B, C), fp32
         with torch.no_grad():
             zs_text = F.normalize(self.fixed_text_features(classnames), dim=-1)     # (C, E)
             zs_image = F.normalize(self.clip.encode_image(images), dim=-1)          # (B, E)
-            zs_logits = scale * zs_image @ zs_text.t()                              # (B, C)
+            zs_logits = scaled_dot(zs_image, zs_text, scale)                        # (B, C), fp32
         ce = F.cross_entropy(logits, labels)
         l1_text = self.text_weight * F.l1_loss(text, zs_text.to(text.dtype))
         l1_image = self.image_weight * F.l1_loss(image, zs_image.to(image.dtype))
@@ -361,7 +373,7 @@ class PromptKD(nn.Module):
         text = self.teacher_text_features(classnames)                                  # (C, E_t)
         with torch.no_grad():
             teacher_image = F.normalize(self.teacher.encode_image(images).float(), dim=-1)
-            teacher_logits = self.teacher.clip.logit_scale.exp() * teacher_image @ text.t()   # (B, C)
+            teacher_logits = scaled_dot(teacher_image, text, self.teacher.clip.logit_scale.exp())   # (B, C), fp32
         logits = cosine_logits(self.encode_image(images), text, self.clip.logit_scale.exp())  # (B, C)
         t = self.temperature
         kl = F.kl_div(F.log_softmax(logits.float() / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
@@ -473,8 +485,9 @@ class DePT(nn.Module):
         rows = self.head_rows(classnames)
         if rows is None:
             return s
-        head = F.linear(self.film_image(image_features), self.linear_head.weight[rows].to(image_features.dtype),
-                        self.linear_head.bias[rows].to(image_features.dtype))                   # (B, C)
+        with torch.autocast(image_features.device.type, enabled=False):   # fp32, as s (scaled_dot)
+            head = F.linear(self.film_image(image_features.float()), self.linear_head.weight[rows].float(),
+                            self.linear_head.bias[rows].float())                                # (B, C)
         return (1 - self.weight) * s + self.weight * head
 
     def forward(self, images, classnames):

@@ -112,6 +112,8 @@ def check_run_flags(args) -> None:
     if args.device != "cpu" and not (cuda and int(cuda.group(1) or 0) < torch.cuda.device_count()):
         raise RunError(f"--device {args.device} is not available here: pass --device cpu" +
                        (" or cuda[:N]" if torch.cuda.is_available() else " (no CUDA GPU is visible)"))
+    if cuda:   # GPU N becomes the current one: no tensor, kernel or context of this run lands on GPU 0
+        torch.cuda.set_device(torch.device(args.device))
     if getattr(args, "feature_cache", None) == "":
         raise RunError("--feature-cache '' names no folder: give a folder, or 'off'")
 
@@ -198,7 +200,8 @@ def start_run(args):
     _LOG = open(os.path.join(args.output_dir, "log.txt"), "a")
     log(f"{os.path.basename(sys.argv[0])} {json.dumps(vars(args))}\npython {platform.python_version()}, "
         f"torch {torch.__version__}, device {args.device}"
-        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
+        + (f" ({torch.cuda.get_device_name(torch.device(args.device))}, {compute_dtype(args.device)})"
+           if args.device.startswith("cuda") else ""))
 
 
 def check_regular(path: str) -> None:
@@ -361,21 +364,39 @@ def write_json_atomic(obj, path: str):
 
 class Progress:
     """The progress lines of one training epoch: the stage's own numbers, then the share of time spent
-    waiting for data and the time left. Call waited() when a batch arrives and done(it, report) after
-    its step; report(elapsed seconds) builds the stage's part, only for the lines that are printed."""
+    waiting for data and the time left. Call waited() when a batch arrives and done(it, report, loss) after
+    its step; report(elapsed seconds) builds the stage's part, only for the lines that are printed.
 
-    def __init__(self, epoch: int, epochs: int, steps: int, print_every: int, later_steps: int | None = None):
+    A NaN/inf loss stops the run naming its epoch and iteration, but without a GPU->CPU wait at every step:
+    the first bad iteration is noted on the loss's device and read at the printed lines (which read the loss
+    anyway) and at the epoch's last step, before the epoch's checkpoint is written. `fix`: what to change."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int, print_every: int, later_steps: int | None = None,
+                 fix: str = "lower --lr"):
         self.epoch, self.epochs, self.steps, self.print_every = epoch, epochs, steps, print_every
         self.later_steps = steps if later_steps is None else later_steps   # steps of each epoch still to come
         self.start = self.last = time.time()
         self.wait = 0.0
+        self.fix, self.first_bad, self.bad_loss = fix, None, None          # on the loss's device
 
     def waited(self) -> None:
         self.wait += time.time() - self.last
 
-    def done(self, it: int, report) -> None:
+    def watch(self, it: int, loss) -> None:
+        """Note iteration `it` if its loss is the epoch's first NaN/inf (no wait for the device)."""
+        loss = loss.detach().float()
+        new = ~torch.isfinite(loss) if self.first_bad is None else (self.first_bad == 0) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(new, it, 0 if self.first_bad is None else self.first_bad)
+        self.bad_loss = torch.where(new, loss, loss if self.bad_loss is None else self.bad_loss)
+
+    def done(self, it: int, report, loss=None) -> None:
         self.last = time.time()
+        if loss is not None:
+            self.watch(it, loss)
         if it % self.print_every == 0 or it == self.steps:
+            if self.first_bad is not None and int(self.first_bad):
+                raise RunError(f"loss is {self.bad_loss.item()} at epoch {self.epoch} iteration "
+                               f"{int(self.first_bad)}: {self.fix}; " + kept_checkpoint(self.epoch))
             elapsed = self.last - self.start
             left = (self.epochs - self.epoch) * self.later_steps + self.steps - it
             log(f"epoch {self.epoch}/{self.epochs} it {it}/{self.steps} {report(elapsed)} "
@@ -402,17 +423,34 @@ def kept_checkpoint(epoch: int) -> str:
 # Precision (README Differences 1)
 # ------------------------------------------------------------------------------------------------
 
+def compute_dtype(device: str) -> torch.dtype:
+    """What the towers compute in on `device` (README Differences 1 and 16): fp32 on the CPU; bf16 on GPUs
+    with bf16 tensor cores (compute capability 8.0 on: A100, H100, RTX 30xx and later); fp16 on older ones
+    (V100, T4). Decided on the capability of the GPU asked for, not on torch.cuda.is_bf16_supported(), which
+    by default also says yes where bf16 is only emulated (slower than fp16 there)."""
+    if not device.startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(torch.device(device)) >= (8, 0) else torch.float16
+
+
 def autocast(device: str):
-    """bf16 autocast on GPU (fp16 where bf16 is missing), plain fp32 on CPU (README Differences 1)."""
+    """Autocast in compute_dtype(device) on a GPU; plain fp32 on the CPU."""
     if not device.startswith("cuda"):
         return torch.autocast("cpu", enabled=False)
-    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return torch.autocast("cuda", dtype=compute_dtype(device))
 
 
 def grad_scaler(device: str):
-    """Loss scaling for fp16 autocast (GPUs without bf16: V100, T4), where small gradients underflow;
-    a no-op for bf16 and fp32. Both stages use it (README Differences 16)."""
-    return torch.amp.GradScaler(enabled=device.startswith("cuda") and not torch.cuda.is_bf16_supported())
+    """Loss scaling for fp16 autocast (GPUs without bf16 tensor cores: V100, T4), where small gradients
+    underflow; a no-op for bf16 and fp32. Both stages use it, and checkpoint its state (README Differences 16)."""
+    return torch.amp.GradScaler("cuda" if device.startswith("cuda") else "cpu",
+                                enabled=compute_dtype(device) == torch.float16)
+
+
+def to_device(tensors, device: str):
+    """A dict of tensors restored from a checkpoint (read on the CPU) on the run's device, or None as it is:
+    what a resumed loop adds to its own tensors must sit where they do (PromptSRC's GPA sum)."""
+    return None if tensors is None else {n: t.to(device) for n, t in tensors.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -499,22 +537,40 @@ RUN_ARGS = {"backbone": {"seed": int, "root": str, "shots": int},
 SCRIPT = {"backbone": "train_backbone.py", "dpc": "train_dpc.py"}
 
 
-def backbone_checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, best, finished) -> dict:
+def backbone_checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, best, finished, scaler=None) -> dict:
     """What train_backbone.py saves, small and self-describing: the learner's own tensors, never the frozen
     CLIP. An epoch's checkpoint holds that epoch's prompts and the GPA sum so far (--resume continues from
     them); the finished one holds the reported prompts (GPA aggregate, or the selected epoch): the P of DPC."""
     return dict(kind="backbone", learner=args.learner, clip=args.clip, data=args.data, classnames=classnames,
                 state=prompts.learner_state(learner), epoch=epoch, finished=finished, args=vars(args),
-                optimizer=optimizer.state_dict(), gpa_sum=gpa_sum, best=best)
+                optimizer=optimizer.state_dict(), gpa_sum=gpa_sum, best=best, scaler=scaler_state(scaler))
 
 
-def dpc_checkpoint(args, backbone, classnames, tuned_prompt, parallel_prompt, epoch, optimizer, finished) -> dict:
+def dpc_checkpoint(args, backbone, classnames, tuned_prompt, parallel_prompt, epoch, optimizer, finished,
+                   scaler=None) -> dict:
     """What train_dpc.py saves: P and the trained P' (the learner's tensors only), never the frozen CLIP."""
     return dict(kind="dpc", learner=args.learner, clip=backbone["clip"], data=args.data, classnames=classnames,
                 backbone=os.path.abspath(args.backbone), epoch=epoch, finished=finished, args=vars(args),
                 tuned_prompt={n: t.detach().cpu() for n, t in tuned_prompt.items()},
                 parallel_prompt={n: t.detach().cpu() for n, t in parallel_prompt.items()},
-                optimizer=optimizer.state_dict())
+                optimizer=optimizer.state_dict(), scaler=scaler_state(scaler))
+
+
+def scaler_state(scaler) -> dict:
+    """The GradScaler's state as plain numbers ({} when it is off: bf16 and fp32)."""
+    return {} if scaler is None or not scaler.is_enabled() else \
+        {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in scaler.state_dict().items()}
+
+
+def load_scaler_state(scaler, ckpt: dict) -> None:
+    """--resume of an fp16 run: the loss scale and growth count it had (older checkpoints have none)."""
+    state = ckpt.get("scaler") or {}
+    if scaler.is_enabled() and isinstance(state, dict) and isinstance(state.get("scale"), float):
+        try:
+            scaler.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            raise RunError("the loss-scaler state of the checkpoint does not fit this run; train that run again "
+                           "with --overwrite") from None
 
 
 def schema_problem(ckpt: dict, kind: str) -> str | None:

@@ -19,7 +19,7 @@ import clip_model
 import data
 import prompts
 import run_io
-from run_io import autocast, log, save_atomic
+from run_io import log, save_atomic
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,8 +59,10 @@ def feature_key(learner, items, device: str, batch_size: int) -> tuple[str, bool
     and inode. Features of CLIP's plain encoder (CoOp, zero-shot CLIP) are
     persistent (reused across runs and seeds); prompted ones live in this process only."""
     image_side = prompts.image_side_tensors(learner)
-    precision = "fp32" if not device.startswith("cuda") else \
-        f"{torch.cuda.get_device_name()} {'bf16' if torch.cuda.is_bf16_supported() else 'fp16'}"
+    # the device by what computes, not by its name: "cuda", "cuda:0" and "cuda:1" of one GPU model share features
+    where = torch.device(device)
+    device = "cpu" if where.type == "cpu" else f"{where.type} {torch.cuda.get_device_name(where)}"
+    precision = str(run_io.compute_dtype(str(where)))
     h = hashlib.sha256()
     h.update(f"{clip_digest(learner.clip)} {type(learner).__name__ if image_side else 'plain'} "
              f"{tensors_digest(image_side) if image_side else ''} "
@@ -89,7 +91,8 @@ def warn_once(cache: str, message: str) -> None:
 def encode_images(learner, items, device, workers, batch_size) -> list:
     """f(V) of every item, batch by batch, in the learner's current state: [(B, E), ...]."""
     test_images = data.ImageDataset(items, data.test_transform(learner.clip.visual.input_resolution))
-    return [learner.encode_image(images.to(device)) for images, _, _ in data.make_loader(test_images, batch_size, False, workers)]
+    loader = data.make_loader(test_images, batch_size, False, workers, pin=device.startswith("cuda"))
+    return [learner.encode_image(images.to(device, non_blocking=True)) for images, _, _ in loader]
 
 
 def cached_features_fit(stored, n_items: int, batch_size: int, width: int) -> bool:
@@ -149,7 +152,7 @@ def accuracy(learner, items, classnames, device, workers=0, prompt=None, batch_s
     prompts.check_classnames(learner, classnames)
     labels = torch.tensor([item.label for item in items])
     correct = 0
-    with prompts.substitute(learner, prompt or {}), autocast(device):
+    with prompts.substitute(learner, prompt or {}), run_io.autocast(device):
         text = learner.encode_text(classnames)                                  # (C, E)
         features = image_features(learner, items, device, workers, batch_size, cache)
         for i, image in enumerate(features):                                    # (B, E) each

@@ -194,7 +194,9 @@ def main(args):
     if previous is not None:
         prompts.load_learner_state(learner, previous["state"])
         run_io.load_optimizer_state(optimizer, previous["optimizer"], os.path.join(args.output_dir, "checkpoint.pt"))
-        gpa_sum, best, start_epoch = previous["gpa_sum"], previous.get("best"), previous["epoch"] + 1
+        gpa_sum, best, start_epoch = run_io.to_device(previous["gpa_sum"], args.device), previous.get("best"), \
+            previous["epoch"] + 1
+        run_io.load_scaler_state(scaler, previous)   # fp16: the loss scale it had, not 2^16 again
         log(f"resuming after epoch {previous['epoch']}")
 
     steps_per_epoch = len(train_items) // args.batch_size if len(train_items) >= args.batch_size else 1
@@ -202,7 +204,7 @@ def main(args):
         # Every epoch is seeded by (seed, epoch): a resumed run replays exactly what it would have done.
         torch.manual_seed(args.seed * 1000 + epoch)
         loader = data.make_loader(train_images, args.batch_size, True, args.workers,
-                                  seed=args.seed * 1000 + epoch, drop_last=True)
+                                  seed=args.seed * 1000 + epoch, drop_last=True, pin=args.device.startswith("cuda"))
         lr = lr_at(epoch, args.lr, args.epochs)
         for group, base_lr in zip(optimizer.param_groups, base_lrs):   # DePT: 1e-5 for both in the warm-up epoch
             group["lr"] = lr_at(epoch, base_lr, args.epochs)
@@ -214,14 +216,12 @@ def main(args):
             with run_io.autocast(args.device):
                 out = learner.training_loss(images, labels, classnames)
             loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise RunError(f"loss is {loss.item()} at epoch {epoch} iteration {it}: lower --lr; "
-                               + run_io.kept_checkpoint(epoch))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            progress.done(it, lambda s: f"loss {loss.item():.4f} lr {lr:.2e} {it * args.batch_size / s:.1f} img/s")
+            progress.done(it, lambda s: f"loss {loss.item():.4f} lr {lr:.2e} {it * args.batch_size / s:.1f} img/s",
+                          loss)   # a NaN/inf loss stops the run here, naming its iteration
         if gpa is not None:  # PromptSRC §3.3: Gaussian-weighted sum of the end-of-epoch prompts
             snapshot = {n: p.detach().float() * gpa[epoch - 1] for n, p in params.items()}
             gpa_sum = snapshot if gpa_sum is None else {n: gpa_sum[n] + snapshot[n] for n in snapshot}
@@ -232,8 +232,8 @@ def main(args):
             best = (acc, prompts.learner_state(learner)) if best is None or acc > best[0] else best
             log(f"epoch {epoch}: base test accuracy {acc:.2f} (best {best[0]:.2f})")
         run_io.check_diverged(params, epoch)
-        run_io.save_atomic(run_io.backbone_checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, best, False),
-                           os.path.join(args.output_dir, "checkpoint.pt"))
+        run_io.save_atomic(run_io.backbone_checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, best, False,
+                                                      scaler), os.path.join(args.output_dir, "checkpoint.pt"))
 
     if gpa_sum is not None:  # the epochs' checkpoints hold their own prompts; the finished one, this aggregate
         with torch.no_grad():
@@ -244,8 +244,8 @@ def main(args):
     learner.eval()
     results = scoring.base_to_new(learner, splits, args.device, args.workers, subsample=args.subsample, cache=args.feature_cache)
     scoring.log_results(results, f"{args.learner} {'+ DePT' if args.dept else 'backbone'}")
-    run_io.save_atomic(run_io.backbone_checkpoint(args, learner, classnames, args.epochs, optimizer, gpa_sum, best, True),
-                       os.path.join(args.output_dir, "checkpoint.pt"))
+    run_io.save_atomic(run_io.backbone_checkpoint(args, learner, classnames, args.epochs, optimizer, gpa_sum, best, True,
+                                                  scaler), os.path.join(args.output_dir, "checkpoint.pt"))
     run_io.write_json_atomic(dict(results, kind="dept" if args.dept else "backbone", learner=args.learner, data=args.data, seed=args.seed,
                                   shots=args.shots, epochs=args.epochs), os.path.join(args.output_dir, "results.json"))
     run_io.remember_last_backbone(args.output_dir)   # train_dpc.py without --backbone continues this run

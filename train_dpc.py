@@ -169,13 +169,14 @@ def selection_matrix(labels: Tensor, n: int) -> Tensor:
 def filter_features(text_features: Tensor, labels: Tensor) -> Tensor:
     """Text features of the L pairs, taken from the features of ALL n base classes under P'.
     Normalising over all n first keeps the base-class feature distribution the one P' is judged on
-    (§3.3). Done in fp32 with autocast off: a bf16 matmul would round the selected rows."""
+    (§3.3). Done in fp32 with autocast off: a bf16 matmul would round the selected rows. labels on the
+    CPU: Q is built and checked there, and moved, so the GPU is never waited for."""
     n = text_features.shape[0]
     with torch.autocast(device_type=text_features.device.type, enabled=False):
         text_features = text_features.float()  # (n, E)
         # Eq. (6): ĝ(C) = g(C) / ||g(C)||_2 ∈ R^{n×E}
         text_features = text_features / text_features.norm(dim=-1, keepdim=True)  # (n, E)
-        q = selection_matrix(labels.to(text_features.device), n)  # (L, n)
+        q = selection_matrix(labels.cpu(), n).to(text_features.device)  # (L, n)
         # Eq. (7): g(C') = Q · ĝ(C)
         return q @ text_features  # (L, n) @ (n, E) -> (L, E)
 
@@ -291,7 +292,7 @@ def dpc_step(learner, images, labels, sampler, pool, threads, tuned_prompt, tune
     picked = sampler.sample(F.normalize(batch_image.float(), dim=-1) @ tuned_text.t(), labels)   # scores (B, n)
     negatives = data.augmented_images(pool, picked.negative_images, threads)   # [(3, H, W)]
     negatives = torch.stack(negatives).to(device) if negatives else None                 # (L - B', 3, H, W)
-    pair_labels = torch.tensor(picked.pair_labels, device=device)                         # (L,)
+    pair_labels = torch.tensor(picked.pair_labels)                                        # (L,), on the CPU
     sampler_s = time.time() - t0
 
     # 2. The parallel prompt P' in every forward (its step: main, README Differences 6).
@@ -404,6 +405,7 @@ def main(args):
             for n, p in parallel_prompt.items():
                 p.copy_(previous["parallel_prompt"][n])
         run_io.load_optimizer_state(optimizer, previous["optimizer"], path)
+        run_io.load_scaler_state(scaler, previous)   # fp16: the loss scale it had, not 2^16 again
         start_epoch = previous["epoch"] + 1
         log(f"resuming after epoch {previous['epoch']}")
     log(f"DPC on {args.learner} backbone {args.backbone}: P = {len(tuned_prompt)} tensors, "
@@ -421,11 +423,12 @@ def main(args):
         torch.manual_seed(args.seed * 1000 + epoch)     # a resumed run replays exactly this epoch
         sampler.rng.seed(args.seed * 1000 + epoch)
         loader = data.make_loader(train_images, args.batch_size, True, args.workers,
-                                  seed=args.seed * 1000 + epoch, drop_last=True)
+                                  seed=args.seed * 1000 + epoch, drop_last=True, pin=args.device.startswith("cuda"))
         lr = lr_at(epoch, args.lr, args.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        progress, t_sampler, pairs = run_io.Progress(epoch, args.epochs, len(loader), args.print_every), 0.0, 0
+        progress = run_io.Progress(epoch, args.epochs, len(loader), args.print_every, fix="lower --lr or raise --omega-b")
+        t_sampler, pairs = 0.0, 0
         for it, (images, labels, _) in enumerate(loader, 1):
             progress.waited()
             images = images.to(args.device, non_blocking=True)
@@ -435,9 +438,6 @@ def main(args):
             else:  # Tab. 3 rows (3)-(4): P' trained with the learner's own loss on the plain few-shot batch
                 step = learner_loss_step(learner, images, labels.to(args.device), parallel_prompt, classnames,
                                          args.device)
-            if not torch.isfinite(step.loss):
-                raise DPCError(f"loss is {step.loss.item()} at epoch {epoch} iteration {it}: lower --lr or raise "
-                               f"--omega-b; " + run_io.kept_checkpoint(epoch))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(step.loss).backward()
             # The released step: P' <- P' - lr·(∂L/∂P'/ω_b + wd·P'), momentum 0.9 (README Differences 6)
@@ -447,17 +447,17 @@ def main(args):
             pairs += step.pairs
             t_sampler += step.sampler_s
             progress.done(it, lambda s: f"loss {step.loss.item():.4f} lr {lr:.2e} L {pairs / it:.1f} "
-                                        f"{pairs / s:.1f} pairs/s sampler {100 * t_sampler / s:.0f}%")
+                                        f"{pairs / s:.1f} pairs/s sampler {100 * t_sampler / s:.0f}%", step.loss)
         run_io.check_diverged(parallel_prompt, epoch)
         run_io.save_atomic(run_io.dpc_checkpoint(args, backbone, classnames, tuned_prompt, parallel_prompt, epoch, optimizer,
-                                                 False), os.path.join(args.output_dir, "checkpoint.pt"))
+                                                 False, scaler), os.path.join(args.output_dir, "checkpoint.pt"))
     if threads is not None:
         threads.shutdown()
 
     results = evaluate_dpc(learner, splits, tuned_prompt, parallel_prompt, args)
     scoring.log_results(results, f"{args.learner} + DPC")
     run_io.save_atomic(run_io.dpc_checkpoint(args, backbone, classnames, tuned_prompt, parallel_prompt, args.epochs, optimizer,
-                                             True), os.path.join(args.output_dir, "checkpoint.pt"))
+                                             True, scaler), os.path.join(args.output_dir, "checkpoint.pt"))
     run_io.write_json_atomic(dict(results, kind="dpc", learner=args.learner, data=args.data, seed=args.seed,
                                   omega_b=args.omega_b, omega_n=args.omega_n, base_inference=args.base_inference,
                                   loss=args.loss, topk=topk, epochs=args.epochs, parallel_step=args.parallel_step,

@@ -177,7 +177,7 @@ def test_maple_context_is_a_photo_and_of_a_stay_frozen_words(clip):
     ids = tokenize("a photo of a")[0]
     assert maple.ctx.shape == (2, 128)
     assert torch.equal(maple.ctx.data, clip.token_embedding.weight[ids[1:3].long()])    # "a", "photo"
-    tokens, _ = prompts.class_prompts(clip, CLASSES, maple.prefix, maple.cache)
+    tokens, _, _ = prompts.class_prompts(clip, CLASSES, maple.prefix, maple.cache)
     assert torch.equal(tokens, tokenize([f"a photo of a {c.replace('_', ' ')}." for c in CLASSES]))
     with torch.no_grad():  # with the deep prompts left out, the text side is zero-shot CLIP
         shallow = prompts.encode_prompted_text(clip, maple.ctx, CLASSES, maple.prefix, {})

@@ -364,10 +364,10 @@ def test_interrupted_run_resumes_to_identical_results(world, tmp_path, how):
 def crashing_loader(real, epoch: int):
     """data.make_loader that stops the run like Ctrl-C when asked for epoch `epoch`'s shuffled loader (the
     stages seed each epoch's loader with seed * 1000 + epoch)."""
-    def make_loader(dataset, batch_size, shuffle, workers, seed=0, drop_last=False):
+    def make_loader(dataset, batch_size, shuffle, workers, seed=0, **kwargs):
         if shuffle and seed % 1000 == epoch:
             raise KeyboardInterrupt
-        return real(dataset, batch_size, shuffle, workers, seed=seed, drop_last=drop_last)
+        return real(dataset, batch_size, shuffle, workers, seed=seed, **kwargs)
     return make_loader
 
 

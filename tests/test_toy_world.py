@@ -181,7 +181,7 @@ def test_dpc_claims_on_the_toy_world(toy_runs, capsys):
 
 def test_channel_invariance_of_section_4_4_does_not_hold_in_the_toy_world(toy_runs):
     """§4.4 claims P' keeps P's feature distribution. In the toy world (README, "§4.4") it does not: on the
-    main job's run every context vector of P' = F⁻¹(P̃_b) moved farther from P than stage 1 moved P from
+    main job's run every context vector of P' moved farther from P than stage 1 moved P from
     "a photo of a", and P' shares fewer signs and less rank order with P than P with its initial prompt.
     Should a change make the claim hold here, this test fails and README's §4.4 paragraph must change."""
     s = toy_runs["interpreted"]["summary"]

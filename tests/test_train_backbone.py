@@ -169,10 +169,10 @@ def interrupt_epoch(monkeypatch, epoch, run_seed=1):
     (main seeds each epoch's loader with run_seed * 1000 + epoch; evaluation loaders do not shuffle.)"""
     real = data.make_loader
 
-    def make_loader(dataset, batch_size, shuffle, workers, seed=0, drop_last=False):
+    def make_loader(dataset, batch_size, shuffle, workers, seed=0, **kwargs):
         if shuffle and seed == run_seed * 1000 + epoch:
             raise Interrupted(f"epoch {epoch}")
-        return real(dataset, batch_size, shuffle, workers, seed=seed, drop_last=drop_last)
+        return real(dataset, batch_size, shuffle, workers, seed=seed, **kwargs)
 
     monkeypatch.setattr(data, "make_loader", make_loader)
 

@@ -64,12 +64,12 @@ import train_dpc  # noqa: E402
 
 def timed(fn, repeats, device):
     fn()  # warm-up
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / repeats
 
@@ -195,7 +195,7 @@ def module_bytes(module) -> int:
 
 
 def reset_peak(dev):
-    if dev == "cuda":
+    if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     else:
         with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, the peak resident set
@@ -203,7 +203,7 @@ def reset_peak(dev):
 
 
 def peak_memory(dev) -> int:
-    if dev == "cuda":
+    if dev.startswith("cuda"):
         return torch.cuda.max_memory_allocated()
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -212,7 +212,7 @@ def peak_memory(dev) -> int:
 def process_memory(dev) -> int:
     """Bytes in use now: the CUDA allocator's, or on CPU the resident set after handing freed heap pages
     back (malloc_trim), so the figure is what live tensors hold, not what glibc keeps cached."""
-    if dev == "cuda":
+    if dev.startswith("cuda"):
         torch.cuda.synchronize()
         return torch.cuda.memory_allocated()
     try:
@@ -477,8 +477,10 @@ def main():
     p.add_argument("--memory-goal", type=float, default=12.0, help="GB a step may hold, CLIP included")
     args = p.parse_args()
     dev, r = args.device, args.repeats
+    if dev.startswith("cuda"):   # cuda:N: its synchronize and memory counters, not GPU 0's
+        torch.cuda.set_device(torch.device(dev))
     machine = (f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {dev}"
-               + (f" {torch.cuda.get_device_name()}" if dev == "cuda" else ""))
+               + (f" {torch.cuda.get_device_name(torch.device(dev))}" if dev.startswith("cuda") else ""))
     if args.memory == "only":
         out = json.load(open(args.out)) if os.path.isfile(args.out) else dict(machine=machine)
         out["memory"] = dict(memory(args, dev), machine=machine)
@@ -603,7 +605,7 @@ def main():
         t0 = time.perf_counter()
         waits.append(t0 - t_last)
         coop_step(x.to(dev), y.to(dev))
-        if dev == "cuda":
+        if dev.startswith("cuda"):
             torch.cuda.synchronize()
         t_last = time.perf_counter()
         steps.append(t_last - t0)
@@ -629,7 +631,7 @@ def main():
     if not args.skip_pipeline:
         out["pipeline"] = pipeline_section(args.workers)
 
-    out["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda"
+    out["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if dev.startswith("cuda")
                              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
     print(f"machine: {out['machine']}, {args.arch}, {args.classes} classes, {out['threads']} threads")
