@@ -308,3 +308,17 @@ def test_stage_1_waits_for_the_device_per_epoch_not_per_step(tmp_path, monkeypat
                         + common(tmp_path, shots=16)))   # data written and features cached before counting
     steps_16, steps_8 = syncs(5, "a"), syncs(10, "b")
     assert steps_16 == steps_8, (steps_16, steps_8)
+
+
+def test_gpu_runs_load_batches_into_pinned_memory(tmp_path, monkeypatch):
+    """A GPU run's loaders pin their batches (a non_blocking copy from pageable memory waits); a CPU run's do not."""
+    pins = []
+    real = data.make_loader
+    monkeypatch.setattr(data, "make_loader", lambda *a, **k: pins.append(k.get("pin")) or real(*a, **k))
+    monkeypatch.chdir(tmp_path)
+    tb.main(tb.get_args(["--learner", "coop", "--epochs", "1", "--batch-size", "4", "--output-dir", "o"]
+                        + common(tmp_path)))
+    assert pins and not any(pins)
+    loader = real(data.ImageDataset([data.Item(p, 0, CLASSES[0]) for p in fake_images(2)], data.test_transform(32)),
+                  2, False, 0, pin=True)
+    assert loader.pin_memory
