@@ -196,11 +196,40 @@ def check_regular_file(path: str) -> None:
     raise CLIPLoadError(f"CLIP weights {path} are {kind}, not a regular file: put the .pt file itself there")
 
 
+def zip_problem(path: str) -> str | None:
+    """What makes a zip archive (a torch.save file, OpenAI's TorchScript archive) unsafe to open, read from its
+    central directory alone, before any entry is decompressed: torch.save and OpenAI store their entries
+    uncompressed, so a compressed entry (a 48 MB file that inflates to 3 GB) or entries declaring more bytes
+    than the file holds mean a file neither wrote. None for a sound archive, or a file that is no zip."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        size = os.path.getsize(path)
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        return f"its zip directory cannot be read ({type(e).__name__})"
+    declared = 0
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED:
+            return (f"its entry {entry.filename[:60]!r} is compressed (method {entry.compress_type}), which torch.save "
+                    f"and OpenAI's archives never do")
+        if entry.file_size != entry.compress_size or entry.header_offset + entry.file_size > size:
+            return f"its entry {entry.filename[:60]!r} declares {entry.file_size} bytes that the file does not hold"
+        declared += entry.file_size
+    if declared > size:
+        return f"its entries declare {declared} bytes, more than the file's {size}"
+    return None
+
+
 def read_state_dict(path: str) -> dict:
     """Official files are TorchScript archives, read as data (read_torchscript: torch.jit.load would
     run the archive's code); ours and open_clip's are plain state dicts (torch.load, weights_only).
     Every tensor is checked to be a dense CPU tensor inside its storage (tensor_problem)."""
     check_regular_file(path)
+    problem = zip_problem(path)
+    if problem:
+        raise CLIPLoadError(f"refusing to read CLIP weights {path}: {problem}; download the file again")
     obj = None
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:

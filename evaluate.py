@@ -59,7 +59,7 @@ import prompts
 import run_io
 import scoring
 import train_dpc as td
-from run_io import RunError, log
+from run_io import RunError, log, setting_differences
 
 EPILOG = __doc__[__doc__.index("Tab. 1 ("):]  # the commands, also shown by --help
 
@@ -158,7 +158,7 @@ def evaluate_run(run: str, ckpt: dict, opts) -> dict:
     """One row: base/new/HM from results.json, or recomputed from the checkpoint."""
     a, dpc = ckpt["args"], ckpt["kind"] == "dpc"
     row = dict(run=run, kind=row_kind(ckpt), learner=ckpt["learner"], data=ckpt["data"], seed=a["seed"],
-               shots=a.get("shots"), epochs=a.get("epochs"))
+               shots=a.get("shots"), epochs=a.get("epochs"), args=dict(a, clip=ckpt["clip"]))
     overrides = opts.omega_b is not None or opts.omega_n is not None or opts.base_inference is not None
     results = None if opts.recompute or (dpc and overrides) else run_io.read_results(run)
     row["source"] = "results.json" if results else "recomputed"
@@ -222,6 +222,24 @@ def zero_shot_rows(finished, opts) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 
+def check_one_experiment(learner: str, kind: str, name: str, rows: list[dict]) -> None:
+    """A row is the mean over seeds of ONE experiment: the seeds are distinct and every setting that changes
+    the numbers is equal (run_io.setting_differences: shots, epochs, lr, initialisation, ω, K, ..., and the
+    CLIP weights by content). Else one line naming the setting and both values."""
+    seeds = [r["seed"] for r in rows]
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        runs = [r["run"] for r in rows if r["seed"] == twice[0]]
+        raise RunError(f"{learner} {kind} {name}: seed {twice[0]} comes twice ({', '.join(map(str, runs))}): a row "
+                       f"averages distinct seeds of one experiment; evaluate each experiment's folders in their own call")
+    for r in rows[1:]:
+        differ = setting_differences(rows[0]["args"], r["args"]) if "args" in r and "args" in rows[0] else []
+        if differ:
+            raise RunError(f"{learner} {kind} {name}: seed {rows[0]['seed']} ({rows[0]['run']}) and seed {r['seed']} "
+                           f"({r['run']}) differ in {'; '.join(differ[:3])}: a row averages the seeds of one experiment; "
+                           f"evaluate each setting's run folders in their own call (e.g. evaluate.py tab4/k4)")
+
+
 def aggregate(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """Groups (learner, row, dataset): mean base and mean new over seeds, H = HM of the two means (the
     CoCoOp/MaPLe convention, not the mean of per-seed H). Averages: the same over the datasets present."""
@@ -231,11 +249,7 @@ def aggregate(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     cells = []
     for (learner, kind, name), rs in groups.items():
         seeds = [r["seed"] for r in rs]
-        settings = {tuple(r.get(k) for k in ("shots", "epochs", "omega_b", "omega_n", "base_inference", "topk",
-                                             "loss", "parallel_step", "min_negatives", "continued")) for r in rs}
-        if len(set(seeds)) < len(seeds) or len(settings) > 1:  # e.g. two Tab. 4 settings in one call
-            print(f"warning: {learner} {kind} {name} averages runs of seeds {seeds} with {len(settings)} "
-                  f"different settings: evaluate each setting's folder separately", file=sys.stderr)
+        check_one_experiment(learner, kind, name, rs)
         base, new = scoring.mean([r["base"] for r in rs]), scoring.mean([r["new"] for r in rs])
         cells.append(dict(learner=learner, kind=kind, data=name, seeds=seeds, base=base, new=new,
                           hm=scoring.harmonic_mean(base, new)))
@@ -462,6 +476,12 @@ def main(args):
         raise RunError("--values needs --sweep omega_b or --sweep omega_n")
     if args.figures and (args.target or args.ablation):
         raise RunError("--figures draws Tab. 1 (the default mode) and Fig. 6 (--sweep); drop it with --target or --ablation")
+    if args.figures or args.interpret:   # before any work: the figures need matplotlib, an optional package
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise RunError(f"--{'figures' if args.figures else 'interpret'} draws with matplotlib, which is not "
+                           f"installed here: pip install matplotlib (or leave out --figures)") from None
     finished = run_io.find_runs(args.runs, args.trust_checkpoint)
     run_io.lock_run_folder(args.out, "--out")   # one evaluate.py per --out at a time
     if args.sweep:

@@ -18,6 +18,8 @@ import contextlib
 import errno
 import fcntl
 import glob
+import hashlib
+import io
 import json
 import os
 import pickle
@@ -146,6 +148,9 @@ def check_run_folder(args, kind: str = "backbone"):
     if previous["finished"]:
         raise RunError(f"{args.output_dir} already holds a finished run: re-evaluate it with evaluate.py, "
                        f"or pass --overwrite to train again (or another --output-dir)")
+    if args.resume is None:   # a script without --resume (tools/import_dassl.py)
+        raise RunError(f"{args.output_dir} holds an unfinished run (epoch {previous['epoch']}/"
+                       f"{previous['args'].get('epochs')}): pass --overwrite to replace it, or another --output-dir")
     if not args.resume:
         raise RunError(f"{args.output_dir} holds an unfinished run (epoch {previous['epoch']}/"
                        f"{previous['args'].get('epochs')}): pass --resume to continue or --overwrite to start over")
@@ -168,6 +173,39 @@ def changed_flags(stored: dict, given: dict) -> list[str]:
             if k in stored and k not in HOW_FLAGS and stored[k] != given[k]]
 
 
+# What differs between the seed runs of one experiment (a Tab. 1 row averages seeds of one experiment):
+# the seed, where its data and its per-seed inputs lie, and how it ran. The CLIP is compared by content.
+PER_SEED = HOW_FLAGS + ("seed", "root", "backbone", "teacher", "continue_from", "imported_from", "dassl_run", "clip")
+
+
+def file_digest(path: str, _memo={}) -> str:
+    """SHA-256 of a file's bytes, once per (path, size, mtime) in this process."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _memo:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _memo[key] = h.hexdigest()
+    return _memo[key]
+
+
+def same_clip(a: str, b: str) -> bool:
+    """Two runs' CLIP: the same name, or two files with the same bytes (a copy elsewhere, another mount)."""
+    return a == b or (os.path.isfile(a) and os.path.isfile(b) and file_digest(a) == file_digest(b))
+
+
+def setting_differences(a: dict, b: dict) -> list[str]:
+    """'--flag x vs y' for every setting (a run's args, PER_SEED left out) in which two runs of one row differ;
+    the CLIP weights by content."""
+    out = [f"--{k.replace('_', '-')} {a[k]!r} vs {b[k]!r}" for k in sorted(set(a) & set(b))   # an older run's
+           if k not in PER_SEED and a[k] != b[k]]                                                  # unknown flag: not compared
+    if not same_clip(str(a.get("clip")), str(b.get("clip"))):
+        out.append(f"--clip {a.get('clip')!r} vs {b.get('clip')!r} (other weights)")
+    return out
+
+
 def check_disk(folder: str, tensors) -> None:
     """Before the run folder is made: room for a checkpoint (state + optimiser + the temp copy of an
     atomic write) on the disk `folder` will be on."""
@@ -188,7 +226,7 @@ def start_run(args):
         check_regular(os.path.join(args.output_dir, name))
     try:
         for tmp in glob.glob(os.path.join(glob.escape(args.output_dir), "*.tmp")):
-            if re.fullmatch(r".+\.\d+\.tmp", os.path.basename(tmp)):
+            if TEMP_NAME.fullmatch(os.path.basename(tmp)):
                 os.remove(tmp)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
@@ -338,15 +376,28 @@ def log(message: str):
             stream.flush()
 
 
+def temp_name(path: str) -> str:
+    """A temp file beside `path` that no other writer picks: host, process and a random part (two hosts
+    writing one feature cache on NFS can share a pid); TEMP_NAME recognises it."""
+    return f"{path}.{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+
+
+TEMP_NAME = re.compile(r".+\.[A-Za-z0-9-]*\.\d+\.[0-9a-f]{8}\.tmp|.+\.\d+\.tmp")   # temp_name's, or an older pid-only one
+
+
 def save_atomic(obj, path: str):
     """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint. The temp
-    name is the process's own, so runs writing the same file (a shared feature cache) never mix."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    name is the writer's own (temp_name), so runs writing the same file (a shared feature cache) never mix."""
+    tmp = temp_name(path)
     try:
         try:
             torch.save(obj, tmp)
         except RuntimeError as e:   # torch's zip writer reports a failed open or write (read-only, disk full) so
             reason = str(e).strip().rsplit(": ", 1)[-1]   # "... open file failed with strerror: Read-only file system"
+            folder = os.path.dirname(os.path.abspath(path))
+            free = shutil.disk_usage(folder).free
+            if "unexpected pos" in str(e) or "write failed" in str(e) or free < 2 ** 20:   # a short write: full
+                reason = f"no space left on device: {free / 1e6:.1f} MB free in {folder}"
             raise OSError(errno.EIO, f"cannot write ({reason})", path) from e
         os.replace(tmp, path)
     finally:
@@ -354,9 +405,22 @@ def save_atomic(obj, path: str):
             os.remove(tmp)
 
 
+def remove_stale_temps(folder: str, older_than_s: float = 86400) -> None:
+    """Temp files of writes a killed process left (kill -9, a lost node) in a shared folder (the feature
+    cache), once they are a day old: no live writer takes that long for one file."""
+    now = time.time()
+    for name in os.listdir(folder):
+        full = os.path.join(folder, name)
+        try:
+            if TEMP_NAME.fullmatch(name) and now - os.stat(full).st_mtime > older_than_s:
+                os.remove(full)
+        except OSError:   # another process removed it first
+            pass
+
+
 def write_json_atomic(obj, path: str):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = temp_name(path)
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
@@ -493,6 +557,9 @@ def load_safely(path: str, trust: bool = False, inert_objects: bool = False):
     INERT_GLOBALS, as inert stand-ins that are never called. Any other global is refused naming it;
     only `trust` (--trust-checkpoint) unpickles it for real."""
     check_regular(path)
+    problem = clip_model.zip_problem(path)   # before anything is inflated or allocated
+    if problem:
+        raise RunError(f"refusing to read {path}: {problem}; it is damaged or was not written by a training script")
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False)  # runs code: the user said so
     try:
@@ -703,7 +770,7 @@ def load_backbone(run_dir: str, device, trust: bool = False):
 def remember_last_backbone(run_dir: str) -> None:
     """Record a finished stage-1 run as the one train_dpc.py continues without --backbone (find_backbone)."""
     os.makedirs(os.path.dirname(LAST_BACKBONE), exist_ok=True)
-    tmp = f"{LAST_BACKBONE}.{os.getpid()}.tmp"   # runs in parallel (tools/reproduce.py) never mix
+    tmp = temp_name(LAST_BACKBONE)   # runs in parallel (tools/reproduce.py) never mix
     with open(tmp, "w") as f:
         f.write(os.path.abspath(run_dir) + "\n")
     os.replace(tmp, LAST_BACKBONE)
@@ -1028,12 +1095,52 @@ def _interrupt(signum, frame):
     raise Interrupted(signum)
 
 
+class QuietStdout:
+    """sys.stdout that goes quiet when its reader goes away (`evaluate.py … | head -1`): the files (log.txt,
+    results.json, table.md) are the record and stdout only a view of it, so the work goes on and nothing
+    prints a traceback. The closed pipe is replaced by /dev/null, so later writes and the final flush
+    succeed."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __getattr__(self, name):   # encoding, fileno, isatty, ... of the stream
+        return getattr(self.stream, name)
+
+    def _quiet(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())
+        os.close(devnull)
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._quiet()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._quiet()
+            self.stream.flush()
+
+
 def run_cli(main_fn, get_args_fn, argv=None, errors=(), resume_hint="rerun the same command with --resume"):
     """Entry point of every script: an expected failure ends in ONE line on stderr and exit code 2;
     Ctrl-C (exit code 130) or SIGTERM (143) ends in one line, keeping the last finished epoch's
-    checkpoint. The run folder's lock is let go on the way out, whatever the way."""
+    checkpoint. The run folder's lock is let go on the way out, whatever the way. A closed stdout
+    (`| head`) silences the output, not the run (QuietStdout)."""
     main_thread = threading.current_thread() is threading.main_thread()   # only it may set handlers
     before = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    stdout = sys.stdout
+    if not isinstance(stdout, QuietStdout) and hasattr(stdout, "fileno"):
+        try:
+            stdout.fileno()
+            sys.stdout = QuietStdout(stdout)
+        except (OSError, ValueError, io.UnsupportedOperation):   # a stream without a file (pytest's capture)
+            pass
     try:
         return main_fn(get_args_fn(argv))
     except ERRORS + tuple(errors) as e:
@@ -1046,5 +1153,6 @@ def run_cli(main_fn, get_args_fn, argv=None, errors=(), resume_hint="rerun the s
         sys.exit(128 + signum)
     finally:
         release_run_folder()
+        sys.stdout = stdout
         for s, handler in before.items():
             signal.signal(s, handler)

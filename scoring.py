@@ -117,7 +117,7 @@ def image_features(learner, items, device, workers, batch_size, cache) -> list:
         return [f.to(device) for f in _MEMO[key]]
     path = os.path.join(cache, key[:2], key + ".pt")
     features = None
-    if persistent and os.path.isfile(path):
+    if persistent and os.path.isfile(path) and clip_model.zip_problem(path) is None:   # else a miss, rewritten
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
             if cached_features_fit(stored, len(items), batch_size, learner.clip.text_projection.shape[1]):
@@ -129,6 +129,7 @@ def image_features(learner, items, device, workers, batch_size, cache) -> list:
         if persistent:
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
+                run_io.remove_stale_temps(os.path.dirname(path))
                 save_atomic([f.cpu() for f in features], path)
             except OSError as e:   # a read-only cache costs time, never the run
                 warn_once(cache, f"warning: cannot write the feature cache {path} ({e.strerror}); "

@@ -48,7 +48,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run_io.add_feature_cache_flag(p)
     run_io.add_trust_flag(p)
-    p.set_defaults(resume=False, shots=SHOTS, subsample="base")   # what check_run_folder and the record read
+    p.set_defaults(resume=None, shots=SHOTS, subsample="base")   # what check_run_folder and the record read (None: no --resume)
     args = p.parse_args(argv)
     args.data = data.dataset_name(args.data)
     args.dassl_run, args.root = os.path.abspath(args.dassl_run), os.path.abspath(args.root)

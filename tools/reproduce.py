@@ -215,9 +215,17 @@ def driver_flags(args) -> list[str]:
                     for name in ("backbone_flags", "teacher_flags", "dpc_flags", "dept_flags") if getattr(args, name)]
 
 
+def slurm_quote(path: str) -> str:
+    """A path as an #SBATCH option value: sbatch splits those lines at spaces unless they are in double quotes."""
+    return f'"{path}"'
+
+
 def write_slurm(path: str, tasks: list[int], task_line: str, evaluate_line: str, logs: str) -> None:
     """One chain per array task, run by this tool (--task), so its state is decided when the task runs;
     the table is a separate job that waits for all of them (afterok)."""
+    if '"' in logs or "\n" in logs:
+        raise run_io.RunError(f"--out {logs!r} holds a double quote or a line break, which an #SBATCH line cannot carry: "
+                       f"choose another --out")
     with open(path, "w") as f:
         f.write(f"#!/bin/bash\n# DPC base-to-new protocol (paper Tab. 1) by tools/reproduce.py: {len(tasks)} chains, "
                 f"one per array task.\n# Each task runs its chain like tools/reproduce.py on a workstation: finished "
@@ -227,7 +235,7 @@ def write_slurm(path: str, tasks: list[int], task_line: str, evaluate_line: str,
                 f"#   jobid=$(sbatch --parsable {path})\n"
                 f"#   sbatch --dependency=afterok:$jobid --wrap {shlex.quote(evaluate_line)}\n"
                 f"#SBATCH --job-name=dpc-tab1\n#SBATCH --array={','.join(map(str, tasks))}\n#SBATCH --gres=gpu:1\n"
-                f"#SBATCH --output={logs}/%A_%a.out\n#SBATCH --open-mode=append\n#SBATCH --requeue\n"
+                f"#SBATCH --output={slurm_quote(logs + '/%A_%a.out')}\n#SBATCH --open-mode=append\n#SBATCH --requeue\n"
                 f"#SBATCH --signal=B:TERM@120\nset -eo pipefail\ncd {shlex.quote(os.getcwd())}\n"
                 f"# exec: the signal reaches this tool, which forwards it to the run and waits for it\n"
                 f'exec {task_line} --task "$SLURM_ARRAY_TASK_ID"\n')
