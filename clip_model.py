@@ -198,9 +198,11 @@ def check_regular_file(path: str) -> None:
 
 def zip_problem(path: str) -> str | None:
     """What makes a zip archive (a torch.save file, OpenAI's TorchScript archive) unsafe to open, read from its
-    central directory alone, before any entry is decompressed: torch.save and OpenAI store their entries
-    uncompressed, so a compressed entry (a 48 MB file that inflates to 3 GB) or entries declaring more bytes
-    than the file holds mean a file neither wrote. None for a sound archive, or a file that is no zip."""
+    central directory alone, before any entry is decompressed: torch.save and TorchScript store the entries
+    that are read (data.pkl, constants.pkl, the tensor data) uncompressed, so such an entry compressed (a
+    48 MB file that inflates to 3 GB) or declaring more bytes than the file holds means a file neither wrote.
+    TorchScript's own code/ and .debug_pkl entries are compressed, and never read here (read_torchscript
+    does not compile the archive's code). None for a sound archive, or a file that is no zip."""
     try:
         if not zipfile.is_zipfile(path):
             return None
@@ -211,6 +213,8 @@ def zip_problem(path: str) -> str | None:
         return f"its zip directory cannot be read ({type(e).__name__})"
     declared = 0
     for entry in entries:
+        if "/code/" in f"/{entry.filename}" or entry.filename.endswith(".debug_pkl"):   # never read
+            continue
         if entry.compress_type != zipfile.ZIP_STORED:
             return (f"its entry {entry.filename[:60]!r} is compressed (method {entry.compress_type}), which torch.save "
                     f"and OpenAI's archives never do")

@@ -36,8 +36,8 @@ Tab. 3 (the component ablation on a CoOp backbone, one command per row; ablation
     python train_dpc.py --backbone tab3/coop/s1 --loss learner --base-inference mixed --output-dir tab3/we_de/s1
     python train_dpc.py --backbone tab3/coop/s1 --output-dir tab3/dpc/s1
     python evaluate.py tab3 --ablation
-Ablations that retrain (evaluate one setting's folder at a time: runs are grouped by learner,
-row and dataset only, so two settings in one call would be averaged together):
+Ablations that retrain (evaluate one setting's folder at a time: a row averages the seeds of one experiment,
+and two settings of one learner, row and dataset in one call are refused in one line):
   Tab. 4, top-K against batch size at b·K = 32 (per dataset and seed; K = 8 is the default run):
     python train_dpc.py --backbone output/eurosat/coop/seed1 --topk 4 --batch-size 8 --output-dir tab4/k4/eurosat/s1
     python train_dpc.py --backbone output/eurosat/coop/seed1 --topk 2 --batch-size 16 --output-dir tab4/k2/eurosat/s1

@@ -396,7 +396,7 @@ def save_atomic(obj, path: str):
             reason = str(e).strip().rsplit(": ", 1)[-1]   # "... open file failed with strerror: Read-only file system"
             folder = os.path.dirname(os.path.abspath(path))
             free = shutil.disk_usage(folder).free
-            if "unexpected pos" in str(e) or "write failed" in str(e) or free < 2 ** 20:   # a short write: full
+            if free < 2 ** 26:   # a short write ("unexpected pos ...") on a (nearly) full disk: say so
                 reason = f"no space left on device: {free / 1e6:.1f} MB free in {folder}"
             raise OSError(errno.EIO, f"cannot write ({reason})", path) from e
         os.replace(tmp, path)
