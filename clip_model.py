@@ -270,19 +270,19 @@ def download(name: str, root: str = CACHE_DIR) -> str:
     file, sha = MODELS[name]
     target = os.path.join(root, file)
     os.makedirs(root, exist_ok=True)
-    if os.path.isfile(target) and _sha256(target) == sha:
+    if os.path.isfile(target) and file_sha256(target) == sha:
         return target
     tmp = target + ".part"
     with urllib.request.urlopen(model_url(name)) as src, open(tmp, "wb") as out:
         shutil.copyfileobj(src, out, length=1 << 20)
-    if _sha256(tmp) != sha:
+    if file_sha256(tmp) != sha:
         os.remove(tmp)
         raise CLIPLoadError(f"downloaded {file} does not match its SHA-256 {sha}; try again")
     os.replace(tmp, target)
     return target
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -165,8 +165,7 @@ def evaluate_run(run: str, ckpt: dict, opts) -> dict:
     if dpc:
         s = dpc_settings(ckpt, opts)
         row.update(omega_b=s.omega_b, omega_n=s.omega_n, base_inference=s.base_inference, topk=a.get("topk"),
-                   loss=a.get("loss", "hard-negative"), parallel_step=a.get("parallel_step"),
-                   min_negatives=a.get("min_negatives"))
+                   loss=a.get("loss", "hard-negative"))
     else:
         row.update(continued=bool(a.get("continue_from")))  # Tab. 3 row (1)
     if results is None:

@@ -18,7 +18,6 @@ import contextlib
 import errno
 import fcntl
 import glob
-import hashlib
 import io
 import json
 import os
@@ -148,12 +147,11 @@ def check_run_folder(args, kind: str = "backbone"):
     if previous["finished"]:
         raise RunError(f"{args.output_dir} already holds a finished run: re-evaluate it with evaluate.py, "
                        f"or pass --overwrite to train again (or another --output-dir)")
-    if args.resume is None:   # a script without --resume (tools/import_dassl.py)
+    if not args.resume:   # None: a script without --resume (tools/import_dassl.py)
+        fix = "--overwrite to replace it, or another --output-dir" if args.resume is None else \
+            "--resume to continue or --overwrite to start over"
         raise RunError(f"{args.output_dir} holds an unfinished run (epoch {previous['epoch']}/"
-                       f"{previous['args'].get('epochs')}): pass --overwrite to replace it, or another --output-dir")
-    if not args.resume:
-        raise RunError(f"{args.output_dir} holds an unfinished run (epoch {previous['epoch']}/"
-                       f"{previous['args'].get('epochs')}): pass --resume to continue or --overwrite to start over")
+                       f"{previous['args'].get('epochs')}): pass {fix}")
     changed = changed_flags(previous["args"], vars(args))
     if changed:
         raise RunError(f"--resume: {args.output_dir} was started with other flags: {', '.join(changed)}; resume with "
@@ -179,15 +177,11 @@ PER_SEED = HOW_FLAGS + ("seed", "root", "backbone", "teacher", "continue_from", 
 
 
 def file_digest(path: str, _memo={}) -> str:
-    """SHA-256 of a file's bytes, once per (path, size, mtime) in this process."""
+    """SHA-256 of a file's bytes (clip_model.file_sha256), once per (path, size, mtime) in this process."""
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     if key not in _memo:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _memo[key] = h.hexdigest()
+        _memo[key] = clip_model.file_sha256(path)
     return _memo[key]
 
 
@@ -624,9 +618,8 @@ def dpc_checkpoint(args, backbone, classnames, tuned_prompt, parallel_prompt, ep
 
 
 def scaler_state(scaler) -> dict:
-    """The GradScaler's state as plain numbers ({} when it is off: bf16 and fp32)."""
-    return {} if scaler is None or not scaler.is_enabled() else \
-        {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in scaler.state_dict().items()}
+    """The GradScaler's state, plain numbers ({} when it is off: bf16 and fp32)."""
+    return scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}
 
 
 def load_scaler_state(scaler, ckpt: dict) -> None:
