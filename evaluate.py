@@ -49,23 +49,27 @@ and two settings of one learner, row and dataset in one call are refused in one 
 """
 import argparse
 import os
-import sys
 from argparse import Namespace
 
 import torch
 
+import backbones
+import checkpoints
+import command_line
 import data
+import figures
 import prompts
-import run_io
+import run_folder
 import scoring
 import train_dpc as td
-from run_io import RunError, log, setting_differences
+from command_line import setting_differences
+from run_folder import RunError, log
 
 EPILOG = __doc__[__doc__.index("Tab. 1 ("):]  # the commands, also shown by --help
 
 
 def get_args(argv=None):
-    p = run_io.Parser(description=__doc__.split("\n")[0], epilog=EPILOG,
+    p = command_line.Parser(description=__doc__.split("\n")[0], epilog=EPILOG,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders (holding checkpoint.pt) or folders above them")
     p.add_argument("--recompute", action="store_true", help="recompute from checkpoint.pt, not results.json")
@@ -106,8 +110,8 @@ def get_args(argv=None):
                    help="where results.json + table.md (+ fig5.md), sweep.json, transfer.json or ablation.json go")
     p.add_argument("--workers", type=int, default=4, help="data-loading processes (0 = in the main process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    run_io.add_feature_cache_flag(p)
-    run_io.add_trust_flag(p)
+    command_line.add_feature_cache_flag(p)
+    command_line.add_trust_flag(p)
     return p.parse_args(argv)
 
 
@@ -143,9 +147,9 @@ def stored_prompts(ckpt: dict, device) -> tuple[dict, dict]:
 def load_learner(run: str, ckpt: dict, opts):
     """The learner a run evaluates with: its own (backbone) or its stage-1 run's (DPC), ours or Dassl's."""
     if ckpt["kind"] == "backbone":
-        return run_io.load_backbone(run, opts.device, opts.trust_checkpoint)[0]
+        return backbones.load_backbone(run, opts.device, opts.trust_checkpoint)[0]
     a = ckpt["args"]
-    return run_io.load_stage1(ckpt["backbone"], opts.device, opts.trust_checkpoint, ckpt["clip"], a.get("teacher"),
+    return backbones.load_stage1(ckpt["backbone"], opts.device, opts.trust_checkpoint, ckpt["clip"], a.get("teacher"),
                               a.get("teacher_clip"))[0]
 
 
@@ -160,7 +164,7 @@ def evaluate_run(run: str, ckpt: dict, opts) -> dict:
     row = dict(run=run, kind=row_kind(ckpt), learner=ckpt["learner"], data=ckpt["data"], seed=a["seed"],
                shots=a.get("shots"), epochs=a.get("epochs"), args=dict(a, clip=ckpt["clip"]))
     overrides = opts.omega_b is not None or opts.omega_n is not None or opts.base_inference is not None
-    results = None if opts.recompute or (dpc and overrides) else run_io.read_results(run)
+    results = None if opts.recompute or (dpc and overrides) else checkpoints.read_results(run)
     row["source"] = "results.json" if results else "recomputed"
     if dpc:
         s = dpc_settings(ckpt, opts)
@@ -204,7 +208,7 @@ def zero_shot_rows(finished, opts) -> list[dict]:
             continue
         done.add(key)
         template = zero_shot_template(ckpt["data"])
-        learner = prompts.ZeroShotCLIP(run_io.load_clip(ckpt["clip"], opts.device), template)
+        learner = prompts.ZeroShotCLIP(backbones.load_clip(ckpt["clip"], opts.device), template)
         splits = data.load_splits(ckpt["data"], key[2], 0, a["seed"])
         results = scoring.base_to_new(learner.to(opts.device).eval(), splits, opts.device, opts.workers,
                                       cache=opts.feature_cache)
@@ -223,7 +227,7 @@ def zero_shot_rows(finished, opts) -> list[dict]:
 
 def check_one_experiment(learner: str, kind: str, name: str, rows: list[dict]) -> None:
     """A row is the mean over seeds of ONE experiment: the seeds are distinct and every setting that changes
-    the numbers is equal (run_io.setting_differences: shots, epochs, lr, initialisation, ω, K, ..., and the
+    the numbers is equal (command_line.setting_differences: shots, epochs, lr, initialisation, ω, K, ..., and the
     CLIP weights by content). Else one line naming the setting and both values."""
     seeds = [r["seed"] for r in rows]
     twice = sorted({s for s in seeds if seeds.count(s) > 1})
@@ -442,7 +446,7 @@ def interpret(finished, opts) -> dict:
     for run, ckpt in finished:
         if ckpt["kind"] != "dpc":
             continue
-        learner, backbone = run_io.load_stage1(ckpt["backbone"], "cpu", opts.trust_checkpoint)
+        learner, backbone = backbones.load_stage1(ckpt["backbone"], "cpu", opts.trust_checkpoint)
         if backbone["data"] is None:
             raise RunError(f"{run}: its backbone {ckpt['backbone']} is a Dassl folder, which records no seed or "
                            f"initialisation to rebuild the prompt before tuning; use a backbone of train_backbone.py")
@@ -452,22 +456,22 @@ def interpret(finished, opts) -> dict:
                  and not torch.equal(t.float(), initial[n])]             # context tensors stage 1 trained
         name = next(n for n in PICTURED if n in moved)
         table = learner.clip.token_embedding.weight.detach()
-        words = {which: scoring.nearest_words(p[name], table, opts.words) for which, p in (("P", tuned), ("P'", parallel))} \
+        words = {which: figures.nearest_words(p[name], table, opts.words) for which, p in (("P", tuned), ("P'", parallel))} \
             if name == "ctx" else {}                                     # words exist for the text context only
         runs.append(dict(run=run, backbone=ckpt["backbone"], learner=ckpt["learner"], data=ckpt["data"],
                          seed=ckpt["args"]["seed"], pictured=name, initial=init_kind, nearest_words=words,
                          prompts={k: p[name].tolist() for k, p in (("initial", initial), ("P", tuned),
                                                                   ("P'", parallel))},
-                         tensors={n: scoring.invariance(initial[n], tuned[n].float(), parallel[n].float()) for n in moved}))
+                         tensors={n: figures.invariance(initial[n], tuned[n].float(), parallel[n].float()) for n in moved}))
     if not runs:
         raise RunError("--interpret needs DPC runs (train_dpc.py): P' exists only there")
-    return dict(runs=runs, summary=scoring.interpretation_summary(runs))
+    return dict(runs=runs, summary=figures.interpretation_summary(runs))
 
 
 # ------------------------------------------------------------------------------------------------
 
 def main(args):
-    run_io.check_run_flags(args)
+    command_line.check_run_flags(args)
     if args.target is not None and not args.target.strip(" ,"):
         raise RunError(f"--target {args.target!r} names no dataset: give dataset names or the groups "
                        f"'cross-dataset', 'cross-domain'")
@@ -481,25 +485,25 @@ def main(args):
         except ImportError:
             raise RunError(f"--{'figures' if args.figures else 'interpret'} draws with matplotlib, which is not "
                            f"installed here: pip install matplotlib (or leave out --figures)") from None
-    finished = run_io.find_runs(args.runs, args.trust_checkpoint)
-    run_io.lock_run_folder(args.out, "--out")   # one evaluate.py per --out at a time
+    finished = checkpoints.find_runs(args.runs, args.trust_checkpoint)
+    run_folder.lock_run_folder(args.out, "--out")   # one evaluate.py per --out at a time
     if args.sweep:
         out = sweep(finished, args)
-        run_io.write_json_atomic(out, os.path.join(args.out, "sweep.json"))
-        for path in scoring.draw_fig6(out, args.out) if args.figures else []:
+        run_folder.write_json_atomic(out, os.path.join(args.out, "sweep.json"))
+        for path in figures.draw_fig6(out, args.out) if args.figures else []:
             print(f"wrote figure {path}")
     elif args.target:
         out = transfer(finished, args)
-        run_io.write_json_atomic(out, os.path.join(args.out, "transfer.json"))
+        run_folder.write_json_atomic(out, os.path.join(args.out, "transfer.json"))
     elif args.ablation:
         out = ablation(finished, args)
-        run_io.write_json_atomic(out, os.path.join(args.out, "ablation.json"))
+        run_folder.write_json_atomic(out, os.path.join(args.out, "ablation.json"))
     elif args.interpret:
         out = interpret(finished, args)
-        print(scoring.format_interpretation(out))
-        run_io.write_json_atomic(out, os.path.join(args.out, "interpret.json"))
+        print(figures.format_interpretation(out))
+        run_folder.write_json_atomic(out, os.path.join(args.out, "interpret.json"))
         for r in out["runs"]:
-            for path in scoring.draw_fig7(r, os.path.join(args.out, f"fig7_{r['learner']}_{r['data']}_seed{r['seed']}")):
+            for path in figures.draw_fig7(r, os.path.join(args.out, f"fig7_{r['learner']}_{r['data']}_seed{r['seed']}")):
                 print(f"wrote figure {path}")
     else:
         rows = [evaluate_run(run, ckpt, args) for run, ckpt in finished]
@@ -521,20 +525,20 @@ def main(args):
             out["fig5"] = scoring.fig5_numbers(cells, averages)
             print("\n" + scoring.format_fig5(cells, averages), end="")
             tables["fig5.md"] = scoring.format_fig5(cells, averages, markdown=True, blocks_per_line=4)
-        run_io.write_json_atomic(out, os.path.join(args.out, "results.json"))
+        run_folder.write_json_atomic(out, os.path.join(args.out, "results.json"))
         for name, text in tables.items():
             with open(os.path.join(args.out, name), "w") as f:
                 f.write(text)
         if args.figures:   # Fig. 1, Tab. 1 as a figure and Fig. 5, from the numbers just written
-            for path in (scoring.draw_fig1(averages, rows, args.out) + scoring.draw_tab1(cells, averages, rows, args.out)
-                         + (scoring.draw_fig5(cells, averages, rows, args.out) if "fig5" in out else [])):
+            for path in (figures.draw_fig1(averages, rows, args.out) + figures.draw_tab1(cells, averages, rows, args.out)
+                         + (figures.draw_fig5(cells, averages, rows, args.out) if "fig5" in out else [])):
                 print(f"wrote figure {path}")
     print(f"wrote {os.path.abspath(args.out)}")
     return out
 
 
 def run(argv=None):
-    return run_io.run_cli(main, get_args, argv, (td.DPCError,))
+    return command_line.run_cli(main, get_args, argv, (td.DPCError,))
 
 
 if __name__ == "__main__":

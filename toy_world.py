@@ -16,8 +16,6 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data import DataError
-
 
 # ----------------------------------------------------------------------------------------------
 # Synthetic ImageFolder for tests and smoke runs
@@ -214,7 +212,7 @@ def _shape_polygons(shape: str) -> list[tuple[np.ndarray, int]]:
         return [(regular(48), 255), (regular(48, scale=0.55), 0)]
     if shape == "crescent":  # a disc with an offset disc cut out
         return [(regular(48), 255), (regular(48, scale=0.85, shift=(0.45, -0.1)), 0)]
-    raise DataError(f"unknown toy shape {shape!r}; choose one of {', '.join(TOY_SHAPES)}")
+    raise ValueError(f"unknown toy shape {shape!r}; choose one of {', '.join(TOY_SHAPES)}")
 
 
 @lru_cache()

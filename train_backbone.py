@@ -21,11 +21,15 @@ import os
 
 import torch
 
+import backbones
+import checkpoints
+import command_line
 import data
+import precision
 import prompts
-import run_io
+import run_folder
 import scoring
-from run_io import RunError, log
+from run_folder import RunError, log
 
 
 # ------------------------------------------------------------------------------------------------
@@ -33,7 +37,7 @@ from run_io import RunError, log
 # ------------------------------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = run_io.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command_line.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--learner", required=True, choices=list(prompts.LEARNERS), help="prompt learner (paper §4.1)")
     p.add_argument("--data", required=True,
                    help=f"dataset: one of {', '.join(data.DATASETS)}, a folder name under --root in the "
@@ -73,7 +77,7 @@ def get_args(argv=None):
     p.add_argument("--gpa-mean", type=float, default=15.0, help="PromptSRC Gaussian prompt aggregation mean (epochs)")
     p.add_argument("--gpa-std", type=float, default=1.0, help="PromptSRC Gaussian prompt aggregation std (epochs)")
     p.add_argument("--output-dir", default=None, help="run folder (default output/<data>/<learner>/seed<seed>)")
-    run_io.add_run_flags(p)
+    command_line.add_run_flags(p)
     args = p.parse_args(argv)
     args.data = data.dataset_name(args.data)   # CoOp's config names too (imagenetv2): runs record ours
     defaults = prompts.LEARNERS[args.learner].DEFAULTS
@@ -97,19 +101,19 @@ def get_args(argv=None):
         "output", args.data, args.learner + "_dept" * args.dept + "_ts" * bool(args.continue_from), f"seed{args.seed}")
     args.root = os.path.abspath(args.root)  # runs are re-evaluated from other folders
     args.teacher = args.teacher and os.path.abspath(args.teacher)
-    args.clip, args.teacher_clip = run_io.clip_path(args.clip), run_io.clip_path(args.teacher_clip)
+    args.clip, args.teacher_clip = backbones.clip_path(args.clip), backbones.clip_path(args.teacher_clip)
     args.continue_from = args.continue_from and os.path.abspath(args.continue_from)
-    run_io.check_positive(args, "epochs", "batch_size", "lr")
-    run_io.check_shots(args.shots)
-    run_io.check_run_flags(args)
+    command_line.check_positive(args, "epochs", "batch_size", "lr")
+    command_line.check_shots(args.shots)
+    command_line.check_run_flags(args)
     if args.n_ctx is not None and args.n_ctx < 1:
         raise RunError(f"--n-ctx must be at least 1, got {args.n_ctx}")
     if args.learner == "promptsrc":
-        run_io.check_positive(args, "gpa_std")
+        command_line.check_positive(args, "gpa_std")
         if not math.isfinite(args.gpa_mean):
             raise RunError(f"--gpa-mean must be finite, got {args.gpa_mean}")
     if args.learner == "promptkd":
-        run_io.check_positive(args, "kd_weight")
+        command_line.check_positive(args, "kd_weight")
         if args.batch_size < 2:
             raise RunError(f"--batch-size {args.batch_size}: PromptKD's projector has BatchNorm, which needs at "
                            f"least 2 images a batch")
@@ -136,10 +140,10 @@ def lr_at(epoch: int, base_lr: float, epochs: int) -> float:
 # ------------------------------------------------------------------------------------------------
 
 def main(args):
-    run_io.check_not_a_source(args.output_dir, continue_from=args.continue_from, teacher=args.teacher)
-    previous = run_io.check_run_folder(args)
+    command_line.check_not_a_source(args.output_dir, continue_from=args.continue_from, teacher=args.teacher)
+    previous = command_line.check_run_folder(args)
     torch.manual_seed(args.seed)
-    clip = run_io.load_clip(args.clip, args.device)
+    clip = backbones.load_clip(args.clip, args.device)
     image_size = clip.visual.input_resolution
     splits = data.load_splits(args.data, args.root, args.shots, args.seed)
     data.check_halves(splits, args.data, args.subsample)
@@ -153,15 +157,15 @@ def main(args):
         if not args.teacher:
             raise RunError("--learner promptkd needs --teacher RUN_DIR: a promptsrc run of this project (README) or "
                            "a released teacher folder teacher_model/<Dataset> of the original code")
-        teacher, teacher_args = run_io.load_teacher(args.teacher, args.teacher_clip, args.device, args.trust_checkpoint)
-        differ = run_io.teacher_recipe_differences(teacher_args) if teacher_args is not None else {}
+        teacher, teacher_args = backbones.load_teacher(args.teacher, args.teacher_clip, args.device, args.trust_checkpoint)
+        differ = backbones.teacher_recipe_differences(teacher_args) if teacher_args is not None else {}
         if differ:  # the student copies its teacher: another teacher moves every PromptKD number
             log(f"warning: --teacher {args.teacher} was trained with " + ", ".join(
                 f"{k} {theirs} (original teacher: {ours})" for k, (theirs, ours) in differ.items()) +
                 "; PromptKD's numbers assume the original teacher recipe (README)")
     continued = None
     if args.continue_from:  # Tab. 3 row (1), TS: the stage-1 run tuned for another --epochs
-        _, continued, _ = run_io.load_backbone(args.continue_from, "cpu", args.trust_checkpoint)
+        _, continued, _ = backbones.load_backbone(args.continue_from, "cpu", args.trust_checkpoint)
         mine = dict(learner=args.learner, data=args.data, clip=args.clip, subsample=args.subsample, dept=args.dept)
         theirs = {k: continued["args"].get(k) for k in mine}
         theirs["dept"] = bool(theirs["dept"])   # runs from before --dept existed
@@ -174,8 +178,8 @@ def main(args):
                                     classnames if args.dept else None, args.dept_weight).to(args.device)
     prompts.check_classnames(learner, data.classnames_of(splits["all"]["train"]), training=True)
     params = prompts.trainable_parameters(learner)
-    run_io.check_disk(args.output_dir, prompts.learner_state(learner).values())
-    run_io.start_run(args)
+    run_folder.check_disk(args.output_dir, prompts.learner_state(learner).values())
+    run_folder.start_run(args)
     log(f"learner {args.learner}: {sum(p.numel() for p in params.values()):,} trainable values in "
         f"{len(params)} tensors; {len(train_items)} train images, {len(classnames)} classes")
     # Dassl: SGD momentum 0.9, weight decay 5e-4 on every trainable tensor (README Differences 2). DePT's
@@ -184,19 +188,19 @@ def main(args):
     groups = [[p for n, p in params.items() if n not in head], [params[n] for n in head]]
     base_lrs = [args.lr, args.lr * prompts.DePT.HEAD_LR_MULT]
     optimizer = torch.optim.SGD([dict(params=g) for g in groups if g], lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    scaler = run_io.grad_scaler(args.device)
+    scaler = precision.grad_scaler(args.device)
     gpa = prompts.gpa_weights(args.epochs, args.gpa_mean, args.gpa_std) if args.learner == "promptsrc" else None
     gpa_sum, best, start_epoch = None, None, 1   # best: (base test accuracy, learner state)
     if continued is not None and previous is None:  # same prompt and optimiser state; the schedule restarts
         prompts.load_learner_state(learner, continued["state"])
-        run_io.load_optimizer_state(optimizer, continued["optimizer"], os.path.join(args.continue_from, "checkpoint.pt"))
+        checkpoints.load_optimizer_state(optimizer, continued["optimizer"], os.path.join(args.continue_from, "checkpoint.pt"))
         log(f"continuing the finished run {args.continue_from} (epoch {continued['epoch']}) for {args.epochs} epochs")
     if previous is not None:
         prompts.load_learner_state(learner, previous["state"])
-        run_io.load_optimizer_state(optimizer, previous["optimizer"], os.path.join(args.output_dir, "checkpoint.pt"))
-        gpa_sum, best, start_epoch = run_io.to_device(previous["gpa_sum"], args.device), previous.get("best"), \
+        checkpoints.load_optimizer_state(optimizer, previous["optimizer"], os.path.join(args.output_dir, "checkpoint.pt"))
+        gpa_sum, best, start_epoch = precision.to_device(previous["gpa_sum"], args.device), previous.get("best"), \
             previous["epoch"] + 1
-        run_io.load_scaler_state(scaler, previous)   # fp16: the loss scale it had, not 2^16 again
+        checkpoints.load_scaler_state(scaler, previous)   # fp16: the loss scale it had, not 2^16 again
         log(f"resuming after epoch {previous['epoch']}")
 
     steps_per_epoch = len(train_items) // args.batch_size if len(train_items) >= args.batch_size else 1
@@ -209,11 +213,11 @@ def main(args):
         for group, base_lr in zip(optimizer.param_groups, base_lrs):   # DePT: 1e-5 for both in the warm-up epoch
             group["lr"] = lr_at(epoch, base_lr, args.epochs)
         learner.train()
-        progress = run_io.Progress(epoch, args.epochs, len(loader), args.print_every, steps_per_epoch)
+        progress = run_folder.Progress(epoch, args.epochs, len(loader), args.print_every, steps_per_epoch)
         for it, (images, labels, _) in enumerate(loader, 1):
             progress.waited()
             images, labels = images.to(args.device, non_blocking=True), labels.to(args.device)
-            with run_io.autocast(args.device):
+            with precision.autocast(args.device):
                 out = learner.training_loss(images, labels, classnames)
             loss = out["loss"]
             optimizer.zero_grad(set_to_none=True)
@@ -231,8 +235,8 @@ def main(args):
                                    args.device, args.workers, cache=args.feature_cache)
             best = (acc, prompts.learner_state(learner)) if best is None or acc > best[0] else best
             log(f"epoch {epoch}: base test accuracy {acc:.2f} (best {best[0]:.2f})")
-        run_io.check_diverged(params, epoch)
-        run_io.save_atomic(run_io.backbone_checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, best, False,
+        run_folder.check_diverged(params, epoch)
+        run_folder.save_atomic(checkpoints.backbone_checkpoint(args, learner, classnames, epoch, optimizer, gpa_sum, best, False,
                                                       scaler), os.path.join(args.output_dir, "checkpoint.pt"))
 
     if gpa_sum is not None:  # the epochs' checkpoints hold their own prompts; the finished one, this aggregate
@@ -244,16 +248,16 @@ def main(args):
     learner.eval()
     results = scoring.base_to_new(learner, splits, args.device, args.workers, subsample=args.subsample, cache=args.feature_cache)
     scoring.log_results(results, f"{args.learner} {'+ DePT' if args.dept else 'backbone'}")
-    run_io.save_atomic(run_io.backbone_checkpoint(args, learner, classnames, args.epochs, optimizer, gpa_sum, best, True,
+    run_folder.save_atomic(checkpoints.backbone_checkpoint(args, learner, classnames, args.epochs, optimizer, gpa_sum, best, True,
                                                   scaler), os.path.join(args.output_dir, "checkpoint.pt"))
-    run_io.write_json_atomic(dict(results, kind="dept" if args.dept else "backbone", learner=args.learner, data=args.data, seed=args.seed,
+    run_folder.write_json_atomic(dict(results, kind="dept" if args.dept else "backbone", learner=args.learner, data=args.data, seed=args.seed,
                                   shots=args.shots, epochs=args.epochs), os.path.join(args.output_dir, "results.json"))
-    run_io.remember_last_backbone(args.output_dir)   # train_dpc.py without --backbone continues this run
+    backbones.remember_last_backbone(args.output_dir)   # train_dpc.py without --backbone continues this run
     return results
 
 
 def run(argv=None):
-    return run_io.run_cli(main, get_args, argv)
+    return command_line.run_cli(main, get_args, argv)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import backbones
+import checkpoints
+import command_line
 import data
+import precision
 import prompts
-import run_io
+import run_folder
 import scoring
-from run_io import log
+from run_folder import log
 from train_backbone import lr_at   # DPC follows the backbone's schedule (Dassl's, README Differences 2)
 
 
@@ -285,7 +289,7 @@ def dpc_step(learner, images, labels, sampler, pool, threads, tuned_prompt, tune
     (B, 3, H, W) on `device`, labels (B,); tuned_text (n, E): the sampler's fixed text features of P."""
     # 3. Negative Sampler: the frozen backbone (P) ranks all base classes for each image.
     t0 = time.time()
-    with torch.no_grad(), prompts.substitute(learner, tuned_prompt), run_io.autocast(device):
+    with torch.no_grad(), prompts.substitute(learner, tuned_prompt), precision.autocast(device):
         batch_image = learner.encode_image(images)                                       # (B, E)
     if not learner.image_side:  # CoOp: the loss below reuses these features, so they are not sampler cost
         t0 = time.time()
@@ -296,7 +300,7 @@ def dpc_step(learner, images, labels, sampler, pool, threads, tuned_prompt, tune
     sampler_s = time.time() - t0
 
     # 2. The parallel prompt P' in every forward (its step: main, README Differences 6).
-    with prompts.substitute(learner, parallel_prompt), run_io.autocast(device):
+    with prompts.substitute(learner, parallel_prompt), precision.autocast(device):
         if learner.image_side:
             pair_images = images[picked.positives] if negatives is None else torch.cat([images[picked.positives], negatives])
             image_features = learner.encode_image(pair_images)                           # (L, E)
@@ -315,7 +319,7 @@ def dpc_step(learner, images, labels, sampler, pool, threads, tuned_prompt, tune
 def learner_loss_step(learner, images, labels, parallel_prompt, classnames, device) -> Step:
     """Tab. 3 rows (3) and (4), "--loss learner": P' trained with the backbone learner's own training loss
     (CoOp: cross-entropy, Eq. 3) on the plain few-shot batch; no negative sampler."""
-    with prompts.substitute(learner, parallel_prompt), run_io.autocast(device):
+    with prompts.substitute(learner, parallel_prompt), precision.autocast(device):
         loss = learner.training_loss(images, labels, classnames)["loss"]
     return Step(loss, images.shape[0], 0.0)
 
@@ -324,7 +328,7 @@ def learner_loss_step(learner, images, labels, parallel_prompt, classnames, devi
 # Arguments
 
 def get_args(argv=None):
-    p = run_io.Parser(description="DPC stage 2 (paper §3.2-3.4)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command_line.Parser(description="DPC stage 2 (paper §3.2-3.4)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--backbone", default=None, help="stage-1 run folder (default: the last train_backbone.py run)")
     p.add_argument("--topk", type=int, default=8, help="K of the Negative Sampler (paper §4.1: K = 8)")
     p.add_argument("--batch-size", type=int, default=4, help="b (paper §4.1: 4, so b·K = 32 as the backbone's batch)")
@@ -349,13 +353,13 @@ def get_args(argv=None):
                         "in the mini-batch up to this many (the released code: 2; 0 = hard negatives only; README Differences 7)")
     p.add_argument("--shots", type=int, default=16, help="few-shot base train set (also for a PromptKD backbone, paper §4.1)")
     p.add_argument("--seed", type=int, default=None, help="default: the backbone's seed")
-    run_io.add_backbone_flags(p)   # --data, --root, --clip, --teacher, --teacher-clip: the backbone's unless given
+    backbones.add_backbone_flags(p)   # --data, --root, --clip, --teacher, --teacher-clip: the backbone's unless given
     p.add_argument("--output-dir", default=None, help="run folder (default output/<data>/<learner>_dpc/seed<seed>)")
-    run_io.add_run_flags(p)
+    command_line.add_run_flags(p)
     args = p.parse_args(argv)
-    run_io.check_positive(args, "epochs", "batch_size", "lr")
-    run_io.check_shots(args.shots)
-    run_io.check_run_flags(args)
+    command_line.check_positive(args, "epochs", "batch_size", "lr")
+    command_line.check_shots(args.shots)
+    command_line.check_run_flags(args)
     check_topk(args.topk, max(args.topk, 2))  # K < 2 fails before anything is loaded or written
     if args.min_negatives < 0:
         raise DPCError(f"--min-negatives must be 0 or more (0 = hard negatives only); got {args.min_negatives}")
@@ -366,24 +370,24 @@ def get_args(argv=None):
 # Training loop (Fig. 3)
 
 def main(args):
-    learner, backbone = run_io.dpc_backbone(args)   # P's learner; DPC continues on its data, root, seed and classes
+    learner, backbone = backbones.dpc_backbone(args)   # P's learner; DPC continues on its data, root, seed and classes
     args.omega_b = (1.0 if args.learner == "maple" else 0.2) if args.omega_b is None else args.omega_b
     check_omegas(args.omega_b, args.omega_n)
     args.output_dir = args.output_dir or os.path.join("output", args.data, f"{args.learner}_dpc", f"seed{args.seed}")
-    run_io.check_not_a_source(args.output_dir, backbone=args.backbone, teacher=args.teacher)
-    previous = run_io.check_run_folder(args, "dpc")
+    command_line.check_not_a_source(args.output_dir, backbone=args.backbone, teacher=args.teacher)
+    previous = command_line.check_run_folder(args, "dpc")
     splits = data.load_splits(args.data, args.root, args.shots, args.seed)
     data.check_halves(splits, args.data, args.subsample)
     train_items = splits[args.subsample]["train"]
     classnames = data.classnames_of(train_items)                      # the n base classes
-    run_io.check_backbone_classes(backbone, classnames, args)
+    backbones.check_backbone_classes(backbone, classnames, args)
     prompts.check_classnames(learner, data.classnames_of(splits["all"]["train"]), training=args.loss == "learner")
     train_images = data.train_set(train_items, learner.clip.visual.input_resolution)   # decoded once, here
     pool = train_items if args.negative_pool == "fewshot" else data.subsample(splits["unsampled"], args.subsample)["train"]
     pool_images = train_images if args.negative_pool == "fewshot" else data.train_set(pool, train_images.transform.size)
     topk = check_topk(args.topk, len(classnames))
-    run_io.check_disk(args.output_dir, list(prompts.prompt_tensors(learner).values()) * 2)   # P and P' are both saved
-    run_io.start_run(args)
+    run_folder.check_disk(args.output_dir, list(prompts.prompt_tensors(learner).values()) * 2)   # P and P' are both saved
+    run_folder.start_run(args)
     if topk < args.topk:
         log(f"warning: --topk {args.topk} > {len(classnames)} base classes; using K = {topk}")
     sampler = NegativeSampler([item.label for item in pool], len(classnames), topk, args.seed, args.min_negatives)
@@ -396,7 +400,7 @@ def main(args):
     optimizer = torch.optim.SGD(parallel_prompt.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     # The released code moves these tensors of P' at lr/ω_b (scale_released_gradients); --parallel-step paper: none.
     scaled = released_step_tensors(args.learner, parallel_prompt) if args.parallel_step == "released" else []
-    scaler = run_io.grad_scaler(args.device)   # fp16 autocast only (GPUs without bf16), as in stage 1
+    scaler = precision.grad_scaler(args.device)   # fp16 autocast only (GPUs without bf16), as in stage 1
     start_epoch = 1
     if previous is not None:
         path = os.path.join(args.output_dir, "checkpoint.pt")
@@ -404,8 +408,8 @@ def main(args):
         with torch.no_grad():
             for n, p in parallel_prompt.items():
                 p.copy_(previous["parallel_prompt"][n])
-        run_io.load_optimizer_state(optimizer, previous["optimizer"], path)
-        run_io.load_scaler_state(scaler, previous)   # fp16: the loss scale it had, not 2^16 again
+        checkpoints.load_optimizer_state(optimizer, previous["optimizer"], path)
+        checkpoints.load_scaler_state(scaler, previous)   # fp16: the loss scale it had, not 2^16 again
         start_epoch = previous["epoch"] + 1
         log(f"resuming after epoch {previous['epoch']}")
     log(f"DPC on {args.learner} backbone {args.backbone}: P = {len(tuned_prompt)} tensors, "
@@ -415,7 +419,7 @@ def main(args):
         f"images, negatives from {len(pool)} ({args.negative_pool}), at least {args.min_negatives} per image")
 
     # The sampler's frozen text features of P over all base classes never change: computed once.
-    with torch.no_grad(), prompts.substitute(learner, tuned_prompt), run_io.autocast(args.device):
+    with torch.no_grad(), prompts.substitute(learner, tuned_prompt), precision.autocast(args.device):
         tuned_text = F.normalize(learner.encode_text(classnames).float(), dim=-1)   # (n, E)
 
     threads = ThreadPoolExecutor(args.workers) if args.workers > 0 else None   # renders the negatives
@@ -427,7 +431,7 @@ def main(args):
         lr = lr_at(epoch, args.lr, args.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        progress = run_io.Progress(epoch, args.epochs, len(loader), args.print_every, fix="lower --lr or raise --omega-b")
+        progress = run_folder.Progress(epoch, args.epochs, len(loader), args.print_every, fix="lower --lr or raise --omega-b")
         t_sampler, pairs = 0.0, 0
         for it, (images, labels, _) in enumerate(loader, 1):
             progress.waited()
@@ -448,17 +452,17 @@ def main(args):
             t_sampler += step.sampler_s
             progress.done(it, lambda s: f"loss {step.loss.item():.4f} lr {lr:.2e} L {pairs / it:.1f} "
                                         f"{pairs / s:.1f} pairs/s sampler {100 * t_sampler / s:.0f}%", step.loss)
-        run_io.check_diverged(parallel_prompt, epoch)
-        run_io.save_atomic(run_io.dpc_checkpoint(args, backbone, classnames, tuned_prompt, parallel_prompt, epoch, optimizer,
+        run_folder.check_diverged(parallel_prompt, epoch)
+        run_folder.save_atomic(checkpoints.dpc_checkpoint(args, backbone, classnames, tuned_prompt, parallel_prompt, epoch, optimizer,
                                                  False, scaler), os.path.join(args.output_dir, "checkpoint.pt"))
     if threads is not None:
         threads.shutdown()
 
     results = evaluate_dpc(learner, splits, tuned_prompt, parallel_prompt, args)
     scoring.log_results(results, f"{args.learner} + DPC")
-    run_io.save_atomic(run_io.dpc_checkpoint(args, backbone, classnames, tuned_prompt, parallel_prompt, args.epochs, optimizer,
+    run_folder.save_atomic(checkpoints.dpc_checkpoint(args, backbone, classnames, tuned_prompt, parallel_prompt, args.epochs, optimizer,
                                              True, scaler), os.path.join(args.output_dir, "checkpoint.pt"))
-    run_io.write_json_atomic(dict(results, kind="dpc", learner=args.learner, data=args.data, seed=args.seed,
+    run_folder.write_json_atomic(dict(results, kind="dpc", learner=args.learner, data=args.data, seed=args.seed,
                                   omega_b=args.omega_b, omega_n=args.omega_n, base_inference=args.base_inference,
                                   loss=args.loss, topk=topk, epochs=args.epochs, parallel_step=args.parallel_step,
                                   min_negatives=args.min_negatives, backbone=os.path.abspath(args.backbone)),
@@ -485,7 +489,7 @@ def evaluate_dpc(learner, splits, tuned_prompt, parallel_prompt, args) -> dict:
 
 
 def run(argv=None):
-    return run_io.run_cli(main, get_args, argv, (DPCError,))
+    return command_line.run_cli(main, get_args, argv, (DPCError,))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import tempfile
 import pytest
 import torch
 
-# The tests' feature cache (run_io.FEATURE_CACHE reads it at import): never the user's ~/.cache.
+# The tests' feature cache (command_line.FEATURE_CACHE reads it at import): never the user's ~/.cache.
 os.environ["DPC_FEATURE_CACHE"] = tempfile.mkdtemp(prefix="dpc_features_")
 
 

@@ -8,10 +8,12 @@ import shutil
 import pytest
 import torch
 
+import backbones
+import checkpoints
 import clip_model
 import evaluate
 import prompts
-import run_io
+import run_folder
 import train_backbone as tb
 import train_dpc
 from dassl_files import write_dassl_folder
@@ -288,11 +290,11 @@ def test_a_dassl_folder_imports_to_the_learner_it_was_written_from(tmp_path, nam
         write_dassl_folder(teacher_dir, "promptsrc", teacher, best=True)
     learner = perturbed_learner(name, teacher)
     write_dassl_folder(str(tmp_path / "run"), name, learner, epoch=5)
-    loaded, found = run_io.dassl_learner(str(tmp_path / "run"), "tiny", "cpu", teacher_dir, "tiny")
+    loaded, found = backbones.dassl_learner(str(tmp_path / "run"), "tiny", "cpu", teacher_dir, "tiny")
     assert found == name
     if name == "promptkd":   # a Dassl student names no teacher: it must be given
-        with pytest.raises(run_io.RunError, match="--teacher"):
-            run_io.dassl_learner(str(tmp_path / "run"), "tiny", "cpu")
+        with pytest.raises(run_folder.RunError, match="--teacher"):
+            backbones.dassl_learner(str(tmp_path / "run"), "tiny", "cpu")
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     classes = ["red stripes", "green stripes", "blue stripes"]
     with torch.no_grad():
@@ -311,7 +313,7 @@ def test_a_dassl_promptkd_student_is_read_from_its_best_checkpoint(tmp_path, nam
     last, best = perturbed_learner(name, teacher, seed=3), perturbed_learner(name, teacher, seed=4)
     write_dassl_folder(str(tmp_path / "run"), name, last, epoch=20)
     write_dassl_folder(str(tmp_path / "run"), name, best, best=True)
-    loaded, _ = run_io.dassl_learner(str(tmp_path / "run"), "tiny", "cpu", teacher_dir, "tiny")
+    loaded, _ = backbones.dassl_learner(str(tmp_path / "run"), "tiny", "cpu", teacher_dir, "tiny")
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     classes = ["red stripes", "green stripes", "blue stripes"]
     with torch.no_grad():
@@ -337,7 +339,7 @@ def test_a_dassl_folder_without_root_reads_the_data_folder_where_dpc_runs(world,
         train_dpc.main(train_dpc.get_args(["--backbone", str(tmp_path / "maple"), "--data", "synthetic", "--clip", "tiny",
                                            "--epochs", "1", "--workers", "0", "--shots", "2",
                                            "--output-dir", str(tmp_path / "out")]))
-    ckpt = run_io.read_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))
+    ckpt = checkpoints.read_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))
     assert ckpt["finished"] and ckpt["args"]["root"] == os.path.abspath(world["root"])
 
 
@@ -373,14 +375,14 @@ def test_promptkd_accepts_a_released_dassl_teacher_folder(world, tmp_path, monke
     assert 0 <= res["base"] <= 100
     assert "warning" not in capsys.readouterr().out   # a released teacher is the original recipe
     # the student's run folder finds its Dassl teacher again (evaluate, DPC)
-    learner, ckpt, _ = run_io.load_backbone("kd", "cpu")
+    learner, ckpt, _ = backbones.load_backbone("kd", "cpu")
     assert ckpt["args"]["teacher_clip"] == "tiny" and isinstance(learner.teacher, prompts.PromptSRC)
 
 
 def test_a_teacher_trained_off_recipe_gets_one_warning(world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    recipe = dict(run_io.PROMPTKD_TEACHER_RECIPE, clip="tiny", epochs=1, shots=2)   # the recipe, shortened
-    monkeypatch.setattr(run_io, "PROMPTKD_TEACHER_RECIPE", recipe)
+    recipe = dict(backbones.PROMPTKD_TEACHER_RECIPE, clip="tiny", epochs=1, shots=2)   # the recipe, shortened
+    monkeypatch.setattr(backbones, "PROMPTKD_TEACHER_RECIPE", recipe)
     flags = ["--data", "synthetic", "--root", world["root"], "--workers", "0"]
     tb.main(tb.get_args(flags + ["--learner", "promptsrc", "--clip", "tiny", "--lr", str(recipe["lr"]), "--batch-size",
                                  str(recipe["batch_size"]), "--epochs", "1", "--shots", "2", "--output-dir", "good"]))

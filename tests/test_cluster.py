@@ -15,7 +15,9 @@ import time
 import pytest
 import torch
 
-import run_io
+import checkpoints
+import command_line
+import run_folder
 import toy_world
 import train_backbone as tb
 import train_dpc
@@ -65,7 +67,7 @@ def holder_pid(run_dir) -> int:
     """The pid the run folder's lock file names ('pid N on HOST since ...')."""
     for _ in range(500):
         with contextlib.suppress(OSError):
-            text = open(os.path.join(run_dir, run_io.LOCK_FILE)).read()
+            text = open(os.path.join(run_dir, run_folder.LOCK_FILE)).read()
             if text:
                 return int(text.split()[1])
         time.sleep(0.01)
@@ -118,9 +120,9 @@ def test_a_second_writer_of_any_script_is_refused_and_sigterm_keeps_the_last_epo
     finally:
         a.kill()
     assert a.returncode == 143 and err.strip().splitlines()[-1].startswith("interrupted (SIGTERM):"), err
-    ckpt = run_io.read_checkpoint(str(run / "checkpoint.pt"))
+    ckpt = checkpoints.read_checkpoint(str(run / "checkpoint.pt"))
     assert not ckpt["finished"] and 1 <= ckpt["epoch"] < 400
-    assert not (run / run_io.LOCK_FILE).exists()
+    assert not (run / run_folder.LOCK_FILE).exists()
     print(f"refused second writers in {', '.join(f'{s:.1f}' for s in seconds)} s")
 
 
@@ -135,14 +137,14 @@ def test_kill_9_leaves_no_stale_lock_and_resume_cleans_the_killed_writes(world, 
     a.wait()
     for stale in (f"checkpoint.pt.{a.pid}.tmp", f"results.json.{a.pid}.tmp"):   # as a kill in a write leaves them
         (run / stale).write_bytes(b"half a file")
-    assert (run / run_io.LOCK_FILE).exists()                                     # the file stays; the lock did not
+    assert (run / run_folder.LOCK_FILE).exists()                                     # the file stays; the lock did not
     resumed = subprocess.run(script("train_backbone.py", *flags, "--resume", "--print-every", "5", "--workers", "1",
                                     "--feature-cache", str(tmp_path / "cache")),
                              cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after epoch" in resumed.stdout
     assert sorted(os.listdir(run)) == ["args.json", "checkpoint.pt", "log.txt", "results.json"]
-    assert run_io.read_checkpoint(str(run / "checkpoint.pt"))["finished"]
+    assert checkpoints.read_checkpoint(str(run / "checkpoint.pt"))["finished"]
 
 
 @contextlib.contextmanager
@@ -258,18 +260,18 @@ def test_resume_accepts_the_flags_that_change_only_how_it_runs(unfinished, tmp_p
     module.run(flags + ["--workers", "1", "--print-every", "3", "--device", "cpu", "--feature-cache",
                         str(tmp_path / "cache"), "--trust-checkpoint", "--output-dir", run, "--resume"])
     assert "resuming after epoch 1" in capsys.readouterr().out
-    assert run_io.read_checkpoint(os.path.join(run, "checkpoint.pt"))["finished"]
+    assert checkpoints.read_checkpoint(os.path.join(run, "checkpoint.pt"))["finished"]
     assert json.load(open(os.path.join(run, "args.json")))["workers"] == 1
 
 
 # ------------------------------------------------------------------------------------------------
-# SIGTERM in every entry point (they all end in run_io.run_cli)
+# SIGTERM in every entry point (they all end in command_line.run_cli)
 # ------------------------------------------------------------------------------------------------
 
 def test_every_entry_point_ends_in_run_cli():
     for name in ("train_backbone.py", "train_dpc.py", "evaluate.py", "tools/reproduce.py"):
         text = open(os.path.join(REPO, name)).read()
-        assert "run_io.run_cli(" in text.split('if __name__ == "__main__":')[0] + text.rsplit("\n\n\n", 1)[-1], name
+        assert "command_line.run_cli(" in text.split('if __name__ == "__main__":')[0] + text.rsplit("\n\n\n", 1)[-1], name
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -290,7 +292,7 @@ def test_a_signal_ends_in_one_line_once_and_handlers_are_restored(capsys, signum
             time.sleep(0.2)
 
     with pytest.raises(SystemExit) as exit_:
-        run_io.run_cli(winding_down, lambda argv: None)
+        command_line.run_cli(winding_down, lambda argv: None)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 128 + signum and len(err) == 1
     assert err[0].startswith(f"interrupted ({signal.Signals(signum).name}):")
@@ -328,7 +330,7 @@ def test_slurm_task_requeued_after_sigterm_continues_and_resubmitted_does_nothin
     time limit) reaches the driver through `exec`, which forwards it to its run and waits for it (no orphan);
     the requeued task resumes that run and trains the rest; a resubmitted task finds all finished."""
     out, job = tmp_path / "runs", tmp_path / "job.sbatch"
-    run_io.run_cli(reproduce.main, reproduce.get_args, driver_argv(world, out) + ["--slurm", str(job)])
+    command_line.run_cli(reproduce.main, reproduce.get_args, driver_argv(world, out) + ["--slurm", str(job)])
     bin_dir = tmp_path / "bin"                        # `python` on the node: this interpreter
     bin_dir.mkdir()
     os.symlink(sys.executable, bin_dir / "python")
@@ -344,7 +346,7 @@ def test_slurm_task_requeued_after_sigterm_continues_and_resubmitted_does_nothin
     assert task.returncode == 143 and err.strip().splitlines()[-1].startswith("interrupted (SIGTERM):"), err
     assert not alive(child), "the driver left its run training"
     assert "interrupted (SIGTERM)" in (stage1 / "stdout.txt").read_text()
-    assert not run_io.read_checkpoint(str(stage1 / "checkpoint.pt"))["finished"] and not dpc.exists()
+    assert not checkpoints.read_checkpoint(str(stage1 / "checkpoint.pt"))["finished"] and not dpc.exists()
 
     requeued = subprocess.run(["bash", str(job)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert requeued.returncode == 0, requeued.stderr
@@ -451,4 +453,4 @@ def test_resume_with_the_same_flags_continues_every_learner_and_its_dpc_run(ever
             torch.save(dict(torch.load(path, weights_only=True), finished=False), path)
             module.run(argv + ["--resume"])
             assert "resuming after epoch 1" in capsys.readouterr().out, folder
-            assert run_io.read_checkpoint(path)["finished"], folder
+            assert checkpoints.read_checkpoint(path)["finished"], folder

@@ -15,10 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+import backbones
 import clip_model
 import data
 import evaluate
-import run_io
+import run_folder
 import scoring
 import toy_world
 import train_backbone
@@ -144,8 +145,8 @@ def test_errors_and_log_lines_naming_a_non_utf8_path_print_anywhere(tmp_path, mo
     assert e.value.code == 2 and err == f"error: class folder {folder}/train/caf\\udce9 has no images (.jpg/.jpeg/.png/" \
                                         f".bmp/.gif/.tif/.tiff/.webp); add images or delete the folder\n"
     with open(tmp_path / "log.txt", "w", encoding="utf-8") as log_file:
-        monkeypatch.setattr(run_io, "_LOG", log_file)
-        run_io.log(f"reading {empty}")
+        monkeypatch.setattr(run_folder, "_LOG", log_file)
+        run_folder.log(f"reading {empty}")
     assert "caf\\udce9" in capsys.readouterr().out and "caf\\udce9" in (tmp_path / "log.txt").read_text()
 
 
@@ -362,13 +363,12 @@ def test_every_script_records_our_name_for_a_coop_name(monkeypatch):
     """--data / --target imagenetv2: runs record imagenet_v2 (train_dpc.py: also for a Dassl backbone, which
     records no dataset of its own), and a target counts as cross-domain."""
     import evaluate
-    import run_io
     import train_backbone
     import train_dpc
     assert train_backbone.get_args(["--learner", "coop", "--data", "imagenetv2"]).data == "imagenet_v2"
-    monkeypatch.setattr(run_io, "load_stage1", lambda *a: (None, dict(learner="coop", clip="tiny", data=None, args={})))
+    monkeypatch.setattr(backbones, "load_stage1", lambda *a: (None, dict(learner="coop", clip="tiny", data=None, args={})))
     args = train_dpc.get_args(["--backbone", "dassl_run", "--data", "imagenetv2"])
-    _, backbone = run_io.dpc_backbone(args)
+    _, backbone = backbones.dpc_backbone(args)
     assert args.data == backbone["data"] == "imagenet_v2"
     assert evaluate.parse_targets("imagenetv2,eurosat", {"imagenet"}) == ["imagenet", "imagenet_v2", "eurosat"]
     assert evaluate.parse_targets("imagenetv2,cross-domain", set()) == list(data.CROSS_DOMAIN)

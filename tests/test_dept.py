@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import backbones
 import data
+import precision
 import prompts
-import run_io
 import scoring
 import toy_world
 import train_backbone
@@ -207,7 +208,7 @@ def test_the_checkpoint_holds_the_head_and_reloads_to_the_same_numbers(run):
     ckpt = checkpoint(run, "straight")
     assert ckpt["args"]["dept"] and ckpt["state"]["linear_head.weight"].shape[0] == len(ckpt["classnames"]) == 5
     assert not torch.equal(ckpt["state"]["film_image.scale"], torch.ones_like(ckpt["state"]["film_image.scale"]))
-    learner, _, _ = run_io.load_backbone(str(run["cwd"] / "straight"), "cpu")
+    learner, _, _ = backbones.load_backbone(str(run["cwd"] / "straight"), "cpu")
     assert isinstance(learner, prompts.DePT) and learner.classnames == ckpt["classnames"]
     results = json.loads((run["cwd"] / "straight" / "results.json").read_text())
     assert results["kind"] == "dept" and results["base"] == run["results"]["base"]
@@ -217,7 +218,7 @@ def test_the_checkpoint_holds_the_head_and_reloads_to_the_same_numbers(run):
 
 def test_base_accuracy_is_scored_with_the_fused_logits(run):
     """scoring.accuracy takes the argmax of the fused logits on base classes (not of the cosine alone)."""
-    learner, ckpt, _ = run_io.load_backbone(str(run["cwd"] / "straight"), "cpu")
+    learner, ckpt, _ = backbones.load_backbone(str(run["cwd"] / "straight"), "cpu")
     items = data.load_splits("synthetic", ckpt["args"]["root"], 4, 1)["base"]["test"]
     names = ckpt["classnames"]
     batch = torch.stack([data.test_transform(learner.clip.visual.input_resolution)(data.load_image(i.path))
@@ -274,7 +275,7 @@ def test_transfer_gives_a_dept_run_its_own_row_and_clips_logits_on_a_class_set_b
     monkeypatch.chdir(run["cwd"])
     out = evaluate.main(evaluate.get_args(["straight", "--target", "synthetic", "--workers", "0", "--out", "xd"]))
     (row,) = out["runs"]
-    learner, ckpt, _ = run_io.load_backbone(str(run["cwd"] / "straight"), "cpu")
+    learner, ckpt, _ = backbones.load_backbone(str(run["cwd"] / "straight"), "cpu")
     items = data.read_splits(ckpt["args"]["root"], "synthetic")["test"]
     assert row["kind"] == "dept" and out["mean_over_seeds"][0]["kind"] == "dept"
     assert row["accuracy"] == scoring.accuracy(learner.learner, items, data.classnames_of(items), "cpu")
@@ -285,9 +286,9 @@ def test_dept_trains_and_scores_under_autocast(name, dtype, data_root, tmp_path,
     """The GPU path on CPU (bf16 as on an H100, fp16 with loss scaling as on a V100): the head's loss on
     16-bit features, both lr groups through the scaler, fused 16-bit logits at test; finite fp32 tensors."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(run_io, "autocast", lambda device: torch.autocast("cpu", dtype=dtype))
+    monkeypatch.setattr(precision, "autocast", lambda device: torch.autocast("cpu", dtype=dtype))
     if dtype == torch.float16:
-        monkeypatch.setattr(run_io, "grad_scaler", lambda device: torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))
+        monkeypatch.setattr(precision, "grad_scaler", lambda device: torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))
     flags = argv(data_root, "--epochs", "2", "--batch-size", "8", "--output-dir", "r")
     results = train_backbone.main(train_backbone.get_args(flags[:1] + [name] + flags[2:]))
     assert 0 <= results["base"] <= 100 and 0 <= results["new"] <= 100

@@ -12,10 +12,13 @@ import sys
 import pytest
 import torch
 
+import backbones
+import checkpoints
+import dassl_import
 import data
 import evaluate
 import prompts
-import run_io
+import run_folder
 import scoring
 import toy_world
 import train_dpc
@@ -83,12 +86,12 @@ def test_a_dassl_dept_folder_imports_to_the_learner_it_was_written_from(tmp_path
     path = write_dassl_folder(str(tmp_path / "run"), name, original, epoch=10)
     # as the original writes it: the whole model, fp16 but FiLM, and a scheduler object weights_only refuses
     assert "torch.optim.lr_scheduler.CosineAnnealingLR" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    state = run_io.read_dassl_checkpoint(path)
+    state = dassl_import.read_dassl_checkpoint(path)
     assert state["prompt_learner.ctx"].dtype == state["linear_probe_proj.weight"].dtype == torch.float16
     assert state["film_lp_img.scale"].dtype == torch.float32 and "image_encoder.conv1.weight" in state
     assert os.path.basename(os.path.dirname(path)) == {"coop": "PromptLearner", "maple": "MultiModalPromptLearner"}[name]
 
-    loaded, found = run_io.dassl_learner(str(tmp_path / "run"), "tiny", "cpu", classnames=BASE)
+    loaded, found = backbones.dassl_learner(str(tmp_path / "run"), "tiny", "cpu", classnames=BASE)
     assert found == name and isinstance(loaded, prompts.DePT) and loaded.classnames == BASE
     if name == "coop":   # DePT's CoOp: 16 random context tokens behind the prompt "X X .. X"
         assert loaded.learner.ctx.shape[0] == 16 and loaded.learner.prefix == " ".join(["X"] * 16)
@@ -112,11 +115,11 @@ def test_a_payload_in_a_dassl_dept_folder_never_runs(tmp_path, synthetic, capsys
 def test_the_head_needs_its_class_names_and_as_many_as_its_rows(tmp_path, synthetic, capsys):
     run = str(tmp_path / "run")
     write_dassl_folder(run, "maple", trained_dept("maple", BASE), epoch=10)
-    with pytest.raises(run_io.HeadClassesUnknown, match="the 4 classes of its head must be given") as e:
-        run_io.dassl_learner(run, "tiny", "cpu")
+    with pytest.raises(dassl_import.HeadClassesUnknown, match="the 4 classes of its head must be given") as e:
+        backbones.dassl_learner(run, "tiny", "cpu")
     assert "\n" not in str(e.value)
-    with pytest.raises(run_io.RunError, match="has 4 rows, but 3 class names were given"):
-        run_io.dassl_learner(run, "tiny", "cpu", classnames=BASE[:3])
+    with pytest.raises(run_folder.RunError, match="has 4 rows, but 3 class names were given"):
+        backbones.dassl_learner(run, "tiny", "cpu", classnames=BASE[:3])
     # the tool names the data's 5 base classes
     err = one_error_line(capsys, import_dassl.run, tool_flags(run, synthetic["root"], str(tmp_path / "out")), tmp_path)
     assert "has 4 rows, but 5 class names were given" in err
@@ -163,7 +166,7 @@ def test_an_imported_run_is_evaluated_as_its_original(tmp_path, synthetic, capsy
     expected = scoring.base_to_new(original, synthetic["splits"], "cpu", cache="off")
     assert results == expected
 
-    ckpt = run_io.read_checkpoint(os.path.join(out, "checkpoint.pt"))
+    ckpt = checkpoints.read_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert torch.serialization.get_unsafe_globals_in_checkpoint(os.path.join(out, "checkpoint.pt")) == []
     assert (ckpt["kind"], ckpt["learner"], ckpt["clip"], ckpt["data"], ckpt["finished"], ckpt["epoch"]) == \
         ("backbone", name, "tiny", "synthetic", True, 10)

@@ -11,10 +11,11 @@ import shutil
 import pytest
 import torch
 
+import backbones
 import clip_model
 import data
 import evaluate
-import run_io
+import run_folder
 import scoring
 import train_backbone as tb
 import train_dpc as td
@@ -92,7 +93,7 @@ def test_hm_is_taken_of_the_seed_means_not_averaged(runs, tmp_path):
     HM of means = 2·60·35/95 = 44.2105; the mean of per-seed HMs would be 44.2045."""
     for seed, (base, new) in ((1, (70.0, 40.0)), (2, (50.0, 30.0))):
         run = copy_run(runs[f"coop/seed{seed}"], tmp_path / "runs" / f"seed{seed}")
-        run_io.write_json_atomic(dict(results_json(run), base=base, new=new), os.path.join(run, "results.json"))
+        run_folder.write_json_atomic(dict(results_json(run), base=base, new=new), os.path.join(run, "results.json"))
     out = evaluate_main(tmp_path / "runs", "--out", tmp_path / "ev")
     (group,) = out["groups"]
     assert (group["base"], group["new"]) == (60.0, 35.0)
@@ -203,7 +204,7 @@ def test_zero_shot_uses_each_datasets_coop_template(runs, tmp_path, monkeypatch,
     rows = {r["data"]: r for r in out["runs"] if r["kind"] == "zeroshot"}
     assert rows["dtd"]["template"] == "{} texture." and rows["synthetic"]["template"] == "a photo of a {}."
     assert "note: Zero-shot CLIP on dtd uses the template '{} texture.'" in capsys.readouterr().out
-    clip = run_io.load_clip("tiny", "cpu")
+    clip = backbones.load_clip("tiny", "cpu")
     splits = data.load_splits("dtd", root, 0, 1)
     items = splits["base"]["test"]
     names = [c.replace("_", " ") for c in data.classnames_of(items)]

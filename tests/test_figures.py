@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import evaluate
+import figures
 import scoring
 import test_evaluate
 import train_backbone as tb
@@ -62,7 +63,7 @@ def by_method(items: list[dict]) -> dict:
 def test_tab1_figures_hold_evaluates_numbers(runs, tmp_path, capsys):
     out = evaluate_main(runs["runs"], "--figures", "--out", tmp_path)
     assert written_figures(capsys.readouterr().out) == sorted(str(tmp_path / name) for name in TAB1_FILES)
-    source = f"4 runs under {scoring.shown_path(runs['runs'])}, seeds 1, 2."
+    source = f"4 runs under {figures.shown_path(runs['runs'])}, seeds 1, 2."
 
     fig1 = check_drawn(tmp_path / "fig1_base", (960, 630))      # FIGURE_SIZE 6.4 x 4.2 in at 150 dpi
     averages = by_method(out["averages"])
@@ -106,16 +107,16 @@ def test_the_papers_numbers_stand_beside_ours_on_its_datasets(tmp_path):
                                   ("Zero-shot CLIP", "zeroshot", {"eurosat": (60.0, 55.0), "dtd": (50.0, 45.0)})))
     rows = [dict(run=str(tmp_path / "runs" / k / "seed1"), kind=k, seed=1) for k in ("coop", "coop_dpc")]
 
-    scoring.draw_fig1(averages, rows, str(tmp_path))
+    figures.draw_fig1(averages, rows, str(tmp_path))
     fig1 = check_drawn(tmp_path / "fig1_base", (960, 630))
     bars = by_method(fig1["bars"])
     assert bars["coop", "backbone"]["paper_base"] == pytest.approx((87.60 + 80.09) / 2)   # Tab. 1: EuroSAT, DTD
     assert bars["coop", "dpc"]["paper_base"] == pytest.approx((93.40 + 84.61) / 2)
     assert (bars["coop", "dpc"]["base"], fig1["zero_shot"][0]["base"]) == (82.5, 55.0)
     assert fig1["paper_note"].startswith("hatched: the paper's Tab. 1")
-    assert f"2 runs under {scoring.shown_path(str(tmp_path / 'runs'))}, seed 1." in fig1["caption"]
+    assert f"2 runs under {figures.shown_path(str(tmp_path / 'runs'))}, seed 1." in fig1["caption"]
 
-    scoring.draw_tab1(cells, averages, rows, str(tmp_path))
+    figures.draw_tab1(cells, averages, rows, str(tmp_path))
     tab1 = check_drawn(tmp_path / "tab1_base_new_h", (1620, 600))   # 3 panels: 3 x 3.6 in wide
     assert [p["data"] for p in tab1["panels"]] == ["average", "dtd", "eurosat"]
     eurosat = by_method(tab1["panels"][2]["bars"])
@@ -192,7 +193,7 @@ def test_fig5_marks_a_missing_run_and_an_average_over_fewer_datasets(tmp_path):
     assert "note: no + DePT run of PromptKD: not in Fig. 5" in text and "PromptKD  " not in text
 
     rows = [dict(run=str(tmp_path / "runs" / k / "seed1"), kind=k, seed=1) for k in ("coop", "coop_dept")]
-    scoring.draw_fig5(cells, averages, rows, str(tmp_path))
+    figures.draw_fig5(cells, averages, rows, str(tmp_path))
     fig5 = check_drawn(tmp_path / "fig5_hm", (960, 630))
     assert [(b["learner"], b["kind"]) for b in fig5["bars"]] == [("coop", "backbone"), ("coop", "dept"), ("maple", "backbone"),
                                                                   ("maple", "dept"), ("maple", "dpc")]
@@ -222,7 +223,7 @@ def test_fig6_curves_are_the_sweeps_seed_means(runs, tmp_path, capsys, parameter
     paper = scoring.PAPER_FIG6[parameter]
     assert (fig6["paper"]["values"], fig6["paper"]["accuracies"]) == (list(paper), list(paper.values()))
     assert fig6["x_axis"] == axis and fig6["split"] == ("base" if parameter == "omega_b" else "new")
-    assert fig6["caption"].startswith(f"From 2 runs under {scoring.shown_path(runs['runs'])}/coop_dpc, seeds 1, 2.")
+    assert fig6["caption"].startswith(f"From 2 runs under {figures.shown_path(runs['runs'])}/coop_dpc, seeds 1, 2.")
 
 
 def test_fig6_draws_a_curve_per_learner_and_dataset_from_the_seed_means():
@@ -233,16 +234,16 @@ def test_fig6_draws_a_curve_per_learner_and_dataset_from_the_seed_means():
                                              ("maple", "dtd", 1, [60.0, 50.0]))]
     result = dict(parameter="omega_b", split="base", values=[0.1, 1.0], runs=runs,
                   mean_over_seeds={"coop/eurosat": [71.0, 82.0], "maple/dtd": [60.0, 50.0]})
-    numbers = scoring.fig6_numbers(result)
+    numbers = figures.fig6_numbers(result)
     assert [(c["method"], c["data"], c["seeds"], c["accuracies"]) for c in numbers["curves"]] == [
         ("CoOp + DPC", "eurosat", [1, 2], [71.0, 82.0]), ("MaPLe + DPC", "dtd", [1], [60.0, 50.0])]
     assert numbers["figure"] == "Fig. 6a" and numbers["metric"] == "base-class accuracy (%)"
 
 
 def test_omega_axis_puts_zero_on_a_linear_stretch_only_when_drawn():
-    assert scoring.omega_axis("omega_n", [0.0, 1e-6, 0.01]) == dict(scale="symlog", linthresh=1e-6, linscale=0.5)
-    assert scoring.omega_axis("omega_n", [1e-6, 0.01, 1.0]) == dict(scale="log")
-    assert scoring.omega_axis("omega_b", [0.0, 0.1, 1.0]) == dict(scale="linear")
+    assert figures.omega_axis("omega_n", [0.0, 1e-6, 0.01]) == dict(scale="symlog", linthresh=1e-6, linscale=0.5)
+    assert figures.omega_axis("omega_n", [1e-6, 0.01, 1.0]) == dict(scale="log")
+    assert figures.omega_axis("omega_b", [0.0, 0.1, 1.0]) == dict(scale="linear")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,10 +270,10 @@ def test_figures_are_refused_where_none_is_drawn(runs, tmp_path, capsys, mode):
 def test_the_stages_never_import_matplotlib():
     """Training needs no matplotlib: importing the stages and the modules below them loads none of it; the
     first figure does (which shows the check can see it)."""
-    code = ("import json, sys, train_backbone, train_dpc, evaluate, scoring\n"
+    code = ("import json, sys, train_backbone, train_dpc, evaluate, scoring, figures\n"
             "loaded = lambda: sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib')\n"
             "before = loaded()\n"
-            "scoring.new_figure((1.0, 1.0))\n"
+            "figures.new_figure((1.0, 1.0))\n"
             "print(json.dumps([before, bool(loaded())]))\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

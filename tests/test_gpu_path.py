@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import clip_model
+import command_line
 import data
+import precision
 import prompts
-import run_io
+import run_folder
 import scoring
 import train_backbone as tb
 import train_dpc
@@ -74,7 +76,7 @@ def test_a_resumed_promptsrc_run_adds_its_gpa_sum_on_the_run_device(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     flags = ["--learner", "promptsrc", "--epochs", "3", "--batch-size", "4"] + common(tmp_path)
     straight = tb.main(tb.get_args(flags + ["--output-dir", "straight"]))
-    real_loader, real_check = data.make_loader, run_io.check_run_folder
+    real_loader, real_check = data.make_loader, command_line.check_run_folder
     monkeypatch.setattr(data, "make_loader", crashing_loader(real_loader, 3))
     with pytest.raises(SystemExit):
         tb.run(flags + ["--output-dir", "cut"])
@@ -85,7 +87,7 @@ def test_a_resumed_promptsrc_run_adds_its_gpa_sum_on_the_run_device(tmp_path, mo
         assert previous is not None and previous["gpa_sum"]
         previous["gpa_sum"] = {n: t.as_subclass(RestoredOnTheCPU) for n, t in previous["gpa_sum"].items()}
         return previous
-    monkeypatch.setattr(run_io, "check_run_folder", restored_on_the_cpu)
+    monkeypatch.setattr(command_line, "check_run_folder", restored_on_the_cpu)
     resumed = tb.main(tb.get_args(flags + ["--output-dir", "cut", "--resume"]))
     assert resumed == straight
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("straight", "cut"))
@@ -93,8 +95,8 @@ def test_a_resumed_promptsrc_run_adds_its_gpa_sum_on_the_run_device(tmp_path, mo
 
 
 def test_to_device_moves_every_tensor():
-    moved = run_io.to_device({"a": torch.ones(2), "b": torch.zeros(3, 4)}, "meta")
-    assert all(t.device.type == "meta" for t in moved.values()) and run_io.to_device(None, "meta") is None
+    moved = precision.to_device({"a": torch.ones(2), "b": torch.zeros(3, 4)}, "meta")
+    assert all(t.device.type == "meta" for t in moved.values()) and precision.to_device(None, "meta") is None
 
 
 # -- 2. no forward on an empty negative batch ------------------------------------------------------------
@@ -138,8 +140,8 @@ def test_bf16_is_chosen_by_compute_capability_not_by_emulation(capability, dtype
     asked = []
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
-    assert run_io.compute_dtype("cuda:1") == dtype and asked == [torch.device("cuda:1")]
-    assert run_io.compute_dtype("cpu") == torch.float32
+    assert precision.compute_dtype("cuda:1") == dtype and asked == [torch.device("cuda:1")]
+    assert precision.compute_dtype("cpu") == torch.float32
 
 
 @pytest.mark.parametrize("stage", ["backbone", "dpc"])
@@ -147,8 +149,8 @@ def test_a_resumed_fp16_run_keeps_its_loss_scale(stage, tmp_path, monkeypatch):
     """fp16 autocast with loss scaling (as on a V100/T4), interrupted and resumed: the scaler's state is in the
     checkpoint and comes back, so the resumed run ends bit for bit as the straight one, scale included."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(run_io, "autocast", lambda device: torch.autocast("cpu", dtype=torch.float16))
-    monkeypatch.setattr(run_io, "grad_scaler", lambda device: torch.amp.GradScaler("cpu", init_scale=2.0 ** 8,
+    monkeypatch.setattr(precision, "autocast", lambda device: torch.autocast("cpu", dtype=torch.float16))
+    monkeypatch.setattr(precision, "grad_scaler", lambda device: torch.amp.GradScaler("cpu", init_scale=2.0 ** 8,
                                                                                    growth_interval=2))
     if stage == "backbone":
         module, flags = tb, ["--learner", "coop", "--epochs", "3", "--batch-size", "4"] + common(tmp_path)
@@ -225,7 +227,7 @@ def test_promptkd_distils_from_fp32_teacher_logits(monkeypatch):
 
 
 def test_evaluation_runs_under_the_stages_autocast(monkeypatch):
-    """scoring uses run_io.autocast, so a test (or a fix) that patches it reaches evaluation too; evaluation
+    """scoring uses precision.autocast, so a test (or a fix) that patches it reaches evaluation too; evaluation
     under bf16 autocast scores with fp32 logits of the bf16 features."""
     entered = []
 
@@ -234,7 +236,7 @@ def test_evaluation_runs_under_the_stages_autocast(monkeypatch):
         entered.append(device)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             yield
-    monkeypatch.setattr(run_io, "autocast", bf16)
+    monkeypatch.setattr(precision, "autocast", bf16)
     learner = make_learner("coop")
     items = [data.Item(p, i % 3, CLASSES[i % 3]) for i, p in enumerate(fake_images(6))]
     acc = scoring.accuracy(learner, items, CLASSES, "cpu", cache="off")
@@ -272,7 +274,7 @@ def test_device_cuda_n_becomes_the_current_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
     tb.get_args(["--learner", "coop", "--data", "toy", "--device", "cuda:1"])   # checks the flags
     assert chosen and all(torch.device(d) == torch.device("cuda:1") for d in chosen)
-    with pytest.raises(run_io.RunError, match="not available"):
+    with pytest.raises(run_folder.RunError, match="not available"):
         tb.get_args(["--learner", "coop", "--data", "toy", "--device", "cuda:2"])
 
 

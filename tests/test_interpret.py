@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+import backbones
+import checkpoints
 import clip_model
 import evaluate
+import figures
 import prompts
-import run_io
-import scoring
 import toy_world
 import train_backbone as tb
 import train_dpc as td
@@ -54,30 +55,30 @@ def world(tmp_path_factory):
 @pytest.mark.parametrize("name", LEARNERS)
 def test_the_prompt_before_tuning_is_rebuilt_bit_for_bit(world, name):
     cwd, initial = world
-    learner, backbone = run_io.load_stage1(str(cwd / name), "cpu")
+    learner, backbone = backbones.load_stage1(str(cwd / name), "cpu")
     rebuilt, how = evaluate.initial_prompt(backbone, learner)
     assert how == ("phrase 'a photo of a'" if name in ("coop", "maple", "promptsrc") else "random N(0, 0.02²)")
     assert set(rebuilt) == set(initial[name])
     assert all(torch.equal(rebuilt[n], initial[name][n].float()) for n in rebuilt), name
-    tuned = run_io.read_checkpoint(str(cwd / name / "checkpoint.pt"))["state"]
+    tuned = checkpoints.read_checkpoint(str(cwd / name / "checkpoint.pt"))["state"]
     assert any(not torch.equal(tuned[n].float(), rebuilt[n]) for n in rebuilt if n in tuned)   # stage 1 moved it
 
 
 def test_channel_invariance_of_known_tensors():
     x = torch.randn(3, 64)
-    same = scoring.channel_invariance(x, x)
+    same = figures.channel_invariance(x, x)
     assert same["cosine"] == pytest.approx([1.0] * 3) and same["sign_kept"] == [1.0] * 3
     assert same["rank_correlation"] == pytest.approx([1.0] * 3)
-    flipped = scoring.channel_invariance(-x, x)
+    flipped = figures.channel_invariance(-x, x)
     assert flipped["cosine"] == pytest.approx([-1.0] * 3) and flipped["sign_kept"] == [0.0] * 3
     assert flipped["rank_correlation"] == pytest.approx([-1.0] * 3)
-    cubed = scoring.channel_invariance(x ** 3, x)          # monotone: every sign and rank kept, cosine < 1
+    cubed = figures.channel_invariance(x ** 3, x)          # monotone: every sign and rank kept, cosine < 1
     assert cubed["sign_kept"] == [1.0] * 3 and cubed["rank_correlation"] == pytest.approx([1.0] * 3)
     assert all(c < 0.99 for c in cubed["cosine"])
     half = x.clone()
     half[:, :32] *= -1                                       # half the channels flip sign
-    assert scoring.channel_invariance(half, x)["sign_kept"] == [0.5] * 3
-    shift = scoring.invariance(torch.zeros(3, 64), x, x + 0.5 * x)
+    assert figures.channel_invariance(half, x)["sign_kept"] == [0.5] * 3
+    shift = figures.invariance(torch.zeros(3, 64), x, x + 0.5 * x)
     assert shift["shift_ratio"] == pytest.approx([0.5] * 3)  # DPC moved each vector half as far as stage 1
 
 
@@ -85,7 +86,7 @@ def test_nearest_words_find_the_token_a_context_vector_is():
     clip = clip_model.random_clip("tiny", seed=0)
     table = clip.token_embedding.weight.detach()
     ids = clip_model.tokenizer().encode("photo satellite")
-    words = scoring.nearest_words(table[ids] + 1e-4, table, 3)
+    words = figures.nearest_words(table[ids] + 1e-4, table, 3)
     assert [w[0][0] for w in words] == ["photo", "satellite"] and all(w[0][1] < 1e-2 for w in words)
     assert all(len(w) == 3 and w[0][1] <= w[1][1] <= w[2][1] for w in words)
 
@@ -95,7 +96,7 @@ def test_interpret_draws_fig7_from_the_runs_own_prompts(world, tmp_path, capsys,
     cwd, initial = world
     run = str(cwd / f"{name}_dpc")
     out = evaluate.main(evaluate.get_args([run, "--interpret", "--workers", "0", "--out", str(tmp_path), "--words", "4"]))
-    ckpt = run_io.read_checkpoint(os.path.join(run, "checkpoint.pt"))
+    ckpt = checkpoints.read_checkpoint(os.path.join(run, "checkpoint.pt"))
     r = out["runs"][0]
     pictured = "visual_prompt" if name == "promptkd" else "ctx"
     parallel = ckpt["parallel_prompt"][pictured]

@@ -405,7 +405,7 @@ def test_promptsrc_text_target_stays_fp32_under_autocast(clip):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_training_loss_under_bf16_autocast(name, clip, teacher, images, labels):
-    """The GPU path (run_io.autocast) on CPU: finite fp32 loss, fp32 gradients on fp32 prompts."""
+    """The GPU path (precision.autocast) on CPU: finite fp32 loss, fp32 gradients on fp32 prompts."""
     learner = build(name, clip, teacher).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = learner.training_loss(images, labels, CLASSES)

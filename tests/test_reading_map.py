@@ -103,10 +103,52 @@ def test_cited_differences_exist_and_no_file_users_lack_is_cited(path):
         assert not re.search(r"DECISIONS|spec/|backbones\.md|dpc_official_code", text)
 
 
-@pytest.mark.parametrize("module", ["run_io.py", "scoring.py", "data.py", "toy_world.py", "prompts.py", "clip_model.py"])
-def test_modules_below_the_stages_never_import_a_stage(module):
-    """README "Layout": the stages import run_io.py and scoring.py, never the other way round."""
-    tree = ast.parse(open(os.path.join(REPO, module), encoding="utf-8").read())
+STAGES = {"train_backbone", "train_dpc", "evaluate"}
+BELOW = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "*.py"))
+               if os.path.basename(p)[:-3] not in STAGES)
+
+
+def project_imports(module: str) -> set[str]:
+    """The project's modules that `module` imports, at the top or inside a function."""
+    tree = ast.parse(open(os.path.join(REPO, module + ".py"), encoding="utf-8").read())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert not imported & {"train_backbone", "train_dpc", "evaluate"}, module
+    return imported & (set(BELOW) | STAGES)
+
+
+@pytest.mark.parametrize("module", BELOW)
+def test_modules_below_the_stages_never_import_a_stage(module):
+    """README "Layout": the stages import the modules below them, never the other way round."""
+    assert not project_imports(module) & STAGES, module
+
+
+def test_the_modules_import_each_other_without_a_cycle():
+    """README "Layout": every module can be read knowing only the ones below it (data.py and toy_world.py too)."""
+    graph = {m: project_imports(m) for m in BELOW + sorted(STAGES)}
+    done, path = set(), []
+
+    def visit(m):
+        assert m not in path, " -> ".join(path[path.index(m):] + [m])
+        if m not in done:
+            path.append(m)
+            for n in sorted(graph[m]):
+                visit(n)
+            path.pop()
+            done.add(m)
+    for m in graph:
+        visit(m)
+    graph["data"].add("toy_world")
+    graph["toy_world"].add("data")
+    with pytest.raises(AssertionError, match="data -> toy_world -> data"):   # the check can fail
+        done.clear()
+        visit("data")
+
+
+CARD = {"clip_model", "prompts", "data"}   # the design card's model and data files: banner-sectioned, longer
+
+
+def test_every_module_reads_in_one_sitting():
+    """README "Layout": a stage file is at most 450 lines, a support module below the stages at most 550."""
+    lines = {m: len(open(os.path.join(REPO, m + ".py"), encoding="utf-8").read().splitlines())
+             for m in BELOW + sorted(STAGES) if m not in CARD}
+    assert {m: n for m, n in lines.items() if n > (450 if m in STAGES else 550)} == {}

@@ -16,7 +16,7 @@ from PIL import Image
 import data
 import evaluate
 import prompts
-import run_io
+import run_folder
 import toy_world
 import train_backbone as tb
 import train_dpc
@@ -245,7 +245,7 @@ def test_failed_write_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        run_io.save_atomic({"x": 1}, str(run_dir / "checkpoint.pt"))
+        run_folder.save_atomic({"x": 1}, str(run_dir / "checkpoint.pt"))
     assert (run_dir / "checkpoint.pt").read_bytes() == good
 
     def full_disk(obj, path):   # what torch's own zip writer raises: a RuntimeError, which run_cli would not catch
@@ -256,7 +256,7 @@ def test_failed_write_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match="file write failed"):   # one line through run_cli, like any OSError
-        run_io.save_atomic({"x": 1}, str(run_dir / "checkpoint.pt"))
+        run_folder.save_atomic({"x": 1}, str(run_dir / "checkpoint.pt"))
     assert (run_dir / "checkpoint.pt").read_bytes() == good
     assert sorted(os.listdir(run_dir)) == sorted(os.listdir(world["coop"]))   # no temp file left
 

@@ -18,7 +18,9 @@ import time
 import pytest
 import torch
 
-import run_io
+import backbones
+import checkpoints
+import command_line
 import toy_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +74,7 @@ def toy(tmp_path_factory):
     os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C in a terminal: the tool and its run
     out, err = proc.communicate(timeout=60)
     first = "".join(first) + out
-    before = {str(p.parent): run_io.read_checkpoint(str(p))["finished"] for p in (tmp / "runs").rglob("checkpoint.pt")}
+    before = {str(p.parent): checkpoints.read_checkpoint(str(p))["finished"] for p in (tmp / "runs").rglob("checkpoint.pt")}
     kept = snapshot(tmp / "runs")
     env["CUDA_VISIBLE_DEVICES"] = "0,1"         # second call: two chains at a time, one per "GPU"
     second = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
@@ -101,7 +103,7 @@ def test_interrupted_then_rerun_runs_only_what_is_missing(toy):
     assert re.search(r"\[GPU [01]\]", toy["second"].stdout)           # the chains went to the two devices
     after = snapshot(runs)
     assert all(after[p] == kept for p, kept in toy["kept"].items() if toy["before"][os.path.dirname(p)])
-    assert run_io.read_checkpoint(os.path.join(order[3], "checkpoint.pt"))["epoch"] == 3
+    assert checkpoints.read_checkpoint(os.path.join(order[3], "checkpoint.pt"))["epoch"] == 3
     assert not (runs / "toy" / "promptkd_dept").exists()              # DePT is not defined for PromptKD
     table = (runs / "evaluation" / "table.md").read_text()
     assert "CoOp" in table and "PromptKD" in table and "+ DPC" in table and "+ DePT" in table and "Teacher" not in table
@@ -112,20 +114,20 @@ def test_interrupted_then_rerun_runs_only_what_is_missing(toy):
 
 
 def test_dry_run_after_everything_finished_is_empty(toy, capsys):
-    run_io.run_cli(reproduce.main, reproduce.get_args, toy_argv(toy["tmp"], "--dry-run", *DEPT))
+    command_line.run_cli(reproduce.main, reproduce.get_args, toy_argv(toy["tmp"], "--dry-run", *DEPT))
     assert capsys.readouterr().out.strip() == ""
 
 
 def fake_run(run_dir, finished, kind="backbone"):
     """A checkpoint of the scripts' schema with no tensors: what the tool reads of it is `finished`."""
     os.makedirs(run_dir, exist_ok=True)
-    ckpt = {key: {} for key in run_io.RUN_KEYS[kind]}
+    ckpt = {key: {} for key in checkpoints.RUN_KEYS[kind]}
     ckpt.update(kind=kind, learner="coop", clip="toy", data="toy", classnames=[], backbone="coop", epoch=1,
                 finished=finished, gpa_sum=None, best=None,
                 args=dict(seed=1, root="data", shots=16, omega_b=0.2, omega_n=1e-6, base_inference="parallel"))
-    ckpt = {k: v for k, v in ckpt.items() if k in run_io.RUN_KEYS[kind] or k == "kind"}
+    ckpt = {k: v for k, v in ckpt.items() if k in checkpoints.RUN_KEYS[kind] or k == "kind"}
     torch.save(ckpt, os.path.join(run_dir, "checkpoint.pt"))
-    assert run_io.read_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["finished"] is finished
+    assert checkpoints.read_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["finished"] is finished
 
 
 @pytest.fixture()
@@ -139,7 +141,7 @@ def half_done(tmp_path):
 
 
 def dry_run(tmp, capsys, *more):
-    run_io.run_cli(reproduce.main, reproduce.get_args, toy_argv(tmp, "--dry-run", *more))
+    command_line.run_cli(reproduce.main, reproduce.get_args, toy_argv(tmp, "--dry-run", *more))
     out = capsys.readouterr()
     return out.out.strip().splitlines(), out.err
 
@@ -158,7 +160,7 @@ def test_dry_run_lines_are_chains_in_dependency_order(half_done, capsys):
     assert " --seed 2 " in coop and f"--output-dir {runs}/toy/coop/seed2" in coop and "--resume" not in lines[2]
     assert f"--backbone {runs}/toy/coop/seed2 " in coop_dpc
     teacher, student, kd_dpc = lines[3].split(" && ")
-    recipe = dict(run_io.PROMPTKD_TEACHER_RECIPE, clip="toy")
+    recipe = dict(backbones.PROMPTKD_TEACHER_RECIPE, clip="toy")
     for key, value in recipe.items():
         assert f"--{key.replace('_', '-')} {value} " in teacher
     assert teacher.endswith(f"--epochs 3 --workers 0 --shots 4 --print-every 1 --output-dir {runs}/teachers/toy/seed2")
@@ -188,7 +190,7 @@ def test_slurm_script_has_one_task_per_chain_with_work_left(half_done, capsys):
     """Tasks are chains 0-3 of the plan (all have work left); each runs `reproduce.py --task N` with this
     call's own flags, so its state is decided when it runs."""
     path = half_done / "tab1.sbatch"
-    run_io.run_cli(reproduce.main, reproduce.get_args, toy_argv(half_done, "--slurm", str(path)))
+    command_line.run_cli(reproduce.main, reproduce.get_args, toy_argv(half_done, "--slurm", str(path)))
     note = capsys.readouterr().out
     script = path.read_text()
     for line in ("--array=0,1,2,3", "--gres=gpu:1", "--requeue", "--signal=B:TERM@120", "--open-mode=append"):
@@ -214,7 +216,7 @@ def test_failed_run_stops_its_chain_only(tmp_path, monkeypatch, capsys):
     argv = ["--datasets", "mine", "--root", str(tmp_path / "data"), "--seeds", "1", "--learners", "coop,promptkd",
             "--out", str(tmp_path / "runs")]
     with pytest.raises(SystemExit) as e:
-        run_io.run_cli(reproduce.main, reproduce.get_args, argv)
+        command_line.run_cli(reproduce.main, reproduce.get_args, argv)
     out = capsys.readouterr()
     tree = tmp_path / "runs"
     assert e.value.code == 1 and f"failed: {tree}/mine/coop/seed1 (exit 1): error: boom" in out.err
@@ -242,7 +244,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, flags, message):
     flags, message = [f.replace("<data>", str(tmp_path / "data")) for f in flags], \
         message.replace("<data>", str(tmp_path / "data"))
     with pytest.raises(SystemExit) as e:
-        run_io.run_cli(reproduce.main, reproduce.get_args, ["--root", str(tmp_path / "data"), "--out", str(tmp_path / "o"),
+        command_line.run_cli(reproduce.main, reproduce.get_args, ["--root", str(tmp_path / "data"), "--out", str(tmp_path / "o"),
                                                             *flags])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: " + message)

@@ -25,10 +25,10 @@ import pytest
 import torch
 from PIL import Image
 
+import backbones
 import clip_model
 import data
 import evaluate
-import run_io
 import toy_world
 import train_backbone as tb
 import train_dpc
@@ -87,12 +87,12 @@ def test_held_out_pairs_never_reach_pretraining(tmp_path):
 
 
 def test_toy_clip_checkpoint():
-    path = run_io.TOY_CLIP
+    path = backbones.TOY_CLIP
     assert os.path.getsize(path) <= 10_000_000
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert all(t.dtype == torch.float16 for t in state.values())
     assert clip_model.architecture(state) == pretrain_toy_clip.TOY_ARCH  # the checkpoint is the config
-    clip = run_io.load_clip("toy", "cpu")  # build_model loads with strict=True
+    clip = backbones.load_clip("toy", "cpu")  # build_model loads with strict=True
     assert len(clip.visual.transformer.resblocks) >= 10 and len(clip.transformer.resblocks) >= 10
     assert abs(clip.logit_scale.exp().item() - 100) < 0.1
 

@@ -10,9 +10,10 @@ import re
 import pytest
 import torch
 
+import backbones
 import data
 import prompts
-import run_io
+import run_folder
 import scoring
 import toy_world
 import train_backbone
@@ -45,7 +46,7 @@ def runs(tmp_path_factory, data_root):
         mp.chdir(cwd)
         for learner in LEARNERS:
             results = main(get_args(argv(learner, data_root)))
-            with open(run_io.LAST_BACKBONE) as f:
+            with open(backbones.LAST_BACKBONE) as f:
                 last = f.read().strip()
             out[learner] = dict(results=results, dir=os.path.join("output", "synthetic", learner, "seed1"), last=last)
     out["cwd"] = cwd
@@ -110,7 +111,7 @@ def test_checkpoint_is_small_and_holds_no_frozen_weights(learner, runs):
 def test_load_backbone_serves_the_new_classes(learner, runs, data_root, monkeypatch):
     monkeypatch.chdir(runs["cwd"])   # a PromptKD run names its teacher by the path it was given
     run_dir = os.path.join(runs["cwd"], runs[learner]["dir"])
-    learner_, ckpt, clip = run_io.load_backbone(run_dir, "cpu")
+    learner_, ckpt, clip = backbones.load_backbone(run_dir, "cpu")
     assert isinstance(learner_, prompts.LEARNERS[learner]) and not learner_.training
     splits = data.load_splits("synthetic", data_root, ckpt["args"]["shots"], 1)
     # the logged base/new accuracies are reproduced by the reloaded learner
@@ -139,7 +140,7 @@ def test_finished_run_is_not_overwritten(runs, data_root, monkeypatch):
     monkeypatch.chdir(runs["cwd"])
     run_dir = runs["coop"]["dir"]
     before = {f: open(os.path.join(run_dir, f), "rb").read() for f in ("checkpoint.pt", "args.json", "results.json")}
-    with pytest.raises(run_io.RunError, match="--overwrite"):
+    with pytest.raises(run_folder.RunError, match="--overwrite"):
         main(get_args(argv("coop", data_root)))
     after = {f: open(os.path.join(run_dir, f), "rb").read() for f in before}
     assert after == before
@@ -152,7 +153,7 @@ def test_resume_of_a_finished_run_does_not_train_again(data_root, tmp_path, monk
         before = f.read()
     try:
         main(get_args(argv("coop", data_root, "--output-dir", "done", "--resume")))
-    except run_io.RunError:
+    except run_folder.RunError:
         pass   # refusing is fine; so is a no-op
     with open(os.path.join("done", "log.txt")) as f:
         assert f.read().count("epoch 1/1 it 1/2") == 1, "the finished run was trained again"
@@ -209,7 +210,7 @@ def test_resume_replays_an_interrupted_run_exactly(learner, where, data_root, tm
             main(get_args(common + ["--output-dir", "resumed"]))
     ckpt = torch.load(os.path.join("resumed", "checkpoint.pt"), map_location="cpu", weights_only=True)
     assert not ckpt["finished"] and ckpt["epoch"] == (1 if where == "epoch 2" else 2)
-    with pytest.raises(run_io.RunError, match="--resume"):
+    with pytest.raises(run_folder.RunError, match="--resume"):
         main(get_args(common + ["--output-dir", "resumed"]))   # an unfinished run is not restarted silently
 
     resumed = main(get_args(common + ["--output-dir", "resumed", "--resume"]))

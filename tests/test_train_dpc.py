@@ -6,9 +6,11 @@ import os
 import pytest
 import torch
 
+import checkpoints
 import clip_model
+import dassl_import
+import precision
 import prompts
-import run_io
 import train_backbone as tb
 import train_dpc
 from train_dpc import base_class_prompt, new_class_prompt
@@ -127,10 +129,10 @@ def test_dassl_checkpoint_renames():
              "image_encoder.transformer.resblocks.1.VPT_shallow": torch.ones(4, 16),
              "text_encoder.transformer.resblocks.8.VPT_shallow": torch.ones(4, 8),
              "image_encoder.conv1.weight": torch.zeros(1), "prompt_learner.token_prefix": torch.zeros(1)}
-    out = run_io.dassl_state("promptsrc", state)
+    out = dassl_import.dassl_state("promptsrc", state)
     assert set(out) == {"ctx", "visual_prompt", "visual_deep.0", "text_deep.7"}
     assert out["ctx"].dtype == torch.float32
-    assert set(run_io.dassl_state("coop", {"ctx": torch.zeros(4, 8), "token_prefix": torch.zeros(1)})) == {"ctx"}
+    assert set(dassl_import.dassl_state("coop", {"ctx": torch.zeros(4, 8), "token_prefix": torch.zeros(1)})) == {"ctx"}
 
 
 def test_dassl_coop_folder_is_accepted(tmp_path, runs):
@@ -295,10 +297,10 @@ def test_both_stages_train_under_autocast(name, dtype, tmp_path, monkeypatch):
     """bf16 autocast as on an A100/H100, and fp16 with loss scaling as on a V100/T4: stage 1 and DPC both
     step through the scaler (DPC had none) and end with finite prompts."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(run_io, "autocast", lambda device: torch.autocast("cpu", dtype=dtype))
+    monkeypatch.setattr(precision, "autocast", lambda device: torch.autocast("cpu", dtype=dtype))
     CountingScaler.calls = 0
     if dtype == torch.float16:
-        monkeypatch.setattr(run_io, "grad_scaler", lambda device: CountingScaler("cpu", init_scale=2.0 ** 8))
+        monkeypatch.setattr(precision, "grad_scaler", lambda device: CountingScaler("cpu", init_scale=2.0 ** 8))
     train_backbone_b(name, tmp_path, shots=2)
     stage1_calls = CountingScaler.calls
     res = train_dpc.main(train_dpc.get_args(["--backbone", "b", "--epochs", "1", "--workers", "0", "--shots", "2",
@@ -396,7 +398,7 @@ def test_each_step_moves_the_parallel_prompt_as_the_released_code(name, omega_b,
                                        "--epochs", str(epochs), "--lr", str(lr), "--workers", "0", "--shots", "2",
                                        "--output-dir", "d"]))
     ckpt = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)
-    backbone = run_io.read_checkpoint(str(backbones / name / "b" / "checkpoint.pt"))
+    backbone = checkpoints.read_checkpoint(str(backbones / name / "b" / "checkpoint.pt"))
     tuned = ckpt["tuned_prompt"]
     assert all(torch.equal(tuned[n], backbone["state"][n]) for n in tuned if n in backbone["state"])   # P unmoved
     first = recorder.steps[0][0]

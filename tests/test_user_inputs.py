@@ -1,11 +1,13 @@
 """What users hand the scripts (README "Bad input and faults"): a zip that inflates to gigabytes, a closed stdout,
 a missing optional package, seed runs of different experiments, a full disk, a Slurm log path with a space,
 temp files of writers on several hosts, and the import tool's own message. One test (or two) per case."""
+import argparse
 import contextlib
-import json
 import os
+import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -14,9 +16,12 @@ import zipfile
 import pytest
 import torch
 
+import backbones
+import checkpoints
 import clip_model
+import command_line
 import evaluate
-import run_io
+import run_folder
 import scoring
 import train_backbone as tb
 
@@ -91,8 +96,8 @@ def test_every_zip_the_project_opens_is_checked_first(run, tmp_path):
         for item in src.infolist():
             dst.writestr(item.filename, src.read(item.filename))
     assert torch.load(squeezed, weights_only=True)["kind"] == "backbone"   # torch itself would read it
-    with pytest.raises(run_io.RunError, match="is compressed"):
-        run_io.load_safely(str(squeezed))
+    with pytest.raises(run_folder.RunError, match="is compressed"):
+        checkpoints.load_safely(str(squeezed))
     assert clip_model.zip_problem(str(ckpt)) is None
     lying = tmp_path / "lying.pt"                # a stored entry that claims more than the file holds
     data = bytearray(ckpt.read_bytes())
@@ -124,7 +129,7 @@ def test_a_closed_stdout_costs_the_view_not_the_record(run, tmp_path):
                      "--root", str(run / "data"), "--clip", "tiny", "--epochs", "3", "--shots", "2", "--batch-size", "4",
                      "--print-every", "1", "--workers", "0", "--output-dir", str(tmp_path / "train")], tmp_path)
     assert rc == 0 and "Traceback" not in err, err
-    assert run_io.read_checkpoint(str(tmp_path / "train" / "checkpoint.pt"))["finished"]
+    assert checkpoints.read_checkpoint(str(tmp_path / "train" / "checkpoint.pt"))["finished"]
     log = (tmp_path / "train" / "log.txt").read_text()
     assert "epoch 3/3" in log and "* accuracy:" in log
 
@@ -193,7 +198,7 @@ def test_the_clip_is_compared_by_content(run, capsys, tmp_path):
 
 def test_a_full_disk_says_so_and_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    run_io.save_atomic({"epoch": 1}, str(path))
+    run_folder.save_atomic({"epoch": 1}, str(path))
     before = path.read_bytes()
 
     def full(obj, f, *args, **kwargs):
@@ -201,8 +206,8 @@ def test_a_full_disk_says_so_and_keeps_the_previous_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", full)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 10, 10 ** 10 - 300_000, 300_000))
     with pytest.raises(OSError) as e:
-        run_io.save_atomic({"epoch": 2}, str(path))
-    message = run_io.one_line(e.value)
+        run_folder.save_atomic({"epoch": 2}, str(path))
+    message = command_line.one_line(e.value)
     assert "no space left on device: 0.3 MB free in" in message and str(path) in message, message
     assert "enforce fail" not in message and path.read_bytes() == before
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
@@ -216,21 +221,21 @@ def test_the_slurm_output_path_survives_a_space(tmp_path):
     reproduce.write_slurm(str(script), [0, 1], "python tools/reproduce.py --datasets toy", "python evaluate.py x", logs)
     (line,) = [l for l in script.read_text().splitlines() if l.startswith("#SBATCH --output=")]
     assert shlex.split(line[len("#SBATCH "):]) == [f"--output={logs}/%A_%a.out"]
-    with pytest.raises(run_io.RunError, match="double quote"):
+    with pytest.raises(run_folder.RunError, match="double quote"):
         reproduce.write_slurm(str(script), [0], "x", "y", str(tmp_path / 'a"b'))
 
 
 # -- 7. temp files of several hosts; stale ones; the import tool's message --------------------------------
 
 def test_temp_names_carry_host_pid_and_a_random_part(tmp_path):
-    a, b = run_io.temp_name(str(tmp_path / "f.pt")), run_io.temp_name(str(tmp_path / "f.pt"))
-    host = run_io.re.sub(r"[^A-Za-z0-9-]", "-", run_io.socket.gethostname())
-    assert a != b and f".{host}.{os.getpid()}." in a and run_io.TEMP_NAME.fullmatch(os.path.basename(a))
+    a, b = run_folder.temp_name(str(tmp_path / "f.pt")), run_folder.temp_name(str(tmp_path / "f.pt"))
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+    assert a != b and f".{host}.{os.getpid()}." in a and run_folder.TEMP_NAME.fullmatch(os.path.basename(a))
 
 
 def test_stale_cache_temporaries_are_cleaned_when_the_cache_is_written(run, tmp_path):
     import data
-    learner = run_io.load_backbone(str(run / "runs" / "coop" / "seed1"), "cpu")[0]
+    learner = backbones.load_backbone(str(run / "runs" / "coop" / "seed1"), "cpu")[0]
     items = data.load_splits("synthetic", str(run / "data"), 2, 1)["base"]["test"]
     key, _ = scoring.feature_key(learner, items, "cpu", 100)
     folder = tmp_path / "cache" / key[:2]
@@ -250,8 +255,8 @@ def test_the_import_tool_never_suggests_a_resume_it_does_not_have(run, tmp_path)
     shutil.copytree(run / "runs" / "coop" / "seed1", folder)
     ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
     torch.save(dict(ckpt, finished=False), folder / "checkpoint.pt")
-    args = run_io.argparse.Namespace(output_dir=str(folder), overwrite=False, resume=None, trust_checkpoint=False)
-    with pytest.raises(run_io.RunError) as e:
-        run_io.check_run_folder(args)
-    run_io.release_run_folder()
+    args = argparse.Namespace(output_dir=str(folder), overwrite=False, resume=None, trust_checkpoint=False)
+    with pytest.raises(run_folder.RunError) as e:
+        command_line.check_run_folder(args)
+    run_folder.release_run_folder()
     assert "--overwrite" in str(e.value) and "--resume" not in str(e.value)

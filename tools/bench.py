@@ -54,8 +54,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_model  # noqa: E402
 import data  # noqa: E402
+import precision  # noqa: E402
 import prompts  # noqa: E402
-import run_io  # noqa: E402
 import scoring  # noqa: E402
 import toy_world  # noqa: E402
 import train_backbone as tb  # noqa: E402
@@ -498,7 +498,7 @@ def main():
     # (e) text encoder: EOT truncation
     tokens = clip_model.tokenize([f"a photo of a {n}." for n in names]).to(dev)
     emb = clip.token_embeddings(tokens)
-    with torch.no_grad(), run_io.autocast(dev):
+    with torch.no_grad(), precision.autocast(dev):
         full = timed(lambda: clip.encode_text_embeddings(emb, tokens, truncate=False), r, dev)
         short = timed(lambda: clip.encode_text_embeddings(emb, tokens, truncate=True), r, dev)
         a = clip.encode_text_embeddings(emb, tokens, truncate=False).float()
@@ -514,15 +514,15 @@ def main():
     visual_prompt = torch.zeros(4, clip.visual.conv1.weight.shape[0], device=dev, requires_grad=True)
 
     def image_forward():
-        with torch.no_grad(), run_io.autocast(dev):
+        with torch.no_grad(), precision.autocast(dev):
             clip.encode_image(images)
 
     def image_forward_backward():
-        with run_io.autocast(dev):
+        with precision.autocast(dev):
             clip.encode_image(images, visual_prompt).float().sum().backward()
 
     def text_forward_backward():
-        with run_io.autocast(dev):
+        with precision.autocast(dev):
             coop.encode_text(names).float().sum().backward()
 
     t_img, t_img_train, t_txt = (timed(f, r, dev) for f in (image_forward, image_forward_backward, text_forward_backward))
@@ -540,7 +540,7 @@ def main():
         opt = torch.optim.SGD(prompts.trainable_parameters(model).values(), lr=1e-3, momentum=0.9)
 
         def step():
-            with run_io.autocast(dev):
+            with precision.autocast(dev):
                 loss = model.training_loss(images, labels, names)["loss"]
             opt.zero_grad()
             loss.backward()
@@ -565,7 +565,7 @@ def main():
     opt = torch.optim.SGD([coop.ctx], lr=1e-3, momentum=0.9)
 
     def coop_step(x, y):
-        with run_io.autocast(dev):
+        with precision.autocast(dev):
             loss = coop.training_loss(x, y, names)["loss"]
         opt.zero_grad()
         loss.backward()
@@ -580,7 +580,7 @@ def main():
     pool = data.train_set(data.read_splits(os.path.dirname(folder), "pool")["train"], size)
     sampler = NoisySampler([item.label for item in pool.items], args.classes, k, 0)
     threads = ThreadPoolExecutor(args.workers) if args.workers > 0 else None
-    with torch.no_grad(), run_io.autocast(dev):
+    with torch.no_grad(), precision.autocast(dev):
         tuned_text = F.normalize(coop.encode_text(names).float(), dim=-1)
     sampler_time, pairs = [0.0], []
 
@@ -618,7 +618,7 @@ def main():
     raw_images = torch.randn(100, 3, size, size, device=dev)
 
     def raw():
-        with torch.no_grad(), run_io.autocast(dev):
+        with torch.no_grad(), precision.autocast(dev):
             for _ in range(len(items) // 100):
                 clip.encode_image(raw_images)
 

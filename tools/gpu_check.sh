@@ -54,7 +54,7 @@ EOF
 fp16_then() {   # run a stage's CLI in this process with fp16 autocast + loss scaling forced on the GPU
   python - "$@" <<'EOF'
 import sys, torch, run_io
-run_io.compute_dtype = lambda device: torch.float16 if device.startswith("cuda") else torch.float32
+precision.compute_dtype = lambda device: torch.float16 if device.startswith("cuda") else torch.float32
 import train_backbone, train_dpc
 {"backbone": train_backbone, "dpc": train_dpc}[sys.argv[1]].run(sys.argv[2:])
 EOF

@@ -1,7 +1,7 @@
 """Run the whole base-to-new protocol of the DPC paper (Li et al., CVPR 2025, §4.2, Tab. 1) in one command.
 
 Per (dataset, seed, learner) one chain of runs, each a call of the project's own scripts:
-  [promptkd only] its teacher: train_backbone.py with run_io.PROMPTKD_TEACHER_RECIPE
+  [promptkd only] its teacher: train_backbone.py with backbones.PROMPTKD_TEACHER_RECIPE
                   (PromptSRC on --teacher-clip) -> RUN_ROOT/teachers/<data>/seed<s>   (not a Tab. 1 row)
   stage 1         train_backbone.py --learner <l> ...        -> RUN_ROOT/<data>/<l>/seed<s>
   stage 2         train_dpc.py --backbone <stage-1 folder>   -> RUN_ROOT/<data>/<l>_dpc/seed<s>
@@ -48,9 +48,12 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import backbones  # noqa: E402
+import checkpoints  # noqa: E402
+import command_line  # noqa: E402
 import data  # noqa: E402
 import prompts  # noqa: E402
-import run_io  # noqa: E402
+import run_folder  # noqa: E402
 import scoring  # noqa: E402
 
 GENERATED = ("toy", "synthetic")  # written under --root by the scripts on first use
@@ -60,7 +63,7 @@ RESERVED = ("--learner", "--data", "--root", "--seed", "--clip", "--teacher", "-
 
 
 def get_args(argv=None):
-    p = run_io.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command_line.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--datasets", default=",".join(scoring.PAPER_DATASETS),
                    help="comma-separated: Tab. 1 datasets, toy, synthetic or an ImageFolder folder under --root")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated run seeds (the protocol averages 1, 2, 3)")
@@ -110,7 +113,7 @@ def get_args(argv=None):
 def check(ok: bool, message: str) -> None:
     """Input errors end in one line and exit code 2, before anything runs (the project's convention)."""
     if not ok:
-        raise run_io.RunError(message)
+        raise run_folder.RunError(message)
 
 
 def split_list(text: str, option: str) -> list[str]:
@@ -127,7 +130,7 @@ def split_flags(text: str, option: str) -> list[str]:
     try:
         flags = shlex.split(text)
     except ValueError as e:
-        raise run_io.RunError(f"{option}: cannot parse {text!r} ({e})") from None
+        raise run_folder.RunError(f"{option}: cannot parse {text!r} ({e})") from None
     for flag in (f.split("=")[0] for f in flags if f.startswith("--")):
         check(not any(r.startswith(flag) for r in RESERVED),
               f"{option}: {flag} is set by this tool (reserved: {', '.join(RESERVED)}); use its own options")
@@ -147,7 +150,7 @@ def plan(args) -> list[list[tuple[str, list[str]]]]:
                 stage1, dpc = (os.path.join(args.out, d, name, f"seed{s}") for name in (learner, learner + "_dpc"))
                 if learner == "promptkd":
                     teacher = os.path.join(args.out, "teachers", d, f"seed{s}")
-                    recipe = dict(run_io.PROMPTKD_TEACHER_RECIPE, clip=args.teacher_clip)
+                    recipe = dict(backbones.PROMPTKD_TEACHER_RECIPE, clip=args.teacher_clip)
                     flags = [x for k, v in recipe.items() for x in (f"--{k.replace('_', '-')}", str(v))]
                     chain.append((teacher, ["train_backbone.py"] + flags + common + args.teacher_flags
                                   + ["--output-dir", teacher]))
@@ -171,8 +174,8 @@ def state(run_dir: str) -> str:
     if not os.path.isfile(path):
         return "run"
     try:
-        return "finished" if run_io.read_checkpoint(path)["finished"] else "resume"
-    except run_io.RunError:
+        return "finished" if checkpoints.read_checkpoint(path)["finished"] else "resume"
+    except run_folder.RunError:
         return "resume"
 
 
@@ -224,7 +227,7 @@ def write_slurm(path: str, tasks: list[int], task_line: str, evaluate_line: str,
     """One chain per array task, run by this tool (--task), so its state is decided when the task runs;
     the table is a separate job that waits for all of them (afterok)."""
     if '"' in logs or "\n" in logs:
-        raise run_io.RunError(f"--out {logs!r} holds a double quote or a line break, which an #SBATCH line cannot carry: "
+        raise run_folder.RunError(f"--out {logs!r} holds a double quote or a line break, which an #SBATCH line cannot carry: "
                        f"choose another --out")
     with open(path, "w") as f:
         f.write(f"#!/bin/bash\n# DPC base-to-new protocol (paper Tab. 1) by tools/reproduce.py: {len(tasks)} chains, "
@@ -273,12 +276,12 @@ def chain_lock(args, chain) -> str:
 def acquire(lock: str, stop: Stop, what: str) -> int | None:
     """Wait for the lock file `lock`, polling so that the tool can still be stopped: its fd, or None if
     stopped first. Says once who holds it ('waiting: <what> pid N on HOST since ...')."""
-    fd = run_io.hold_lock(lock)
+    fd = run_folder.hold_lock(lock)
     if fd is None:
-        say(f"waiting: {what} {run_io.lock_holder(lock)}")
+        say(f"waiting: {what} {run_folder.lock_holder(lock)}")
     while fd is None and not stop.is_set():
         time.sleep(1)
-        fd = run_io.hold_lock(lock)
+        fd = run_folder.hold_lock(lock)
     return fd
 
 
@@ -297,9 +300,9 @@ def run_chain(chain, lock: str, gpus: queue.Queue, stop: Stop, failed: list, bus
     """One run after the other, each state decided when its turn comes; the first failure ends the chain.
     The chain is this driver's alone while it runs (lock); if another driver has it, it goes to `busy`
     (come back later), or, with busy None, this driver waits for it."""
-    fd = run_io.hold_lock(lock)
+    fd = run_folder.hold_lock(lock)
     if fd is None and busy is not None:
-        say(f"busy: {stage1_dir(chain)} (its chain is run by {run_io.lock_holder(lock)}); back to it after the others")
+        say(f"busy: {stage1_dir(chain)} (its chain is run by {run_folder.lock_holder(lock)}); back to it after the others")
         busy.append(chain)
         return
     fd = fd if fd is not None else acquire(lock, stop, f"the chain of {stage1_dir(chain)} is run by")
@@ -310,9 +313,9 @@ def run_chain(chain, lock: str, gpus: queue.Queue, stop: Stop, failed: list, bus
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {}))
         where = f" [GPU {gpu}]" if gpu else ""
         for run_dir, argv in chain:
-            writer = os.path.join(run_dir, run_io.LOCK_FILE)   # a run left by a killed driver may still train
-            if stop.is_set() or not wait_until(lambda: not run_io.is_locked(writer), stop,
-                                               f"waiting: {run_dir} is being written by {run_io.lock_holder(writer)}"):
+            writer = os.path.join(run_dir, run_folder.LOCK_FILE)   # a run left by a killed driver may still train
+            if stop.is_set() or not wait_until(lambda: not run_folder.is_locked(writer), stop,
+                                               f"waiting: {run_dir} is being written by {run_folder.lock_holder(writer)}"):
                 return
             st = state(run_dir)
             say(f"{'skip (finished)' if st == 'finished' else st}: {run_dir}{where}")
@@ -332,7 +335,7 @@ def run_chain(chain, lock: str, gpus: queue.Queue, stop: Stop, failed: list, bus
             say(f"done: {run_dir} ({time.time() - t0:.0f} s)")
     finally:
         gpus.put(gpu)
-        run_io.release_lock(lock, fd)
+        run_folder.release_lock(lock, fd)
 
 
 def run_command(cmd: list[str], env: dict, stop: Stop, out=None) -> int:
@@ -424,10 +427,10 @@ def main(args):
                 sys.exit(1)
         finally:
             if fd is not None:
-                run_io.release_lock(lock, fd)
+                run_folder.release_lock(lock, fd)
     if stop.is_set():
-        raise run_io.Interrupted(stop.signum)
+        raise command_line.Interrupted(stop.signum)
 
 
 if __name__ == "__main__":
-    run_io.run_cli(main, get_args, resume_hint="rerun the same command to continue")
+    command_line.run_cli(main, get_args, resume_hint="rerun the same command to continue")
