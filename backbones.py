@@ -3,13 +3,13 @@
   - load_clip: OpenAI's archives, state dicts, 'tiny' (random) and 'toy' (assets/toy_clip.pt);
   - load_backbone: a finished train_backbone.py run, rebuilt as its learner (the tuned prompt P);
     dassl_learner: the same for a stage-1 folder of the original code (dassl_import.py);
-  - dpc_stage1: what train_dpc.py takes from its stage-1 run (§3.2): P's learner, its record, and the
-    settings DPC continues with (data, root, seed, classes);
-  - PromptKD's teacher (load_teacher) and the recipe the original code trains it with.
+  - the variants of stage 1 that start from another run: PromptKD's teacher (promptkd_teacher, with the
+    recipe the original code trains it with) and Tab. 3's continued run (continued_run);
+  - dpc_stage1: what train_dpc.py inherits from its stage-1 run (§3.2): P's learner, its record, and the
+    settings DPC continues with (data, root, seed, classes).
 """
 
 import os
-from typing import NamedTuple
 
 import torch
 
@@ -25,7 +25,7 @@ from run_folder import RunError
 LAST_BACKBONE = os.path.join("output", "last_backbone.txt")  # where train_dpc.py finds the latest run
 
 # PromptKD's teacher as the original code trains it (PromptSRC config vit_l14_c2_ep20_batch8_4+4ctx,
-# 16-shot base classes; README Differences 4): `train_backbone.py --learner promptsrc` with these flags.
+# 16-shot base classes; docs/differences.md #4): `train_backbone.py --learner promptsrc` with these flags.
 PROMPTKD_TEACHER_RECIPE = dict(learner="promptsrc", clip="ViT-L/14", lr=0.005, batch_size=8, epochs=20, shots=16,
                                subsample="base")
 
@@ -81,28 +81,6 @@ def load_backbone(run_dir: str, device, trust: bool = False):
     return learner.to(device).eval(), ckpt, clip
 
 
-def remember_last_backbone(run_dir: str) -> None:
-    """Record a finished stage-1 run as the one train_dpc.py continues without --backbone (find_backbone)."""
-    os.makedirs(os.path.dirname(LAST_BACKBONE), exist_ok=True)
-    tmp = run_folder.temp_name(LAST_BACKBONE)   # runs in parallel (tools/reproduce.py) never mix
-    with open(tmp, "w") as f:
-        f.write(os.path.abspath(run_dir) + "\n")
-    os.replace(tmp, LAST_BACKBONE)
-
-
-def find_backbone(backbone: str | None) -> str:
-    """train_dpc.py --backbone, or the run train_backbone.py wrote last (said aloud, so nobody is surprised)."""
-    if backbone:
-        return backbone
-    if not os.path.isfile(LAST_BACKBONE):
-        raise RunError(f"no --backbone given and no {LAST_BACKBONE}: run train_backbone.py first "
-                       f"or pass --backbone RUN_DIR")
-    with open(LAST_BACKBONE) as f:
-        backbone = f.read().strip()
-    print(f"using the last backbone run: {backbone}")
-    return backbone
-
-
 def load_stage1(run_dir: str, device, trust: bool = False, clip: str = None, teacher: str = None,
                 teacher_clip: str = None):
     """The learner of a finished stage-1 run and its record {learner, clip, data, classnames, args}:
@@ -116,53 +94,22 @@ def load_stage1(run_dir: str, device, trust: bool = False, clip: str = None, tea
     return learner, dict(learner=name, clip=clip, data=None, args={})
 
 
-def add_backbone_flags(p):
-    """train_dpc.py's flags for its stage-1 run: ours record their own; a Dassl folder of the original code
-    records none of them."""
-    p.add_argument("--data", default=None, help="dataset (default: the backbone's; required for a Dassl folder)")
-    p.add_argument("--root", default=None, help="dataset root (default: the backbone's; 'data' for a Dassl folder)")
-    p.add_argument("--clip", default="ViT-B/16", help="CLIP of a Dassl backbone (ours record their own)")
-    p.add_argument("--teacher", default=None, help="Dassl PromptKD backbone: its Dassl PromptSRC teacher folder")
-    p.add_argument("--teacher-clip", default="ViT-L/14", help="CLIP of that Dassl teacher")
-
-
-def dpc_backbone(args):
-    """train_dpc.py's stage-1 run (--backbone, or the last one trained): its learner and its record. The
-    dataset, root, seed and class split (base, or all classes for a Tab. 2 source) are the backbone's unless
-    a flag names them; a Dassl folder records none of them, so --data must."""
-    args.backbone = os.path.abspath(find_backbone(args.backbone))   # recorded as is: --resume compares it
-    args.data = args.data and data.dataset_name(args.data)          # CoOp's config names too (imagenetv2)
-    args.teacher = args.teacher and os.path.abspath(args.teacher)   # a Dassl run is re-evaluated from other folders
-    args.clip, args.teacher_clip = clip_path(args.clip), clip_path(args.teacher_clip)
-    try:
-        learner, backbone = load_stage1(args.backbone, args.device, args.trust_checkpoint, args.clip, args.teacher,
-                                        args.teacher_clip)
-        dept = "train_backbone.py --dept" if isinstance(learner, prompts.DePT) else None   # who made its head
-    except dassl_import.HeadClassesUnknown:   # a DePT folder of the original code, refused before its head is built
-        dept = "the original code's ExtrasLinearProbe trainer"
-    if dept:   # Fig. 5 sets DPC beside DePT, each on the plain backbone
-        raise RunError(f"{args.backbone} is a DePT run ({dept}): DPC is plugged into the plain backbone, beside "
-                       f"DePT, not on top of it; pass the run trained without DePT")
-    if backbone["data"] is None:
-        if not args.data:
-            raise RunError(f"{args.backbone} is a Dassl run: pass --data (and --root, --clip) for it")
-        backbone.update(data=args.data, args=dict(seed=args.seed or 1, root=args.root or "data"))
-    if args.data and args.data != backbone["data"]:
-        raise RunError(f"--data {args.data}, but the backbone {args.backbone} was trained on {backbone['data']}: "
-                       f"DPC continues on the backbone's own classes; drop --data or pick the matching backbone")
-    args.learner, args.clip, args.data = backbone["learner"], backbone["clip"], backbone["data"]
-    args.root = os.path.abspath(args.root or backbone["args"]["root"])
-    args.seed = backbone["args"]["seed"] if args.seed is None else args.seed
-    args.subsample = backbone["args"].get("subsample", "base")
-    return learner, backbone
-
-
-def check_backbone_classes(backbone: dict, classnames: list[str], args) -> None:
-    """A backbone of ours trained on the classes DPC trains on (PromptKD: on all classes, unlabeled)."""
-    trained_on = backbone.get("classnames")                          # None for a Dassl folder
-    if trained_on and args.learner != "promptkd" and trained_on != classnames:
-        raise RunError(f"the backbone was trained on other classes ({trained_on[:3]}...) than the base classes "
-                       f"of {args.data} under {args.root} ({classnames[:3]}...): wrong --root?")
+def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None, teacher_clip: str = None,
+                  trust: bool = False, classnames: list[str] = None):
+    """The learner of a stage-1 folder of the original code (dassl_checkpoint); a PromptKD student also
+    needs its teacher (load_teacher), a DePT run the class names of its head (dassl_options)."""
+    path, name, state = dassl_import.dassl_checkpoint(run_dir, trust)
+    options = dassl_import.dassl_options(name, state, classnames, path)   # before CLIP is loaded: a DePT head needs its classes
+    teacher = None
+    if name == "promptkd":
+        if not teacher_dir:
+            raise RunError(f"{run_dir} is a Dassl PromptKD run: pass --teacher with its PromptSRC teacher "
+                           f"folder (teacher_model/<Dataset>) and --teacher-clip")
+        teacher, _ = load_teacher(teacher_dir, teacher_clip, device, trust)
+    learner = prompts.build_learner(name, load_clip(clip_name, device), teacher, **options)
+    prompts.load_learner_state(learner, dassl_import.dassl_state(name, state))
+    print(f"loaded Dassl {name}{' + DePT' if options['dept_classes'] else ''} backbone {path}")
+    return learner.to(device).eval(), name
 
 
 def load_teacher(teacher_dir: str, teacher_clip: str, device, trust: bool = False):
@@ -188,19 +135,103 @@ def teacher_recipe_differences(args: dict) -> dict:
     return {k: (args.get(k), v) for k, v in PROMPTKD_TEACHER_RECIPE.items() if k != "learner" and args.get(k) != v}
 
 
-def dassl_learner(run_dir: str, clip_name: str, device, teacher_dir: str = None, teacher_clip: str = None,
-                  trust: bool = False, classnames: list[str] = None):
-    """The learner of a stage-1 folder of the original code (dassl_checkpoint); a PromptKD student also
-    needs its teacher (load_teacher), a DePT run the class names of its head (dassl_options)."""
-    path, name, state = dassl_import.dassl_checkpoint(run_dir, trust)
-    options = dassl_import.dassl_options(name, state, classnames, path)   # before CLIP is loaded: a DePT head needs its classes
-    teacher = None
-    if name == "promptkd":
-        if not teacher_dir:
-            raise RunError(f"{run_dir} is a Dassl PromptKD run: pass --teacher with its PromptSRC teacher "
-                           f"folder (teacher_model/<Dataset>) and --teacher-clip")
-        teacher, _ = load_teacher(teacher_dir, teacher_clip, device, trust)
-    learner = prompts.build_learner(name, load_clip(clip_name, device), teacher, **options)
-    prompts.load_learner_state(learner, dassl_import.dassl_state(name, state))
-    print(f"loaded Dassl {name}{' + DePT' if options['dept_classes'] else ''} backbone {path}")
-    return learner.to(device).eval(), name
+def promptkd_teacher(args):
+    """train_backbone.py --learner promptkd: its teacher (--teacher), with a warning where our teacher run left
+    the original recipe: the student copies its teacher, so another teacher moves every PromptKD number."""
+    if not args.teacher:
+        raise RunError("--learner promptkd needs --teacher RUN_DIR: a promptsrc run of this project (docs/benchmark.md) or "
+                       "a released teacher folder teacher_model/<Dataset> of the original code")
+    teacher, teacher_args = load_teacher(args.teacher, args.teacher_clip, args.device, args.trust_checkpoint)
+    differ = teacher_recipe_differences(teacher_args) if teacher_args is not None else {}
+    if differ:
+        run_folder.log(f"warning: --teacher {args.teacher} was trained with " + ", ".join(
+            f"{k} {theirs} (original teacher: {ours})" for k, (theirs, ours) in differ.items()) +
+            "; PromptKD's numbers assume the original teacher recipe (docs/benchmark.md)")
+    return teacher
+
+
+def continued_run(args) -> dict:
+    """train_backbone.py --continue-from (Tab. 3 row 1, TS): the finished stage-1 run it tunes further, which
+    must be a run of the same learner, data, CLIP, classes and head as this command asks for."""
+    _, continued, _ = load_backbone(args.continue_from, "cpu", args.trust_checkpoint)
+    mine = dict(learner=args.learner, data=args.data, clip=args.clip, subsample=args.subsample, dept=args.dept)
+    theirs = {k: continued["args"].get(k) for k in mine}
+    theirs["dept"] = bool(theirs["dept"])   # runs from before --dept existed
+    if mine != theirs:
+        raise RunError(f"--continue-from {args.continue_from} is a run of {theirs}, this command asks for "
+                       f"{mine}: continue it with its own flags")
+    return continued
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 1 -> stage 2: what train_dpc.py inherits (§3.2)
+# ------------------------------------------------------------------------------------------------
+
+def add_backbone_flags(p):
+    """train_dpc.py's flags for its stage-1 run: ours record their own; a Dassl folder of the original code
+    records none of them."""
+    p.add_argument("--data", default=None, help="dataset (default: the backbone's; required for a Dassl folder)")
+    p.add_argument("--root", default=None, help="dataset root (default: the backbone's; 'data' for a Dassl folder)")
+    p.add_argument("--clip", default="ViT-B/16", help="CLIP of a Dassl backbone (ours record their own)")
+    p.add_argument("--teacher", default=None, help="Dassl PromptKD backbone: its Dassl PromptSRC teacher folder")
+    p.add_argument("--teacher-clip", default="ViT-L/14", help="CLIP of that Dassl teacher")
+
+
+def remember_last_backbone(run_dir: str) -> None:
+    """Record a finished stage-1 run as the one train_dpc.py continues without --backbone (find_backbone)."""
+    os.makedirs(os.path.dirname(LAST_BACKBONE), exist_ok=True)
+    tmp = run_folder.temp_name(LAST_BACKBONE)   # runs in parallel (tools/reproduce.py) never mix
+    with open(tmp, "w") as f:
+        f.write(os.path.abspath(run_dir) + "\n")
+    os.replace(tmp, LAST_BACKBONE)
+
+
+def find_backbone(backbone: str | None) -> str:
+    """train_dpc.py --backbone, or the run train_backbone.py wrote last (said aloud, so nobody is surprised)."""
+    if backbone:
+        return backbone
+    if not os.path.isfile(LAST_BACKBONE):
+        raise RunError(f"no --backbone given and no {LAST_BACKBONE}: run train_backbone.py first "
+                       f"or pass --backbone RUN_DIR")
+    with open(LAST_BACKBONE) as f:
+        backbone = f.read().strip()
+    print(f"using the last backbone run: {backbone}")
+    return backbone
+
+
+def dpc_stage1(args) -> tuple[torch.nn.Module, dict, dict]:
+    """What DPC inherits from its stage-1 run (--backbone, or the last one trained): (P's learner, the run's
+    record {learner, clip, data, classnames, args}, the settings DPC continues with). The settings are
+    {backbone, learner, clip, data, root, seed, subsample, teacher, teacher_clip}: the backbone's own unless a
+    flag names them (a Dassl folder records none, so --data must); train_dpc.main records them in args."""
+    run_dir = os.path.abspath(find_backbone(args.backbone))      # recorded as is: --resume compares it
+    dataset = args.data and data.dataset_name(args.data)          # CoOp's config names too (imagenetv2)
+    teacher = args.teacher and os.path.abspath(args.teacher)      # a Dassl run is re-evaluated from other folders
+    clip, teacher_clip = clip_path(args.clip), clip_path(args.teacher_clip)
+    try:
+        learner, record = load_stage1(run_dir, args.device, args.trust_checkpoint, clip, teacher, teacher_clip)
+        dept = "train_backbone.py --dept" if isinstance(learner, prompts.DePT) else None   # who made its head
+    except dassl_import.HeadClassesUnknown:   # a DePT folder of the original code, refused before its head is built
+        dept = "the original code's ExtrasLinearProbe trainer"
+    if dept:   # Fig. 5 sets DPC beside DePT, each on the plain backbone
+        raise RunError(f"{run_dir} is a DePT run ({dept}): DPC is plugged into the plain backbone, beside "
+                       f"DePT, not on top of it; pass the run trained without DePT")
+    if record["data"] is None and not dataset:
+        raise RunError(f"{run_dir} is a Dassl run: pass --data (and --root, --clip) for it")
+    if dataset and record["data"] not in (None, dataset):
+        raise RunError(f"--data {dataset}, but the backbone {run_dir} was trained on {record['data']}: "
+                       f"DPC continues on the backbone's own classes; drop --data or pick the matching backbone")
+    trained = record["args"]                                      # {} for a Dassl folder: seed 1, root data
+    return learner, record, dict(
+        backbone=run_dir, learner=record["learner"], clip=record["clip"], data=record["data"] or dataset,
+        root=os.path.abspath(args.root or trained.get("root", "data")),
+        seed=trained.get("seed", 1) if args.seed is None else args.seed,
+        subsample=trained.get("subsample", "base"), teacher=teacher, teacher_clip=teacher_clip)
+
+
+def check_backbone_classes(backbone: dict, classnames: list[str], args) -> None:
+    """A backbone of ours trained on the classes DPC trains on (PromptKD: on all classes, unlabeled)."""
+    trained_on = backbone.get("classnames")                          # None for a Dassl folder
+    if trained_on and args.learner != "promptkd" and trained_on != classnames:
+        raise RunError(f"the backbone was trained on other classes ({trained_on[:3]}...) than the base classes "
+                       f"of {args.data} under {args.root} ({classnames[:3]}...): wrong --root?")

@@ -22,7 +22,7 @@ from run_folder import RunError
 
 
 # ------------------------------------------------------------------------------------------------
-# Reading checkpoints without running code from them (README "Loading checkpoints safely")
+# Reading checkpoints without running code from them (docs/loading_safely.md)
 # ------------------------------------------------------------------------------------------------
 
 TRUST_HINT = "if you trust the file, pass --trust-checkpoint (it runs code from the file)"
@@ -90,7 +90,7 @@ def load_safely(path: str, trust: bool = False, inert_objects: bool = False):
                        f"train that run again (--overwrite)") from None
 
 
-# What every checkpoint of ours holds, per kind (backbone_checkpoint, dpc_checkpoint above), with
+# What every checkpoint of ours holds, per kind (backbone_checkpoint, dpc_checkpoint below), with
 # the types the stages rely on; RUN_ARGS: the entries of its args that are read back.
 RUN_KEYS = {"backbone": ("learner", "clip", "data", "classnames", "state", "epoch", "finished", "args", "optimizer",
                          "gpa_sum", "best"),
@@ -179,7 +179,7 @@ def read_checkpoint(path: str, trust: bool = False) -> dict:
                        f"'dpc'): pass a run folder of this project, or a Dassl folder to train_dpc.py --backbone")
     if kind == "dpc" and "mixed_prompt" in ckpt and "parallel_prompt" not in ckpt:
         raise RunError(f"{path} was written by an earlier train_dpc.py, which stored the mixed prompt P̃_b and moved P' "
-                       f"1/ω_b times farther per step than the released code (README Differences 6): train that run "
+                       f"1/ω_b times farther per step than the released code (docs/differences.md #6): train that run "
                        f"again with train_dpc.py --overwrite")
     problem = schema_problem(ckpt, kind)
     if problem:

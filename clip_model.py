@@ -15,7 +15,7 @@ MIT-licensed open_clip_torch wheel (see assets/README.md). Local changes are mar
     the EOT never influence the EOT feature: the truncated pass computes the same function (equal up
     to float rounding, not bit for bit: products of other shapes sum in another order) 77/len times cheaper;
   - changed: weights are kept at the checkpoint's values but held in fp32; on GPU the training
-    scripts use autocast instead of OpenAI's fp16 conversion (README Differences 1).
+    scripts use autocast instead of OpenAI's fp16 conversion (docs/differences.md #1).
 
 References: Radford et al., "Learning Transferable Visual Models From Natural Language
 Supervision", ICML 2021. DPC paper §3.1: f(.) = `encode_image`, g(.) = `encode_text*`.

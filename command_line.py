@@ -53,7 +53,7 @@ def add_run_flags(p):
 def add_trust_flag(p):
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="unpickle checkpoints fully: RUNS CODE FROM THE FILE; only for files you trust (by default "
-                        "they are read as plain data, README 'Loading checkpoints safely')")
+                        "they are read as plain data, docs/loading_safely.md)")
 
 
 # Default folder of the on-disk feature cache (--feature-cache; "off" disables it). Safe to delete.
@@ -96,6 +96,28 @@ def check_run_flags(args) -> None:
         raise RunError("--feature-cache '' names no folder: give a folder, or 'off'")
 
 
+class DPCError(ValueError):
+    """A bad DPC flag or mismatched prompt tensors (train_dpc.py, evaluate.py): one line, what to change."""
+
+
+def check_omegas(omega_b: float, omega_n: float) -> None:
+    """ω_b divides the released step's gradient, so 0 is refused here (the released code has no guard)."""
+    if not 0.0 < omega_b <= 1.0:  # `not` form also rejects NaN
+        raise DPCError(f"--omega-b must be in (0, 1] (Decoupling divides by it); got {omega_b}")
+    if not 0.0 <= omega_n <= 1.0:
+        raise DPCError(f"--omega-n must be in [0, 1] (0 = new classes use the tuned prompt P only); got {omega_n}")
+
+
+def check_topk(topk: int, n_base: int) -> int:
+    """The K to use: K > n_base is clamped (EuroSAT has 5 base classes; the released code crashes there);
+    K < 2 leaves no hard negative."""
+    if n_base < 2:
+        raise DPCError(f"DPC needs at least 2 base classes to build hard negatives; got {n_base}")
+    if topk < 2:
+        raise DPCError(f"--topk must be at least 2 (the ground truth plus one hard negative); got {topk}")
+    return min(topk, n_base)
+
+
 def check_not_a_source(output_dir: str, **sources) -> None:
     """--output-dir must not be a run this one reads (--backbone, --teacher, --continue-from):
     writing there, even with --overwrite, would destroy the run it starts from."""
@@ -106,7 +128,7 @@ def check_not_a_source(output_dir: str, **sources) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Run folder, logging, atomic writes
+# The run folder taken, and what --resume may change
 # ------------------------------------------------------------------------------------------------
 
 def check_run_folder(args, kind: str = "backbone"):
@@ -136,7 +158,7 @@ def check_run_folder(args, kind: str = "backbone"):
     return previous
 
 
-# What --resume may change: how a run is executed, not what it computes (README "Clusters and shared machines").
+# What --resume may change: how a run is executed, not what it computes (docs/clusters.md).
 HOW_FLAGS = ("resume", "overwrite", "output_dir", "workers", "print_every", "device", "feature_cache",
              "trust_checkpoint")
 
@@ -181,7 +203,7 @@ def setting_differences(a: dict, b: dict) -> list[str]:
 # The command-line runner: one line per expected error
 # ------------------------------------------------------------------------------------------------
 
-ERRORS = (RunError, data.DataError, clip_model.CLIPLoadError, prompts.LearnerError, OSError)
+ERRORS = (RunError, DPCError, data.DataError, clip_model.CLIPLoadError, prompts.LearnerError, OSError)
 
 
 def one_line(e: Exception) -> str:

@@ -28,7 +28,7 @@ def is_dept(state: dict) -> bool:
 
 def dassl_state(name: str, state: dict) -> dict:
     """Rename a Dassl stage-1 state dict (the original repositories' parameter names) to our learner's
-    names (README Differences 11).
+    names (docs/differences.md #11).
     CoOp saves its prompt learner alone (`ctx` + token buffers); MaPLe, PromptSRC and PromptKD save the
     whole model, whose frozen CLIP copies are dropped here, as are the token prefix/suffix buffers.
     PromptKD's projector is 1x1 convolutions there (`VPT_image_trans.conv1.{0,1,3}`), Linear here.

@@ -2,10 +2,10 @@
 
 What this file does
   read_splits(root, dataset)   -> {"train", "val", "test"} lists of Item(path, label, classname)
-  few_shot(train, val, K, seed) -> the K-shot train set and min(K, 4)-shot val set
+  few_shot(train, val, shots, seed) -> `shots` train images per class, min(shots, 4) val images
   subsample(splits, "base")    -> first ceil(n/2) sorted labels (or "new": the rest), relabelled from 0
   ImageDataset(items, transform, cache) -> (image tensor, label, index)
-  load_splits(dataset, root, K, seed) -> what a run trains and tests on: the K-shot draw, its base/new views
+  load_splits(dataset, root, shots, seed) -> what a run trains and tests on: the few-shot draw, its base/new views
 
 Three on-disk layouts are read:
   1. The CoOp layout of the 11 base-to-new datasets (`DATASETS` below): a `split_zhou_<Name>.json`
@@ -29,7 +29,7 @@ Published base-to-new numbers are only comparable when the splits come from CoOp
 JSONs (and, for FGVCAircraft/ImageNet, the official lists): an ImageFolder tree of the same images
 with a different train/test split gives numbers that are not comparable to any published table.
 `few_shot` replays Dassl's `generate_fewshot_dataset` so that, given the same JSON and seed, the
-K-shot sets equal the published ones (Dassl caches them as split_fewshot/shot_K-seed_S.pkl).
+few-shot sets equal the published ones (Dassl caches them as split_fewshot/shot_<shots>-seed_<seed>.pkl).
 
 Usage:
   splits = read_splits("/data", "eurosat")
@@ -495,7 +495,7 @@ def _sample_per_label(items: list[Item], shots: int, rng: random.Random) -> list
 
 
 def few_shot(train: list[Item], val: list[Item], shots: int, seed: int) -> tuple[list[Item], list[Item]]:
-    """K images per class from train and min(K, 4) from val, over ALL classes (before subsample).
+    """`shots` images per class from train and min(shots, 4) from val, over ALL classes (before subsample).
 
     Replays Dassl: `random.seed(seed)` then `random.sample` per label, train first and val with the
     same stream, so the sets equal the published split_fewshot/shot_K-seed_S.pkl for the same JSON
@@ -511,7 +511,7 @@ def few_shot(train: list[Item], val: list[Item], shots: int, seed: int) -> tuple
 def subsample(splits: dict[str, list[Item]], which: str) -> dict[str, list[Item]]:
     """CoOp's subsample_classes: base = first ceil(n/2) sorted train labels, new = the rest.
 
-    Each split keeps only the chosen labels, relabelled from 0 (new label L -> L - m), so each group
+    Each split keeps only the chosen labels, relabelled from 0 (new label y -> y - m), so each group
     is classified among its own classes. Run it after few_shot: the draw is over all classes.
     """
     if which not in SUBSAMPLE_CHOICES:
@@ -652,15 +652,15 @@ def augmented_images(pool: ImageDataset, indices: list[int], threads=None) -> li
 
 
 def load_splits(dataset: str, root: str, shots: int, seed: int) -> dict[str, dict[str, list[Item]]]:
-    """A run's splits: the few-shot draw over all classes (Dassl's order, so K-shot sets equal the
+    """A run's splits: the few-shot draw over all classes (Dassl's order, so few-shot sets equal the
     published ones), then the base/new views of it. `--data toy` / `--data synthetic` are generated
     under `root` on first use (toy_world.py).
 
     Returns {"all", "base", "new", "unsampled"}, each {"train", "val", "test"}: "all" / "base" / "new"
     are the few-shot sets over all classes / the base half / the new half (as --subsample names them);
-    "unsampled" is the dataset before the few-shot draw (--negative-pool full). The K-shot val set is
+    "unsampled" is the dataset before the few-shot draw (--negative-pool full). The few-shot val set is
     drawn as Dassl draws it, so the train draw and the split files stay Dassl's, but no stage selects on
-    it: every run reports its last epoch (README Differences 4)."""
+    it: every run reports its last epoch (docs/differences.md #4)."""
     if dataset in ("synthetic", "toy") and not os.path.isdir(os.path.join(root, dataset)):
         import toy_world   # generators only; a reader of the protocol never needs them
         if dataset == "synthetic":

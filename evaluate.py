@@ -3,9 +3,9 @@
 DPC paper §4.2 (Tab. 1 base-to-new, Tab. 2 cross-dataset/-domain) and §4.3 (Tab. 3 components, Fig. 6
 collaboration weights, Tab. 4 top-K, Tab. 5 fewer epochs). Base/new accuracies come from each run's results.json,
 or are recomputed from checkpoint.pt with the training scripts' own evaluation functions
-(train_backbone.base_to_new, train_dpc.evaluate_dpc). Per (learner, row, dataset) the seeds are
-averaged, H is the harmonic mean of the averaged base and new (the CoCoOp/MaPLe convention, also
-used for the average over datasets), and each number is printed beside the paper's.
+(scoring.base_to_new, train_dpc.evaluate_dpc). Per (learner, row, dataset) the seeds are averaged, H is the
+harmonic mean of the averaged base and new (the CoCoOp/MaPLe convention, also used for the average over
+datasets), and each number is printed beside the paper's (scoring.aggregate).
 
 Tab. 1 (seeds 1-3 of each dataset, then one table; --out gets results.json and table.md):
     python train_backbone.py --learner coop --data eurosat --root /data --seed 1
@@ -13,39 +13,20 @@ Tab. 1 (seeds 1-3 of each dataset, then one table; --out gets results.json and t
     python evaluate.py output/                          # every finished run below output/
     python evaluate.py output/toy --zero-shot           # + a "Zero-shot CLIP" row per dataset
     python evaluate.py output/eurosat/coop_dpc/seed1 --omega-n 0     # recomputes: new classes with P only
-    python evaluate.py output/ --figures                # + Fig. 1 and a Base/New/H figure (PNG, PDF, JSON)
-Fig. 5 (DePT beside DPC, §4.2): with + DePT runs among the runs, also the H of each backbone, + DePT and + DPC
-(fig5.md, "fig5" in results.json; fig5_hm.png with --figures):
-    python train_backbone.py --learner coop --dept --data eurosat --root /data --seed 1   # output/eurosat/coop_dept/seed1
-    python evaluate.py output/ --figures
-§4.4 (Fig. 7: the prompt before tuning, P and P' as feature maps; channel invariance; nearest words):
-    python evaluate.py output/eurosat/coop_dpc --interpret --out fig7
-Fig. 6 (evaluation only, no retraining; --out gets sweep.json, and fig6_omega_*.png with --figures):
+    python evaluate.py output/ --figures    # + Fig. 1, a Base/New/H figure; Fig. 5 with + DePT runs (docs/dept.md)
+Fig. 6 (evaluation only, no retraining; sweep.json, fig6_omega_*.png with --figures), docs/figures.md:
     python evaluate.py output/eurosat/coop_dpc --sweep omega_n --values 0,1e-6,0.01,0.05,0.1,0.2
-    python evaluate.py output/eurosat/coop_dpc --sweep omega_b --values 0.1,0.2,0.5,1.0 --base-inference mixed
-Tab. 2 (runs on ImageNet's all classes, --subsample all; tested on the source and on other datasets' full
-test split; Source / Avg. of cross-dataset / Avg. of cross-domain beside the paper's; transfer.json):
-    python train_backbone.py --learner coop --data imagenet --root /data --subsample all --output-dir xd/coop/s1
-    python train_dpc.py --backbone xd/coop/s1 --output-dir xd/coop_dpc/s1
+Tab. 2 (runs on ImageNet's all classes, --subsample all; transfer.json), docs/transfer.md:
     python evaluate.py xd --target cross-dataset,cross-domain --target-root /data
-Tab. 3 (the component ablation on a CoOp backbone, one command per row; ablation.json):
-    python train_backbone.py --learner coop --data eurosat --root /data --output-dir tab3/coop/s1
-    python train_backbone.py --learner coop --data eurosat --root /data --continue-from tab3/coop/s1 --output-dir tab3/ts/s1
-    python train_dpc.py --backbone tab3/coop/s1 --omega-b 1 --omega-n 1 --output-dir tab3/dhno/s1
-    python train_dpc.py --backbone tab3/coop/s1 --loss learner --base-inference mixed --omega-n 0.2 --output-dir tab3/we/s1
-    python train_dpc.py --backbone tab3/coop/s1 --loss learner --base-inference mixed --output-dir tab3/we_de/s1
-    python train_dpc.py --backbone tab3/coop/s1 --output-dir tab3/dpc/s1
+Tab. 3 (the runs of its five commands, one per row; ablation.json), docs/ablation.md:
     python evaluate.py tab3 --ablation
-Ablations that retrain (evaluate one setting's folder at a time: a row averages the seeds of one experiment,
-and two settings of one learner, row and dataset in one call are refused in one line):
-  Tab. 4, top-K against batch size at b·K = 32 (per dataset and seed; K = 8 is the default run):
+§4.4 (Fig. 7, channel invariance, nearest words; interpret.json), docs/figures.md:
+    python evaluate.py output/eurosat/coop_dpc --interpret --out fig7
+Tab. 4 and Tab. 5 retrain (a row averages the seeds of ONE experiment: evaluate one setting's folder per call):
     python train_dpc.py --backbone output/eurosat/coop/seed1 --topk 4 --batch-size 8 --output-dir tab4/k4/eurosat/s1
-    python train_dpc.py --backbone output/eurosat/coop/seed1 --topk 2 --batch-size 16 --output-dir tab4/k2/eurosat/s1
-    python evaluate.py tab4/k4
-  Tab. 5, half the epochs in both stages (10 + 10 instead of 20 + 20):
     python train_backbone.py --learner coop --data eurosat --root /data --epochs 10 --output-dir tab5/eurosat/coop/s1
     python train_dpc.py --backbone tab5/eurosat/coop/s1 --epochs 10 --output-dir tab5/eurosat/coop_dpc/s1
-    python evaluate.py tab5
+    python evaluate.py tab4/k4; python evaluate.py tab5
 """
 import argparse
 import os
@@ -62,7 +43,6 @@ import prompts
 import run_folder
 import scoring
 import train_dpc as td
-from command_line import setting_differences
 from run_folder import RunError, log
 
 EPILOG = __doc__[__doc__.index("Tab. 1 ("):]  # the commands, also shown by --help
@@ -73,36 +53,31 @@ def get_args(argv=None):
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders (holding checkpoint.pt) or folders above them")
     p.add_argument("--recompute", action="store_true", help="recompute from checkpoint.pt, not results.json")
-    p.add_argument("--zero-shot", action="store_true",
-                   help="add a 'Zero-shot CLIP' row per dataset: the runs' CLIP with CoOp's template of the dataset "
-                        "(EuroSAT 'a centered satellite photo of {}.', ...; 'a photo of a {}.' for other data), no training")
-    # The three DPC overrides imply --recompute; each defaults to the run's own value.
+    p.add_argument("--zero-shot", action="store_true", help="add a 'Zero-shot CLIP' row per dataset: the runs' "
+                   "CLIP with CoOp's template of the dataset ('a photo of a {}.' for other data), no training")
+    # The three DPC overrides imply --recompute; each defaults to the run's own value
     p.add_argument("--omega-b", type=float, default=None,
-                   help="ω_b in (0, 1] at inference: moves the base prompt ω_b P' + (1-ω_b) P of "
-                        "--base-inference mixed; P' is the trained one whatever ω_b (see dpc_prompts)")
+                   help="ω_b in (0, 1] at inference: moves only the base prompt of --base-inference mixed (dpc_prompts)")
     p.add_argument("--omega-n", type=float, default=None, help="ω_n in [0, 1] (0: new classes use P alone)")
     p.add_argument("--base-inference", default=None, choices=td.BASE_INFERENCE_CHOICES,
-                   help="base classes use P' (parallel) or ω_b P' + (1-ω_b) P (mixed); README Differences 6")
+                   help="base classes use P' (parallel) or ω_b P' + (1-ω_b) P (mixed); docs/differences.md #6")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--sweep", default=None, choices=("omega_b", "omega_n"),
                       help="Fig. 6: base (ω_b) or new (ω_n) accuracy of DPC runs at each of --values")
     mode.add_argument("--target", default=None,
-                      help="Tab. 2: comma-separated datasets to test on (full test split, all classes), or the "
-                           "groups cross-dataset (the 10 datasets besides ImageNet) and cross-domain (ImageNet-V2, "
-                           "-Sketch, -A, -R); each run's source is tested too")
+                      help="Tab. 2: comma-separated datasets to test on (full test split, all classes), or the groups "
+                           "cross-dataset (the 10 besides ImageNet) and cross-domain (ImageNet-V2, -Sketch, -A, -R)")
     mode.add_argument("--interpret", action="store_true",
                       help="§4.4 of DPC runs: Fig. 7 (the prompt before tuning, P, P' as feature maps), the channel "
                            "invariance numbers and the nearest words of P and P' (interpret.json, fig7_*.png/pdf)")
     mode.add_argument("--ablation", action="store_true",
-                      help="Tab. 3: lay out the runs of the five ablation commands (README) as its rows")
+                      help="Tab. 3: lay out the runs of the five ablation commands (docs/ablation.md) as its rows")
     p.add_argument("--values", default=None, help="comma-separated values for --sweep (default: Fig. 6's grid, "
                    "ω_b 0.1,0.2,0.3,0.5,1.0 (0 would be the backbone itself), ω_n 0,0.01,0.02,0.05,0.1,0.2)")
     p.add_argument("--figures", action="store_true",
-                   help="also draw the results into --out as PNG + PDF, each with a JSON of the numbers drawn: "
-                        "Tab. 1 (the default) -> fig1_base (Fig. 1: base accuracy per learner, + DePT and + DPC, "
-                        "mean over datasets), tab1_base_new_h (Base/New/H per dataset) and, with + DePT runs, fig5_hm "
-                        "(Fig. 5: H of each backbone, + DePT, + DPC); --sweep -> fig6_omega_b "
-                        "or fig6_omega_n (Fig. 6); needs matplotlib")
+                   help="also draw the results into --out as PNG + PDF + a JSON of the numbers drawn: Tab. 1 (the "
+                        "default) -> fig1_base (Fig. 1), tab1_base_new_h (Base/New/H per dataset), with + DePT runs "
+                        "fig5_hm (Fig. 5); --sweep -> fig6_omega_b or fig6_omega_n (Fig. 6); needs matplotlib")
     p.add_argument("--words", type=int, default=5, help="--interpret: nearest words per context vector")
     p.add_argument("--target-root", default=None, help="dataset root of --target (default: --root, else the run's)")
     p.add_argument("--root", default=None, help="dataset root (default: the one stored in each run)")
@@ -126,14 +101,13 @@ def dpc_settings(ckpt: dict, opts) -> Namespace:
                   omega_n=a["omega_n"] if opts.omega_n is None else opts.omega_n,
                   base_inference=opts.base_inference or a["base_inference"],
                   device=opts.device, workers=opts.workers, feature_cache=opts.feature_cache)
-    td.check_omegas(s.omega_b, s.omega_n)
+    command_line.check_omegas(s.omega_b, s.omega_n)
     return s
 
 
 def dpc_prompts(ckpt: dict, s: Namespace, device) -> tuple[dict, dict]:
-    """(base-class prompt, P̃_n) of a DPC run at the settings s, from its stored P and P'; an inference ω_b
-    only moves the "mixed" base prompt (train_dpc.inference_prompts); at the training settings this is
-    bitwise what training evaluated."""
+    """(base-class prompt, P̃_n) of a DPC run at the settings s, from its stored P and P' (train_dpc.inference_prompts):
+    at the training settings, bitwise what training evaluated."""
     tuned, parallel = stored_prompts(ckpt, device)
     return td.inference_prompts(parallel, tuned, s.omega_b, s.omega_n, s.base_inference)
 
@@ -221,51 +195,6 @@ def zero_shot_rows(finished, opts) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Seeds -> datasets -> Tab. 1
-# ------------------------------------------------------------------------------------------------
-
-
-def check_one_experiment(learner: str, kind: str, name: str, rows: list[dict]) -> None:
-    """A row is the mean over seeds of ONE experiment: the seeds are distinct and every setting that changes
-    the numbers is equal (command_line.setting_differences: shots, epochs, lr, initialisation, ω, K, ..., and the
-    CLIP weights by content). Else one line naming the setting and both values."""
-    seeds = [r["seed"] for r in rows]
-    twice = sorted({s for s in seeds if seeds.count(s) > 1})
-    if twice:
-        runs = [r["run"] for r in rows if r["seed"] == twice[0]]
-        raise RunError(f"{learner} {kind} {name}: seed {twice[0]} comes twice ({', '.join(map(str, runs))}): a row "
-                       f"averages distinct seeds of one experiment; evaluate each experiment's folders in their own call")
-    for r in rows[1:]:
-        differ = setting_differences(rows[0]["args"], r["args"]) if "args" in r and "args" in rows[0] else []
-        if differ:
-            raise RunError(f"{learner} {kind} {name}: seed {rows[0]['seed']} ({rows[0]['run']}) and seed {r['seed']} "
-                           f"({r['run']}) differ in {'; '.join(differ[:3])}: a row averages the seeds of one experiment; "
-                           f"evaluate each setting's run folders in their own call (e.g. evaluate.py tab4/k4)")
-
-
-def aggregate(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Groups (learner, row, dataset): mean base and mean new over seeds, H = HM of the two means (the
-    CoCoOp/MaPLe convention, not the mean of per-seed H). Averages: the same over the datasets present."""
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["learner"], r["kind"], r["data"]), []).append(r)
-    cells = []
-    for (learner, kind, name), rs in groups.items():
-        seeds = [r["seed"] for r in rs]
-        check_one_experiment(learner, kind, name, rs)
-        base, new = scoring.mean([r["base"] for r in rs]), scoring.mean([r["new"] for r in rs])
-        cells.append(dict(learner=learner, kind=kind, data=name, seeds=seeds, base=base, new=new,
-                          hm=scoring.harmonic_mean(base, new)))
-    averages = []
-    for learner, kind in dict.fromkeys((c["learner"], c["kind"]) for c in cells):
-        cs = [c for c in cells if (c["learner"], c["kind"]) == (learner, kind)]
-        base, new = scoring.mean([c["base"] for c in cs]), scoring.mean([c["new"] for c in cs])
-        averages.append(dict(learner=learner, kind=kind, data="average", datasets=[c["data"] for c in cs],
-                             base=base, new=new, hm=scoring.harmonic_mean(base, new)))
-    return cells, averages
-
-
-# ------------------------------------------------------------------------------------------------
 # Fig. 6 sweep and Tab. 2 transfer (evaluation only)
 # ------------------------------------------------------------------------------------------------
 
@@ -285,7 +214,7 @@ def sweep(finished, opts) -> dict:
     values = parse_values(opts.values) if opts.values is not None else grid
     split = "base" if opts.sweep == "omega_b" else "new"
     for v in values:  # refuse a bad value before any evaluation (ω_b = 0: Decoupling divides by it)
-        td.check_omegas(*((v, 0.0) if opts.sweep == "omega_b" else (1.0, v)))
+        command_line.check_omegas(*((v, 0.0) if opts.sweep == "omega_b" else (1.0, v)))
     finished = [(run, ckpt) for run, ckpt in finished if ckpt["kind"] == "dpc"]
     if not finished:
         raise RunError("--sweep needs DPC runs (train_dpc.py); only backbone runs were given")
@@ -308,7 +237,7 @@ def sweep(finished, opts) -> dict:
     if split == "base" and any(r["base_inference"] == "parallel" for r in rows):
         print("note: with base inference 'parallel' (the released code) base classes use P' for every ω_b, so "
               "the sweep is flat; pass --base-inference mixed for ω_b P' + (1-ω_b) P (Eq. 12). The paper's "
-              "Fig. 6a retrained per ω_b (README Differences 6)")
+              "Fig. 6a retrained per ω_b (docs/differences.md #6)")
     means = {}
     for r in rows:
         means.setdefault(f"{r['learner']}/{r['data']}", []).append(r["accuracies"])
@@ -334,7 +263,7 @@ def parse_targets(text: str, sources: set) -> list[str]:
 def transfer(finished, opts) -> dict:
     """Tab. 2: test each run on its source's test split and on other datasets' full test split, all
     classes. DPC runs use the base prompt on the source and the new-class prompt P̃_n (≈ P, paper §4.2;
-    README Differences 14) on every target; backbone runs use their learner as it is. Columns: Source, the mean
+    docs/differences.md #14) on every target; backbone runs use their learner as it is. Columns: Source, the mean
     over the cross-dataset targets and the mean over the cross-domain targets (per method, seeds
     averaged first), each beside the paper's Tab. 2 number (an ImageNet source only)."""
     targets = parse_targets(opts.target, {ckpt["data"] for _, ckpt in finished})
@@ -346,41 +275,21 @@ def transfer(finished, opts) -> dict:
             s = dpc_settings(ckpt, opts)
             base_prompt, new_prompt = dpc_prompts(ckpt, s, opts.device)
         for target in targets:
-            root = opts.root or a["root"] if target == ckpt["data"] else opts.target_root or opts.root or a["root"]
+            root = (opts.root or a["root"]) if target == ckpt["data"] else (opts.target_root or opts.root or a["root"])
             if (root, target) not in test_sets:   # runs from other roots read their own copy
                 items = data.read_splits(root, target)["test"]
                 test_sets[root, target] = (items, data.classnames_of(items))
             items, classnames = test_sets[root, target]
-            prompt = None
-            if dpc and target == ckpt["data"]:  # the source column of Tab. 2
-                prompt = base_prompt
-            elif dpc:
-                prompt = new_prompt   # Eq. (13)
+            # DPC: the base prompt on the source column of Tab. 2, P̃_n (Eq. 13) on every target
+            prompt = (base_prompt if target == ckpt["data"] else new_prompt) if dpc else None
             acc = scoring.accuracy(learner, items, classnames, opts.device, opts.workers, prompt, cache=opts.feature_cache)
             log(f"=> result ({scoring.method(ckpt['learner'], row_kind(ckpt))} {ckpt['data']} -> {target}, "
                 f"all {len(classnames)} classes, seed {a['seed']} {run})\n* accuracy: {acc:.2f}%")
             rows.append(dict(run=run, kind=row_kind(ckpt), learner=ckpt["learner"], source=ckpt["data"],
                              target=target, seed=a["seed"], accuracy=acc))
-    summary = transfer_summary(rows)
+    summary = scoring.transfer_summary(rows)
     print("\n" + scoring.format_transfer(summary))
     return dict(runs=rows, mean_over_seeds=summary, paper_tab2=scoring.PAPER_TAB2_COLUMNS)
-
-
-def transfer_summary(rows: list[dict]) -> list[dict]:
-    """Per (learner, row, source): every target's accuracy averaged over seeds, then Tab. 2's three columns."""
-    per = {}
-    for r in rows:
-        per.setdefault((r["learner"], r["kind"], r["source"]), {}).setdefault(r["target"], []).append(r["accuracy"])
-    summary = []
-    for (learner, kind, source), accs in per.items():
-        accs = {t: scoring.mean(v) for t, v in accs.items()}
-        dataset = [t for t in accs if t != source and t not in data.CROSS_DOMAIN]
-        domain = [t for t in accs if t != source and t in data.CROSS_DOMAIN]
-        summary.append(dict(learner=learner, kind=kind, source=source, accuracy=accs, source_accuracy=accs[source],
-                            cross_dataset=scoring.mean([accs[t] for t in dataset]) if dataset else None,
-                            cross_domain=scoring.mean([accs[t] for t in domain]) if domain else None,
-                            cross_dataset_targets=dataset, cross_domain_targets=domain))
-    return summary
 
 
 # ------------------------------------------------------------------------------------------------
@@ -389,7 +298,7 @@ def transfer_summary(rows: list[dict]) -> list[dict]:
 
 
 def ablation_row(ckpt: dict) -> str:
-    """Which Tab. 3 row a run is, from the flags it was trained with (README, "Tab. 3"):
+    """Which Tab. 3 row a run is, from the flags it was trained with (docs/ablation.md):
     backbone / (1) train_backbone.py --continue-from; (2) train_dpc.py --omega-b 1 --omega-n 1;
     (3) --loss learner --base-inference mixed --omega-n = --omega-b; (4) --loss learner --base-inference
     mixed (ω_n = 1e-6); (5) train_dpc.py with its defaults."""
@@ -414,7 +323,7 @@ def ablation(finished, opts) -> dict:
     if len(learners) > 1:
         raise RunError(f"--ablation lays out one learner's runs (Tab. 3: CoOp); got {sorted(learners)}: pass "
                        f"one learner's run folders")
-    cells, averages = aggregate(rows)
+    cells, averages = scoring.aggregate(rows)
     print("\n" + scoring.format_ablation(cells, averages), end="")
     return dict(runs=rows, groups=cells, averages=averages, paper_tab3=scoring.PAPER_TAB3)
 
@@ -480,11 +389,7 @@ def main(args):
     if args.figures and (args.target or args.ablation):
         raise RunError("--figures draws Tab. 1 (the default mode) and Fig. 6 (--sweep); drop it with --target or --ablation")
     if args.figures or args.interpret:   # before any work: the figures need matplotlib, an optional package
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise RunError(f"--{'figures' if args.figures else 'interpret'} draws with matplotlib, which is not "
-                           f"installed here: pip install matplotlib (or leave out --figures)") from None
+        figures.check_matplotlib("--figures" if args.figures else "--interpret")
     finished = checkpoints.find_runs(args.runs, args.trust_checkpoint)
     run_folder.lock_run_folder(args.out, "--out")   # one evaluate.py per --out at a time
     if args.sweep:
@@ -511,7 +416,7 @@ def main(args):
         if not any("base" in r for r in rows):
             raise RunError("only runs trained on all classes (Tab. 2 sources) were found: test them on other "
                            "datasets with --target")
-        cells, averages = aggregate([r for r in rows if "base" in r])  # Tab. 2 sources have no base/new
+        cells, averages = scoring.aggregate([r for r in rows if "base" in r])  # Tab. 2 sources have no base/new
         for c in cells:
             print(f"{c['learner']} {c['kind']} {c['data']}: seeds {c['seeds']}  base {c['base']:.2f}  "
                   f"new {c['new']:.2f}  HM {c['hm']:.2f}")
@@ -538,7 +443,7 @@ def main(args):
 
 
 def run(argv=None):
-    return command_line.run_cli(main, get_args, argv, (td.DPCError,))
+    return command_line.run_cli(main, get_args, argv)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,15 @@ LEGEND_ROW_INCHES = 0.24      # and below it for each row of a figure legend (8 
 LEGEND_COLUMNS = 4
 
 
+def check_matplotlib(flag: str) -> None:
+    """Before any work: the figures need matplotlib, an optional package (one line if it is missing)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise run_folder.RunError(f"{flag} draws with matplotlib, which is not installed here: pip install matplotlib "
+                                  f"(or leave out {flag})") from None
+
+
 def new_figure(size: tuple[float, float], legend_rows: int = 0):
     """A Figure of `size` inches at FIGURE_DPI whose axes matplotlib's constrained layout fits between a
     top strip (title, figure legend) and a bottom one (caption), both drawn by frame. savefig is called
@@ -399,7 +408,7 @@ def nearest_words(context: Tensor, token_embedding: Tensor, k: int) -> list[list
 
 def interpretation_summary(runs: list[dict]) -> dict:
     """Each number's mean over every context vector of every run, and the fraction of vectors that DPC
-    moved less than stage 1 did (‖P'−P‖ < ‖P−P_0‖): README's §4.4 numbers for the toy world."""
+    moved less than stage 1 did (‖P'−P‖ < ‖P−P_0‖): docs/figures.md's §4.4 numbers for the toy world."""
     def every(part, key):
         return [v for r in runs for t in r["tensors"].values() for v in (t[part][key] if part else t[key])]
     out = {f"{part} {key}": scoring.mean(every(part, key)) for part in ("parallel_vs_tuned", "tuned_vs_initial")

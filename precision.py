@@ -7,12 +7,8 @@ GPUs. Both stages call autocast() and grad_scaler() from here, so they always ag
 import torch
 
 
-# ------------------------------------------------------------------------------------------------
-# Precision (README Differences 1)
-# ------------------------------------------------------------------------------------------------
-
 def compute_dtype(device: str) -> torch.dtype:
-    """What the towers compute in on `device` (README Differences 1 and 16): fp32 on the CPU; bf16 on GPUs
+    """What the towers compute in on `device` (docs/differences.md #1 and 16): fp32 on the CPU; bf16 on GPUs
     with bf16 tensor cores (compute capability 8.0 on: A100, H100, RTX 30xx and later); fp16 on older ones
     (V100, T4). Decided on the capability of the GPU asked for, not on torch.cuda.is_bf16_supported(), which
     by default also says yes where bf16 is only emulated (slower than fp16 there)."""
@@ -30,7 +26,7 @@ def autocast(device: str):
 
 def grad_scaler(device: str):
     """Loss scaling for fp16 autocast (GPUs without bf16 tensor cores: V100, T4), where small gradients
-    underflow; a no-op for bf16 and fp32. Both stages use it, and checkpoint its state (README Differences 16)."""
+    underflow; a no-op for bf16 and fp32. Both stages use it, and checkpoint its state (docs/differences.md #16)."""
     return torch.amp.GradScaler("cuda" if device.startswith("cuda") else "cpu",
                                 enabled=compute_dtype(device) == torch.float16)
 

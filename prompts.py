@@ -22,12 +22,12 @@ Glossary (paper symbol -> code)
     MaPLe's text->vision coupling           -> `proj`, `compound_prompt_projections[i]`
     PromptKD's student projector            -> `projector` (Linear-BN-ReLU-Linear)
     s = 1/τ (Eq. 1), frozen at 100          -> `clip.logit_scale.exp()`
-Shape letters: B images, C classes, L = 77 tokens, D width of a tower (D_t text, D_v vision),
-E joint embedding width, M context tokens, K negatives (DPC).
+Shape letters: B images, C classes, D width of a tower (D_t text, D_v vision), E joint embedding width,
+M context tokens; 77 is CLIP's context length in tokens (train_dpc.py uses K for top-K, L for pairs).
 
 Sources: the original repositories (CoOp ff61507c, multimodal-prompt-
 learning 69bce21a, PromptSRC bb95c77b, PromptKD ec244f78); the structure, initialisation and
-losses follow them; they ran in pure fp16, we run fp32 / autocast (see README, Differences).
+losses follow them; they ran in pure fp16, we run fp32 / autocast (docs/differences.md #1).
 """
 import math
 from contextlib import contextmanager
@@ -44,7 +44,7 @@ from clip_model import tokenize, tokenizer
 # ================================================================================================
 
 def class_prompts(clip, classnames, prefix: str, cache: dict):
-    """Tokens (C, L), frozen token embeddings (C, L, D_t) of "<prefix> <class name>." and the length T up to
+    """Tokens (C, 77), frozen token embeddings (C, 77, D_t) of "<prefix> <class name>." and the length T up to
     the longest EOT (counted on the CPU once, so the text tower never waits for the GPU to learn it).
 
     The learnable context later overwrites positions 1..M, so the class name sits at the end
@@ -68,7 +68,7 @@ def prompt_text(prefix: str, classname: str) -> str:
 
 def encode_prompted_text(clip, ctx, classnames, prefix, cache, deep_prompts=()):
     """g(P_t): [SOT][ctx_1..ctx_M][rest of prefix][class name][.][EOT] -> (C, E)."""
-    tokens, embeddings, length = class_prompts(clip, classnames, prefix, cache)   # (C, L), (C, L, D_t), T
+    tokens, embeddings, length = class_prompts(clip, classnames, prefix, cache)   # (C, 77), (C, 77, D_t), T
     c, m = embeddings.shape[0], ctx.shape[0]
     # Eq. (2): P = [p]_1 [p]_2 ... [p]_M [CLASS], the context in front of each class name
     x = torch.cat([embeddings[:, :1], ctx.to(embeddings.dtype).expand(c, -1, -1), embeddings[:, 1 + m:]], dim=1)
@@ -108,7 +108,7 @@ def cosine_logits(image_features, text_features, logit_scale):
 def scaled_dot(image, text, logit_scale):
     """s · image textᵀ of unit rows (B, E), (C, E) -> (B, C) in fp32 with autocast off. Under bf16 autocast the
     product would keep ~3 significant digits: cosines 0.3019 and 0.3025 both become 0.3027, a tie argmax
-    breaks towards the lower class, and at s = 100 a logit moves by up to ~0.4 (README Differences 16)."""
+    breaks towards the lower class, and at s = 100 a logit moves by up to ~0.4 (docs/differences.md #16)."""
     with torch.autocast(image.device.type, enabled=False):
         return logit_scale * image.float() @ text.float().t()
 
@@ -322,7 +322,7 @@ class PromptKD(nn.Module):
     teacher's text space and classified against the teacher's text features of the classes.
     Trainable: `visual_prompt` (4, D_v), `visual_deep[i]` (4, D_v) for blocks 1..8 and `projector`
     (≈1.01M values for ViT-B/16 -> ViT-L/14). The teacher (a trained PromptSRC learner on its own
-    CLIP) is frozen; its text prompts belong to the tuned prompt P of DPC (README Differences 5).
+    CLIP) is frozen; its text prompts belong to the tuned prompt P of DPC (docs/differences.md #5).
     Loss: kd_weight · T² · KL(teacher ‖ student) / (B·C) over all classes.
     """
     DEFAULTS = dict(epochs=20, lr=0.005, batch_size=32,
@@ -440,7 +440,7 @@ class DePT(nn.Module):
     Trainable: the learner's prompts, `film_image`, `film_text` (γ, β: E each) and `linear_head` (W: C×E, b: C).
     Original names: film_lp_img, film_lp_text, linear_probe_proj (Koorye/DePT trainers/elp_coop.py).
     """
-    # DePT's recipe (configs/trainers/ExtrasLinearProbe*/ and train.py; README "DePT beside DPC"); CoOp's
+    # DePT's recipe (configs/trainers/ExtrasLinearProbe*/ and train.py; docs/dept.md); CoOp's
     # 16 random context tokens and MaPLe's 2 from "a photo of a" are DePT's too. PromptSRC + DePT is our
     # extension and keeps PromptSRC's own defaults.
     RECIPE = {"coop": dict(epochs=10, lr=0.0035, batch_size=4, n_ctx=16, ctx_init=""),
@@ -585,7 +585,7 @@ def trainable_parameters(learner) -> dict:
 
 
 def prompt_tensors(learner) -> dict:
-    """The tuned prompt P of DPC (Eq. 5; README Differences 5): every tensor the learner trains, plus the
+    """The tuned prompt P of DPC (Eq. 5; docs/differences.md #5): every tensor the learner trains, plus the
     text-side tensors it uses at inference without training them (PromptKD's teacher prompts)."""
     extra = getattr(learner, "dpc_extra", ())
     return {n: p for n, p in learner.named_parameters() if p.requires_grad or (extra and n.startswith(extra))}

@@ -32,6 +32,10 @@ class RunError(ValueError):
     """A bad flag, run folder or checkpoint: one line saying what is wrong and how to fix it."""
 
 
+# ------------------------------------------------------------------------------------------------
+# Starting a run: room on the disk, args.json, log.txt
+# ------------------------------------------------------------------------------------------------
+
 def check_disk(folder: str, tensors) -> None:
     """Before the run folder is made: room for a checkpoint (state + optimiser + the temp copy of an
     atomic write) on the disk `folder` will be on."""
@@ -76,7 +80,7 @@ def check_regular(path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# One writer per run folder (README "Clusters and shared machines")
+# One writer per run folder (docs/clusters.md)
 # ------------------------------------------------------------------------------------------------
 
 LOCK_FILE = ".lock"   # inside the run folder while a process writes it; says who (pid, host, since when)
@@ -189,6 +193,10 @@ def remove_if_empty(folder: str | None, *files: str) -> None:
             os.rmdir(folder)
 
 
+# ------------------------------------------------------------------------------------------------
+# log.txt and files written atomically
+# ------------------------------------------------------------------------------------------------
+
 _LOG = None
 
 
@@ -251,6 +259,10 @@ def write_json_atomic(obj, path: str):
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
 
+
+# ------------------------------------------------------------------------------------------------
+# An epoch's progress lines, and the stop at a NaN/inf loss or prompt
+# ------------------------------------------------------------------------------------------------
 
 class Progress:
     """The progress lines of one training epoch: the stage's own numbers, then the share of time spent

@@ -3,7 +3,7 @@
 Both training stages end with base_to_new, and evaluate.py recomputes runs with the same functions,
 so a number in results.json and a recomputed one come from one code path. Each test image is encoded
 once per distinct image encoder (image_features): in this process for prompted encoders, on disk for
-CLIP's plain one (README Differences 15). The paper's numbers (Tab. 1, 2, 3, Fig. 6) and the
+CLIP's plain one (docs/differences.md #15). The paper's numbers (Tab. 1, 2, 3, Fig. 6) and the
 layouts evaluate.py prints are below them; figures.py draws them. This module never imports a stage file.
 """
 import hashlib
@@ -14,15 +14,16 @@ import torch
 import torchvision
 
 import clip_model
+import command_line
 import data
 import precision
 import prompts
 import run_folder
-from run_folder import log, save_atomic
+from run_folder import RunError, log, save_atomic
 
 
 # ------------------------------------------------------------------------------------------------
-# Image features, each test image encoded once per distinct image encoder (README Differences 15)
+# Image features, each test image encoded once per distinct image encoder (docs/differences.md #15)
 # ------------------------------------------------------------------------------------------------
 
 _MEMO: dict = {}            # in-process: feature key -> (N, E) features, oldest first
@@ -77,7 +78,7 @@ _WARNED: dict = {}          # cache folder -> the run (its log file) already war
 
 
 def warn_once(cache: str, message: str) -> None:
-    """One warning per unusable cache folder and run (README's fault table): a run scores base and new,
+    """One warning per unusable cache folder and run (docs/faults.md): a run scores base and new,
     evaluate.py many runs, each a failed write. A run is known by the log file run_folder.start_run opens
     for it, so several runs in one process (tests) each warn once; evaluate.py, which starts
     no run, warns once."""
@@ -194,6 +195,67 @@ def log_results(results: dict, title: str):
 
 def mean(xs) -> float:
     return sum(xs) / len(xs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeds -> datasets -> the cells of Tab. 1 (and Tab. 3), and Tab. 2's columns
+# ------------------------------------------------------------------------------------------------
+
+def check_one_experiment(learner: str, kind: str, name: str, rows: list[dict]) -> None:
+    """A row is the mean over seeds of ONE experiment: the seeds are distinct and every setting that changes
+    the numbers is equal (command_line.setting_differences: shots, epochs, lr, initialisation, ω, K, ..., and the
+    CLIP weights by content). Else one line naming the setting and both values."""
+    seeds = [r["seed"] for r in rows]
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        runs = [r["run"] for r in rows if r["seed"] == twice[0]]
+        raise RunError(f"{learner} {kind} {name}: seed {twice[0]} comes twice ({', '.join(map(str, runs))}): a row "
+                       f"averages distinct seeds of one experiment; evaluate each experiment's folders in their own call")
+    for r in rows[1:]:
+        differ = command_line.setting_differences(rows[0]["args"], r["args"]) if "args" in r and "args" in rows[0] else []
+        if differ:
+            raise RunError(f"{learner} {kind} {name}: seed {rows[0]['seed']} ({rows[0]['run']}) and seed {r['seed']} "
+                           f"({r['run']}) differ in {'; '.join(differ[:3])}: a row averages the seeds of one experiment; "
+                           f"evaluate each setting's run folders in their own call (e.g. evaluate.py tab4/k4)")
+
+
+def aggregate(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Groups (learner, row, dataset): mean base and mean new over seeds, H = HM of the two means (the
+    CoCoOp/MaPLe convention, not the mean of per-seed H). Averages: the same over the datasets present."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["learner"], r["kind"], r["data"]), []).append(r)
+    cells = []
+    for (learner, kind, name), rs in groups.items():
+        seeds = [r["seed"] for r in rs]
+        check_one_experiment(learner, kind, name, rs)
+        base, new = mean([r["base"] for r in rs]), mean([r["new"] for r in rs])
+        cells.append(dict(learner=learner, kind=kind, data=name, seeds=seeds, base=base, new=new,
+                          hm=harmonic_mean(base, new)))
+    averages = []
+    for learner, kind in dict.fromkeys((c["learner"], c["kind"]) for c in cells):
+        cs = [c for c in cells if (c["learner"], c["kind"]) == (learner, kind)]
+        base, new = mean([c["base"] for c in cs]), mean([c["new"] for c in cs])
+        averages.append(dict(learner=learner, kind=kind, data="average", datasets=[c["data"] for c in cs],
+                             base=base, new=new, hm=harmonic_mean(base, new)))
+    return cells, averages
+
+
+def transfer_summary(rows: list[dict]) -> list[dict]:
+    """Per (learner, row, source): every target's accuracy averaged over seeds, then Tab. 2's three columns."""
+    per = {}
+    for r in rows:
+        per.setdefault((r["learner"], r["kind"], r["source"]), {}).setdefault(r["target"], []).append(r["accuracy"])
+    summary = []
+    for (learner, kind, source), accs in per.items():
+        accs = {t: mean(v) for t, v in accs.items()}
+        dataset = [t for t in accs if t != source and t not in data.CROSS_DOMAIN]
+        domain = [t for t in accs if t != source and t in data.CROSS_DOMAIN]
+        summary.append(dict(learner=learner, kind=kind, source=source, accuracy=accs, source_accuracy=accs[source],
+                            cross_dataset=mean([accs[t] for t in dataset]) if dataset else None,
+                            cross_domain=mean([accs[t] for t in domain]) if domain else None,
+                            cross_dataset_targets=dataset, cross_domain_targets=domain))
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,7 +388,7 @@ def format_table(cells: list[dict], averages: list[dict], markdown=False, blocks
 
 def fig5_numbers(cells: list[dict], averages: list[dict]) -> dict:
     """Fig. 5's numbers (§4.2, "Compare with another plug-and-play method"): per learner with a + DePT run,
-    the H of its backbone, + DePT and + DPC, over the datasets (evaluate.aggregate's averages) and on each
+    the H of its backbone, + DePT and + DPC, over the datasets (scoring.aggregate's averages) and on each
     (its cells): H of the seed-mean base and new, as Tab. 1's; None where that run is missing. Learners
     without a DePT run (PromptKD: DePT is not defined for it) are listed in left_out. The paper's Fig. 5
     is a picture only (its table, Sup. Mat. B.7, is not available), so there are no paper numbers."""

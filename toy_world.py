@@ -2,7 +2,7 @@
 
 Neither is the paper's benchmark; their numbers are not comparable to any published table.
   make_toy_dataset(root)            -> <root>/toy: 8 base + 8 new classes of coloured shapes, in which
-                                       CLIP-style zero-shot transfer really happens (README "Toy world");
+                                       CLIP-style zero-shot transfer really happens (docs/toy_world.md);
                                        tools/pretrain_toy_clip.py pretrains the shipped toy CLIP on it
   make_synthetic_imagefolder(root)  -> <root>/synthetic: colour-stripe classes for smoke runs and tests
 Both write the ImageFolder layout that data.read_splits reads; data.load_splits generates them on
@@ -94,7 +94,7 @@ def _move_into_place(tmp: str, out: str) -> str:
 # on EuroSAT or DTD), and zero-shot accuracy on the new classes measures compositional transfer.
 # The two halves differ in what zero-shot CLIP gets wrong among their classes (TOY_BASE, TOY_NEW):
 # colours among the base classes, shapes among the new ones, which is what makes tuning on the
-# base classes cost new-class accuracy (README "Toy world").
+# base classes cost new-class accuracy (docs/toy_world.md).
 # A synthetic world, not the paper's benchmark: its numbers are not comparable to any published table.
 
 # RGB means; neighbours (red/orange/pink/brown, blue/purple, green/lime/teal) are easily confused
@@ -129,7 +129,7 @@ def toy_held_out_combos() -> list[tuple[str, str]]:
 # other), on eight different shapes: its mistakes among them are mostly misread colours, which the
 # benchmark's light (warm, dark, noisy) garbles. Tuned on the base classes, a prompt learns to read
 # those colours in that light, nothing that helps to tell a circle from a heart, and it blurs that:
-# what it learns does not carry over to the new classes (the Base-New Trade-off, README "Toy world").
+# what it learns does not carry over to the new classes (the Base-New Trade-off, docs/toy_world.md).
 TOY_NEW = (("red", "circle"), ("red", "heart"), ("teal", "circle"), ("teal", "heart"),
            ("orange", "triangle"), ("orange", "ring"), ("blue", "triangle"), ("blue", "ring"))
 TOY_BASE = (("yellow", "star"), ("lime", "circle"), ("green", "heart"), ("purple", "triangle"),

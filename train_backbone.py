@@ -8,12 +8,12 @@ that "+ DPC" is compared with in Tab. 1.
 
     python train_backbone.py --learner coop --data eurosat --root /data --seed 1
     python train_backbone.py --learner coop --data synthetic --clip tiny --epochs 2   # offline smoke run
-    python train_backbone.py --learner coop --dept --data eurosat --root /data   # + DePT's head (Fig. 5, README)
+    python train_backbone.py --learner coop --dept --data eurosat --root /data   # + DePT's head (Fig. 5, docs/dept.md)
 
 The run folder (default output/<data>/<learner>/seed<seed>) holds args.json, log.txt,
 checkpoint.pt (trainable tensors + optimiser + class names + CLIP name, written atomically every
 epoch) and results.json. `--resume` continues an interrupted run from its last finished epoch, with the
-flags it was started with; one process writes a run folder at a time (README "Clusters and shared machines").
+flags it was started with; one process writes a run folder at a time (docs/clusters.md).
 """
 import argparse
 import math
@@ -41,7 +41,7 @@ def get_args(argv=None):
     p.add_argument("--learner", required=True, choices=list(prompts.LEARNERS), help="prompt learner (paper §4.1)")
     p.add_argument("--data", required=True,
                    help=f"dataset: one of {', '.join(data.DATASETS)}, a folder name under --root in the "
-                        f"ImageFolder layout, 'toy' (the toy world, README) or 'synthetic' (random smoke data); the last two "
+                        f"ImageFolder layout, 'toy' (the toy world, docs/toy_world.md) or 'synthetic' (random smoke data); the last two "
                         f"are generated under --root if missing")
     p.add_argument("--root", default="data", help="folder holding the datasets")
     p.add_argument("--shots", type=int, default=None,
@@ -58,7 +58,7 @@ def get_args(argv=None):
         f"{k} {v.DEFAULTS['lr']} ({v.DEFAULTS['source']})" for k, v in prompts.LEARNERS.items()))
     p.add_argument("--n-ctx", type=int, default=None, help="text context tokens (default: CoOp 4, MaPLe 2, PromptSRC 4)")
     p.add_argument("--ctx-init", default=None, help="init phrase (default 'a photo of a'; '' = random init)")
-    p.add_argument("--teacher", default=None, help="PromptKD: a promptsrc run trained as the original teacher (README: "
+    p.add_argument("--teacher", default=None, help="PromptKD: a promptsrc run trained as the original teacher (docs/benchmark.md: "
                    "ViT-L/14, lr 0.005, batch 8, 20 epochs) or a released Dassl folder teacher_model/<Dataset>")
     p.add_argument("--teacher-clip", default="ViT-L/14", help="CLIP of a Dassl --teacher folder (our runs record their own)")
     p.add_argument("--continue-from", default=None,
@@ -67,11 +67,11 @@ def get_args(argv=None):
     p.add_argument("--kd-weight", type=float, default=None, help="PromptKD: 1000, or 200 for fgvc_aircraft, oxford_flowers, dtd")
     p.add_argument("--select-best-on-base-test", action="store_true",
                    help="keep the epoch with the best base TEST accuracy (PromptKD's original selection; "
-                        "test-set selection, so off by default: the last epoch is reported, README Differences 4)")
+                        "test-set selection, so off by default: the last epoch is reported, docs/differences.md #4)")
     p.add_argument("--dept", action="store_true",
                    help="DePT (Fig. 5): train DePT's CAT head beside the prompt and fuse it on base classes; defaults "
                         "follow DePT's recipe (CoOp: 16 random context tokens, lr 0.0035, 10 epochs, batch 4; MaPLe: "
-                        "10 epochs, batch 4; PromptSRC + DePT: our extension, PromptSRC's defaults; README)")
+                        "10 epochs, batch 4; PromptSRC + DePT: our extension, PromptSRC's defaults; docs/dept.md)")
     p.add_argument("--dept-weight", type=float, default=prompts.DePT.WEIGHT,
                    help="DePT's λ in [0, 1]: weight of the head's loss in training and of its logits on base classes")
     p.add_argument("--gpa-mean", type=float, default=15.0, help="PromptSRC Gaussian prompt aggregation mean (epochs)")
@@ -125,7 +125,7 @@ def get_args(argv=None):
 # ------------------------------------------------------------------------------------------------
 
 def lr_at(epoch: int, base_lr: float, epochs: int) -> float:
-    """Dassl's schedule, stepped per epoch (README Differences 2; epochs counted from 1):
+    """Dassl's schedule, stepped per epoch (docs/differences.md #2; epochs counted from 1):
     1. epoch 1 warms up at a constant 1e-5;
     2. epoch k >= 2 follows a cosine over all E epochs, offset by one: epoch 2 runs at the full lr;
     3. so the last epoch does not reach 0 (e.g. E = 5, lr 0.0035: 1e-5, .0035, .003166, .002291, .001209).
@@ -133,6 +133,16 @@ def lr_at(epoch: int, base_lr: float, epochs: int) -> float:
     if epoch == 1:
         return 1e-5
     return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - 2) / epochs))
+
+
+def sgd(params: dict, lr: float) -> tuple[torch.optim.SGD, list[float]]:
+    """Dassl's optimiser: SGD, momentum 0.9, weight decay 5e-4 on every trainable tensor (docs/differences.md #2),
+    and the base lr of each of its groups, which lr_at schedules. DePT's staged lr: its head (FiLM maps, linear
+    head) in a second group at 6.5x the prompt's lr; every other learner has one group."""
+    head = [n for n in params if n.startswith(prompts.DePT.HEAD)]
+    groups = [[p for n, p in params.items() if n not in head], [params[n] for n in head]]
+    base_lrs = [lr, lr * prompts.DePT.HEAD_LR_MULT]
+    return torch.optim.SGD([dict(params=g) for g in groups if g], lr=lr, momentum=0.9, weight_decay=5e-4), base_lrs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,26 +162,8 @@ def main(args):
     # (or on all of them for the cross-dataset protocol).
     train_items = splits["all" if args.learner == "promptkd" else args.subsample]["train"]
     classnames = data.classnames_of(train_items)
-    teacher = None
-    if args.learner == "promptkd":
-        if not args.teacher:
-            raise RunError("--learner promptkd needs --teacher RUN_DIR: a promptsrc run of this project (README) or "
-                           "a released teacher folder teacher_model/<Dataset> of the original code")
-        teacher, teacher_args = backbones.load_teacher(args.teacher, args.teacher_clip, args.device, args.trust_checkpoint)
-        differ = backbones.teacher_recipe_differences(teacher_args) if teacher_args is not None else {}
-        if differ:  # the student copies its teacher: another teacher moves every PromptKD number
-            log(f"warning: --teacher {args.teacher} was trained with " + ", ".join(
-                f"{k} {theirs} (original teacher: {ours})" for k, (theirs, ours) in differ.items()) +
-                "; PromptKD's numbers assume the original teacher recipe (README)")
-    continued = None
-    if args.continue_from:  # Tab. 3 row (1), TS: the stage-1 run tuned for another --epochs
-        _, continued, _ = backbones.load_backbone(args.continue_from, "cpu", args.trust_checkpoint)
-        mine = dict(learner=args.learner, data=args.data, clip=args.clip, subsample=args.subsample, dept=args.dept)
-        theirs = {k: continued["args"].get(k) for k in mine}
-        theirs["dept"] = bool(theirs["dept"])   # runs from before --dept existed
-        if mine != theirs:
-            raise RunError(f"--continue-from {args.continue_from} is a run of {theirs}, this command asks for "
-                           f"{mine}: continue it with its own flags")
+    teacher = backbones.promptkd_teacher(args) if args.learner == "promptkd" else None
+    continued = backbones.continued_run(args) if args.continue_from else None   # Tab. 3 row (1), TS
     train_images = data.train_set(train_items, image_size)
     torch.manual_seed(args.seed)  # prompt initialisation does not depend on the teacher being loaded
     learner = prompts.build_learner(args.learner, clip, teacher, args.n_ctx, args.ctx_init, args.kd_weight,
@@ -182,12 +174,7 @@ def main(args):
     run_folder.start_run(args)
     log(f"learner {args.learner}: {sum(p.numel() for p in params.values()):,} trainable values in "
         f"{len(params)} tensors; {len(train_items)} train images, {len(classnames)} classes")
-    # Dassl: SGD momentum 0.9, weight decay 5e-4 on every trainable tensor (README Differences 2). DePT's
-    # staged lr: its head (FiLM maps, linear head) in a second group at 6.5x the prompt's lr.
-    head = [n for n in params if n.startswith(prompts.DePT.HEAD)]
-    groups = [[p for n, p in params.items() if n not in head], [params[n] for n in head]]
-    base_lrs = [args.lr, args.lr * prompts.DePT.HEAD_LR_MULT]
-    optimizer = torch.optim.SGD([dict(params=g) for g in groups if g], lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    optimizer, base_lrs = sgd(params, args.lr)   # Dassl's SGD; DePT's head in a second group at 6.5x the lr
     scaler = precision.grad_scaler(args.device)
     gpa = prompts.gpa_weights(args.epochs, args.gpa_mean, args.gpa_std) if args.learner == "promptsrc" else None
     gpa_sum, best, start_epoch = None, None, 1   # best: (base test accuracy, learner state)
@@ -209,9 +196,9 @@ def main(args):
         torch.manual_seed(args.seed * 1000 + epoch)
         loader = data.make_loader(train_images, args.batch_size, True, args.workers,
                                   seed=args.seed * 1000 + epoch, drop_last=True, pin=args.device.startswith("cuda"))
-        lr = lr_at(epoch, args.lr, args.epochs)
         for group, base_lr in zip(optimizer.param_groups, base_lrs):   # DePT: 1e-5 for both in the warm-up epoch
             group["lr"] = lr_at(epoch, base_lr, args.epochs)
+        lr = optimizer.param_groups[0]["lr"]   # the prompt's, for the progress lines
         learner.train()
         progress = run_folder.Progress(epoch, args.epochs, len(loader), args.print_every, steps_per_epoch)
         for it, (images, labels, _) in enumerate(loader, 1):

@@ -6,10 +6,10 @@ Optimizer (§3.3: negative sampler, feature filtering, symmetric InfoNCE) and co
 the Weighting-Decoupling module (§3.4) for base and new inference.
 
 Glossary (paper symbol -> name in this file)
-  P       tuned_prompt      frozen named tensors of the stage-1 learner (README Differences 5)
+  P       tuned_prompt      frozen named tensors of the stage-1 learner (docs/differences.md #5)
   P'      parallel_prompt   the trainable tensors (Eq. 5: P' := P at start), what the hard-negative loss optimises;
-                            each step moves it as the released code does (README Differences 6)
-  P̃_b     mixed_prompt      ω_b P' + (1-ω_b) P, Eq. (12): base classes with --base-inference mixed
+                            each step moves it as the released code does (docs/differences.md #6)
+  P̃_b     weighting(...)    ω_b P' + (1-ω_b) P, Eq. (12): base classes with --base-inference mixed
   P̃_n     new_class_prompt  ω_n P' + (1-ω_n) P, Eq. (13): new classes
   ω_b/ω_n omega_b/omega_n   --omega-b / --omega-n
   K       topk              top-K classes the frozen backbone (with P) ranks first; K-1 are negatives
@@ -43,38 +43,15 @@ import precision
 import prompts
 import run_folder
 import scoring
+from command_line import DPCError, check_omegas, check_topk   # the flags of this stage, checked in one line each
 from run_folder import log
-from train_backbone import lr_at   # DPC follows the backbone's schedule (Dassl's, README Differences 2)
-
-
-class DPCError(ValueError):
-    """A bad flag or mismatched prompt tensors; the one-line message says what to change."""
-
-
-def check_omegas(omega_b: float, omega_n: float) -> None:
-    """ω_b divides the released step's gradient (1/ω_b), so 0 must be refused here (the released code has no
-    guard at ω_b = 0)."""
-    if not 0.0 < omega_b <= 1.0:  # `not` form also rejects NaN
-        raise DPCError(f"--omega-b must be in (0, 1] (Decoupling divides by it); got {omega_b}")
-    if not 0.0 <= omega_n <= 1.0:
-        raise DPCError(f"--omega-n must be in [0, 1] (0 = new classes use the tuned prompt P only); "
-                       f"got {omega_n}")
-
-
-def check_topk(topk: int, n_base: int) -> int:
-    """Return the K to use. K > n_base is clamped (EuroSAT has 5 base classes; the released code
-    crashes in topk there; main() logs a warning); K < 2 leaves no hard negative, so it is an error."""
-    if n_base < 2:
-        raise DPCError(f"DPC needs at least 2 base classes to build hard negatives; got {n_base}")
-    if topk < 2:
-        raise DPCError(f"--topk must be at least 2 (the ground truth plus one hard negative); got {topk}")
-    return min(topk, n_base)
+from train_backbone import lr_at   # DPC follows the backbone's schedule (Dassl's, docs/differences.md #2)
 
 
 # ---------------------------------------------------------------------------------------------
 # Weighting-Decoupling module (§3.4, Fig. 4)
 # Every prompt is a dict {name: tensor} over the same names as the stage-1 learner's trainable
-# tensors (README Differences 5), so one function covers text context, deep prompts, projectors, ...
+# tensors (docs/differences.md #5), so one function covers text context, deep prompts, projectors, ...
 
 def _check_same_tensors(a: dict, b: dict, what: str) -> None:
     """Mixing only makes sense tensor by tensor; a name or shape mismatch means a wrong checkpoint."""
@@ -83,59 +60,46 @@ def _check_same_tensors(a: dict, b: dict, what: str) -> None:
         raise DPCError(f"{what} and tuned_prompt hold different tensors (missing {missing}, extra {extra})")
     for name, x in a.items():
         if x.shape != b[name].shape:
-            raise DPCError(f"{what}[{name!r}] has shape {tuple(x.shape)} but tuned_prompt has "
-                           f"{tuple(b[name].shape)}")
+            raise DPCError(f"{what}[{name!r}] has shape {tuple(x.shape)} but tuned_prompt has {tuple(b[name].shape)}")
         if not (x.is_floating_point() and b[name].is_floating_point()):
             raise DPCError(f"{what}[{name!r}] is not a floating-point tensor; only float tensors can be mixed")
 
 
 def weighting(parallel_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor], omega_b: float) -> dict:
-    """F: combine the dual prompts into the mixed prompt P̃_b (--base-inference mixed).
-    Evaluated with torch.lerp, which is exact where the algebra is: P' itself at ω_b = 1, and P itself
-    when P' = P (an untrained run), for every ω_b; ω_b P + (1-ω_b) P is not P for most ω_b."""
+    """F: the dual prompts combined into the mixed prompt P̃_b (--base-inference mixed). torch.lerp is exact where
+    the algebra is: P' at ω_b = 1, and P when P' = P (an untrained run); ω_b P + (1-ω_b) P is not P for most ω_b."""
     _check_same_tensors(parallel_prompt, tuned_prompt, "parallel_prompt")
     # Eq. (12): P̃_b = F(P') = ω_b P' + (1 - ω_b) P
     return {k: torch.lerp(tuned_prompt[k], parallel_prompt[k], omega_b) for k in tuned_prompt}
 
 
 def new_class_prompt(parallel_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor], omega_n: float) -> dict:
-    """P̃_n for new classes: mostly the tuned prompt P, which holds the backbone's generalisation.
-    The paper decouples P' = F⁻¹(P̃_b) from a stored P̃_b first; here P' is the trained tensor itself
-    (README Differences 6), as in the file the released code saves. Evaluated with torch.lerp: P bitwise
-    at ω_n = 0 for finite P', so new-class accuracy equals the backbone's exactly (the paper's tables show
-    identical new accuracy); P bitwise at any ω_n when P' = P (an untrained run); P' bitwise at ω_n = 1
-    (Tab. 3 row 2)."""
+    """P̃_n for new classes: mostly P, which holds the backbone's generalisation. F⁻¹(P̃_b) is the trained P'
+    itself (docs/differences.md #6). torch.lerp gives P bitwise at ω_n = 0 (new accuracy equals the backbone's, as
+    in the paper's tables) and when P' = P (an untrained run), and P' bitwise at ω_n = 1 (Tab. 3 row 2)."""
     _check_same_tensors(parallel_prompt, tuned_prompt, "parallel_prompt")
     # Eq. (13): P̃_n = ω_n F⁻¹(P̃_b) + (1 - ω_n) P, with F⁻¹(P̃_b) = P'
     return {k: torch.lerp(tuned_prompt[k], parallel_prompt[k], omega_n) for k in tuned_prompt}
 
 
 def initial_parallel_prompt(tuned_prompt: dict[str, Tensor]) -> dict[str, nn.Parameter]:
-    """P' at step 0: an exact copy of P (Eq. 5), so an untrained DPC model is the backbone bitwise, on
-    base and new classes, at any ω_b and ω_n."""
+    """P' at step 0: an exact copy of P, so an untrained DPC model is the backbone bitwise at any ω_b, ω_n."""
     # Eq. (5): P' := P, P frozen
     return {n: nn.Parameter(t.detach().clone()) for n, t in tuned_prompt.items()}
 
 
-STEP_CHOICES = ("released", "paper")
-
-
 def released_step_tensors(learner_name: str, names) -> list[str]:
-    """The tensors of P' whose gradient the released code scales by 1/ω_b (README Differences 6): those its
-    forward decouples, (P̃_b - (1-ω_b) P)/ω_b. CoOp + DPC (sple_coop.py): its one prompt, `ctx`. PromptKD + DPC
-    (sple_promptkd.py): only the teacher's text context (`prompt_learner.ctx` there, `teacher.ctx` here); the
-    visual prompts, deep prompts and projector go into its forward as they are, so they step at lr. MaPLe and
-    PromptSRC have no released DPC trainer: CoOp's rule, every tensor."""
+    """The tensors of P' the released forward decouples, (P̃_b - (1-ω_b) P)/ω_b (docs/differences.md #6): CoOp's
+    `ctx` (sple_coop.py); PromptKD's teacher text context only (sple_promptkd.py; its other prompts step at lr);
+    MaPLe and PromptSRC have no released DPC trainer: CoOp's rule, every tensor."""
     if learner_name == "promptkd":
         return [n for n in names if n == "teacher.ctx"]
     return list(names)
 
 
 def scale_released_gradients(parallel_prompt: dict[str, nn.Parameter], names: list[str], omega_b: float) -> None:
-    """The released step on P' (README Differences 6). The release keeps P̃_b as its parameter and P in a
-    tensor that shares P̃_b's storage (nn.Parameter wraps it without a copy), so its forward
-    (P̃_b - (1-ω_b) P)/ω_b returns the parameter's own value, P', and the gradient reaching it is
-    (1/ω_b)·∂L/∂P'. SGD with weight decay on that parameter then moves P' by
+    """The released step on P' (docs/differences.md #6). The release's P shares its parameter's storage, so its
+    forward (P̃_b - (1-ω_b) P)/ω_b is the parameter's own value, P', whose gradient is (1/ω_b)·∂L/∂P'. SGD then moves
     P' <- P' - lr·(∂L/∂P'/ω_b + wd·P'), with momentum: this function does the 1/ω_b, SGD the rest."""
     for name in names:
         grad = parallel_prompt[name].grad
@@ -148,9 +112,8 @@ BASE_INFERENCE_CHOICES = ("parallel", "mixed")
 
 def base_class_prompt(parallel_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor],
                       omega_b: float, base_inference: str) -> dict:
-    """The prompt for base-class inference (README Differences 6).
-    "parallel" (default): P', what the released code evaluates and what produced the paper's numbers.
-    "mixed": P̃_b = ω_b P' + (1-ω_b) P, the literal reading of Eq. (12)."""
+    """The prompt for base-class inference (docs/differences.md #6): "parallel" (default), P', what the released
+    code evaluates and what produced the paper's numbers; "mixed", P̃_b = ω_b P' + (1-ω_b) P, Eq. (12) literally."""
     if base_inference == "parallel":
         _check_same_tensors(parallel_prompt, tuned_prompt, "parallel_prompt")
         return dict(parallel_prompt)
@@ -171,10 +134,9 @@ def selection_matrix(labels: Tensor, n: int) -> Tensor:
 
 
 def filter_features(text_features: Tensor, labels: Tensor) -> Tensor:
-    """Text features of the L pairs, taken from the features of ALL n base classes under P'.
-    Normalising over all n first keeps the base-class feature distribution the one P' is judged on
-    (§3.3). Done in fp32 with autocast off: a bf16 matmul would round the selected rows. labels on the
-    CPU: Q is built and checked there, and moved, so the GPU is never waited for."""
+    """Text features of the L pairs, taken from the features of ALL n base classes under P' (§3.3). fp32 with
+    autocast off: a bf16 matmul would round the selected rows. Q is built from labels on the CPU, then moved, so the
+    GPU is never waited for."""
     n = text_features.shape[0]
     with torch.autocast(device_type=text_features.device.type, enabled=False):
         text_features = text_features.float()  # (n, E)
@@ -189,9 +151,8 @@ def hard_negative_loss(image_features: Tensor, text_features: Tensor, logit_scal
     """Symmetric image-text InfoNCE over the L×L matrix of the hard-negative mini-batch; pair j is
     (image j, text j), every other row/column is a hard negative. ½ [CE(logits) + CE(logitsᵀ)] is half
     of Eq. (9) as printed, the released code's scale, so its lr carries over; Eq. (10) is read as the
-    usual softmax over the L texts (Eq. 11: images), as the release does (README Differences 8).
-    text_features are unit rows already (filter_features). fp32 with autocast off: at s = 100 a bf16
-    cosine is off by up to ~0.4 logits."""
+    usual softmax over the L texts (Eq. 11: images), as the release does (docs/differences.md #8).
+    text_features are unit rows (filter_features). fp32, autocast off: at s = 100 a bf16 cosine is off by ~0.4 logits."""
     assert image_features.shape == text_features.shape and image_features.dim() == 2
     with torch.autocast(device_type=image_features.device.type, enabled=False):
         image_features = image_features.float()  # (L, E)
@@ -204,7 +165,7 @@ def hard_negative_loss(image_features: Tensor, text_features: Tensor, logit_scal
 
 
 # ---------------------------------------------------------------------------------------------
-# Negative sampler (§3.3, README Differences 7)
+# Negative sampler (§3.3, docs/differences.md #7)
 
 class HardNegativeBatch(NamedTuple):
     """What the sampler picked (the caller loads the images). Pair j has class pair_labels[j] and image: batch
@@ -218,28 +179,25 @@ class NegativeSampler:
     """Builds the hard-negative mini-batch from labels and indices only (no images, no model): deterministic
     given its seed and inputs (main() reseeds it every epoch). pool_labels[j]: the base class of pool image j
     (the few-shot or the full base train split; never val/test or a new class: scores cover base classes).
-    min_negatives: an image left with fewer hard negatives after the filtering gets random base classes up
-    to this many (the released code: 2; 0: hard negatives only; README Differences 7)."""
+    min_negatives: the top-up (docs/differences.md #7)."""
 
     def __init__(self, pool_labels: list[int], n_base: int, topk: int, seed: int, min_negatives: int = 2):
         if not 2 <= topk <= n_base:
             raise DPCError(f"topk {topk} must be in [2, {n_base}]; pass it through check_topk first")
         if min_negatives < 0:
             raise DPCError(f"--min-negatives must be 0 or more; got {min_negatives}")
-        self.min_negatives = min_negatives
         bad = sorted({int(y) for y in pool_labels if not 0 <= int(y) < n_base})
         if bad:
             raise DPCError(f"negative pool has labels {bad[:5]} outside the {n_base} base classes")
-        self.n_base, self.topk = n_base, topk
+        self.n_base, self.topk, self.min_negatives = n_base, topk, min_negatives
         self.images_of_class = [[] for _ in range(n_base)]  # class -> pool indices, in pool order
         for j, y in enumerate(pool_labels):
             self.images_of_class[int(y)].append(j)
         self.rng = random.Random(seed)  # own stream: independent of torch/global seeding and of workers
 
     def sample(self, scores: Tensor, labels: Tensor) -> HardNegativeBatch:
-        """scores (B, n): the frozen backbone's similarity (with P) of each batch image to every base
-        class; labels (B,): ground truth. Returns a HardNegativeBatch with L <= B·max(K, 1 + min_negatives)
-        pairs."""
+        """scores (B, n): the frozen backbone's similarity (with P) of each batch image to every base class;
+        labels (B,): ground truth. L <= B·max(K, 1 + min_negatives) pairs."""
         assert scores.dim() == 2 and scores.shape == (labels.shape[0], self.n_base), scores.shape
         labels = [int(y) for y in labels.tolist()]  # (B,)
         # stable sort: ties go to the lower class index, so the choice never depends on the kernel
@@ -280,26 +238,24 @@ class NegativeSampler:
 class Step(NamedTuple):
     loss: Tensor           # () the hard-negative loss, Eq. (9), not yet back-propagated
     pairs: int             # L, the pairs of the hard-negative mini-batch
-    sampler_s: float       # seconds spent on work only the sampler needs
+    sampler_s: float       # seconds the sampler took: ranking, drawing and rendering the negatives
 
 
 def dpc_step(learner, images, labels, sampler, pool, threads, tuned_prompt, tuned_text, parallel_prompt, classnames,
              logit_scale, device) -> Step:
     """Steps 2-5 of Fig. 3 on one mini-batch (step 1, P' := P, happened once before training). images
     (B, 3, H, W) on `device`, labels (B,); tuned_text (n, E): the sampler's fixed text features of P."""
-    # 3. Negative Sampler: the frozen backbone (P) ranks all base classes for each image.
-    t0 = time.time()
+    # 2. Negative Sampler (§3.3): the frozen backbone (P) ranks all base classes for each image.
     with torch.no_grad(), prompts.substitute(learner, tuned_prompt), precision.autocast(device):
         batch_image = learner.encode_image(images)                                       # (B, E)
-    if not learner.image_side:  # CoOp: the loss below reuses these features, so they are not sampler cost
-        t0 = time.time()
+    t0 = time.time()   # the sampler's own work, for the progress lines: ranking, drawing, rendering negatives
     picked = sampler.sample(F.normalize(batch_image.float(), dim=-1) @ tuned_text.t(), labels)   # scores (B, n)
     negatives = data.augmented_images(pool, picked.negative_images, threads)   # [(3, H, W)]
     negatives = torch.stack(negatives).to(device) if negatives else None                 # (L - B', 3, H, W)
     pair_labels = torch.tensor(picked.pair_labels)                                        # (L,), on the CPU
     sampler_s = time.time() - t0
 
-    # 2. The parallel prompt P' in every forward (its step: main, README Differences 6).
+    # 3. The parallel prompt P' in every forward (its step: main, docs/differences.md #6).
     with prompts.substitute(learner, parallel_prompt), precision.autocast(device):
         if learner.image_side:
             pair_images = images[picked.positives] if negatives is None else torch.cat([images[picked.positives], negatives])
@@ -317,8 +273,7 @@ def dpc_step(learner, images, labels, sampler, pool, threads, tuned_prompt, tune
 
 
 def learner_loss_step(learner, images, labels, parallel_prompt, classnames, device) -> Step:
-    """Tab. 3 rows (3) and (4), "--loss learner": P' trained with the backbone learner's own training loss
-    (CoOp: cross-entropy, Eq. 3) on the plain few-shot batch; no negative sampler."""
+    """Tab. 3 rows (3)-(4), --loss learner: P' trained with the learner's own loss (CoOp: Eq. 3), no sampler."""
     with prompts.substitute(learner, parallel_prompt), precision.autocast(device):
         loss = learner.training_loss(images, labels, classnames)["loss"]
     return Step(loss, images.shape[0], 0.0)
@@ -335,22 +290,20 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=20,
                    help="DPC epochs (the released configs: 20 for every learner; Tab. 5 varies it, e.g. --epochs 10)")
     p.add_argument("--lr", type=float, default=0.002, help="SGD lr (released DPC configs), same schedule as the backbone")
-    p.add_argument("--parallel-step", default="released", choices=STEP_CHOICES,
-                   help="how P' moves: released = P' <- P' - lr·(∂L/∂P'/ω_b + wd·P') (the released code: its "
-                        "decoupled tensors, README Differences 6); paper = plain SGD on P' at lr (P' imported to the optimizer)")
+    p.add_argument("--parallel-step", default="released", choices=("released", "paper"),
+                   help="how P' moves: released = P' <- P' - lr·(∂L/∂P'/ω_b + wd·P') on the tensors the released code "
+                        "decouples (docs/differences.md #6); paper = plain SGD on P' at lr")
     p.add_argument("--omega-b", type=float, default=None, help="ω_b in (0, 1] (paper §4.1: 0.2; MaPLe 1.0)")
     p.add_argument("--omega-n", type=float, default=1e-6, help="ω_n in [0, 1] (paper §4.1: 1e-6)")
     p.add_argument("--base-inference", default="parallel", choices=BASE_INFERENCE_CHOICES,
-                   help="base classes use P' (parallel: the released code and the paper's numbers) or "
-                        "P̃_b = ω_b P' + (1-ω_b) P (mixed: literal Eq. 12); README Differences 6")
-    p.add_argument("--loss", default="hard-negative", choices=("hard-negative", "learner"),
-                   help="what trains P': the hard-negative InfoNCE of DHNO (Eq. 9-11, DPC), or the backbone learner's "
-                        "own training loss on the plain few-shot batch (Tab. 3 rows 3-4: weighting without DHNO)")
+                   help="base classes use P' (parallel: the released code, the paper's numbers) or P̃_b (mixed: Eq. 12)")
+    p.add_argument("--loss", default="hard-negative", choices=("hard-negative", "learner"), help="what trains P': "
+                   "DHNO's hard-negative InfoNCE (Eq. 9-11), or the learner's own loss on the few-shot batch (Tab. 3 rows 3-4)")
     p.add_argument("--negative-pool", default="fewshot", choices=("fewshot", "full"),
                    help="where negative images come from: the few-shot base train set, or the full base train split")
     p.add_argument("--min-negatives", type=int, default=2,
-                   help="an image left with fewer hard negatives after the filtering gets random base classes not yet "
-                        "in the mini-batch up to this many (the released code: 2; 0 = hard negatives only; README Differences 7)")
+                   help="top-up: random base classes not yet in the mini-batch for an image left with fewer hard "
+                        "negatives (the released code: 2; 0 = hard negatives only; docs/differences.md #7)")
     p.add_argument("--shots", type=int, default=16, help="few-shot base train set (also for a PromptKD backbone, paper §4.1)")
     p.add_argument("--seed", type=int, default=None, help="default: the backbone's seed")
     backbones.add_backbone_flags(p)   # --data, --root, --clip, --teacher, --teacher-clip: the backbone's unless given
@@ -370,7 +323,10 @@ def get_args(argv=None):
 # Training loop (Fig. 3)
 
 def main(args):
-    learner, backbone = backbones.dpc_backbone(args)   # P's learner; DPC continues on its data, root, seed and classes
+    # Stage 1 hands over P's learner and the settings it was trained with: DPC continues on its data, root,
+    # seed and classes. Set on args, they are recorded in args.json, and --resume compares them.
+    learner, backbone, inherited = backbones.dpc_stage1(args)
+    vars(args).update(inherited)   # backbone, learner, clip, data, root, seed, subsample, teacher, teacher_clip
     args.omega_b = (1.0 if args.learner == "maple" else 0.2) if args.omega_b is None else args.omega_b
     check_omegas(args.omega_b, args.omega_n)
     args.output_dir = args.output_dir or os.path.join("output", args.data, f"{args.learner}_dpc", f"seed{args.seed}")
@@ -394,14 +350,15 @@ def main(args):
     logit_scale = learner.clip.logit_scale.exp().item()               # s = 1/τ = 100, frozen
     learner.eval()  # BN statistics of P stay P's (PromptKD's projector); CLIP has no dropout
 
-    # 1. Dual prompt initialisation. Eq. (5): P' := P, with P frozen.
+    # 1. Dual prompt initialisation. Eq. (5): P' := P, with P frozen. SGD trains P' itself; the released code names
+    # its parameter P̃_b and decouples it in every forward, which moves P' the same way once the gradient of the
+    # tensors it decouples is scaled by 1/ω_b (scale_released_gradients; --parallel-step paper: none is).
     tuned_prompt = {n: t.detach().clone().requires_grad_(False) for n, t in prompts.prompt_tensors(learner).items()}
-    parallel_prompt = initial_parallel_prompt(tuned_prompt)   # the trainable tensors (README Differences 6)
+    parallel_prompt = initial_parallel_prompt(tuned_prompt)
     optimizer = torch.optim.SGD(parallel_prompt.values(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    # The released code moves these tensors of P' at lr/ω_b (scale_released_gradients); --parallel-step paper: none.
     scaled = released_step_tensors(args.learner, parallel_prompt) if args.parallel_step == "released" else []
     scaler = precision.grad_scaler(args.device)   # fp16 autocast only (GPUs without bf16), as in stage 1
-    start_epoch = 1
+    start_epoch = 1 if previous is None else previous["epoch"] + 1
     if previous is not None:
         path = os.path.join(args.output_dir, "checkpoint.pt")
         _check_same_tensors(previous["parallel_prompt"], tuned_prompt, f"the parallel prompt of {path}")
@@ -410,7 +367,6 @@ def main(args):
                 p.copy_(previous["parallel_prompt"][n])
         checkpoints.load_optimizer_state(optimizer, previous["optimizer"], path)
         checkpoints.load_scaler_state(scaler, previous)   # fp16: the loss scale it had, not 2^16 again
-        start_epoch = previous["epoch"] + 1
         log(f"resuming after epoch {previous['epoch']}")
     log(f"DPC on {args.learner} backbone {args.backbone}: P = {len(tuned_prompt)} tensors, "
         f"{sum(t.numel() for t in tuned_prompt.values()):,} values; b = {args.batch_size}, K = {topk}, "
@@ -439,12 +395,11 @@ def main(args):
             if args.loss == "hard-negative":
                 step = dpc_step(learner, images, labels, sampler, pool_images, threads, tuned_prompt, tuned_text,
                                 parallel_prompt, classnames, logit_scale, args.device)
-            else:  # Tab. 3 rows (3)-(4): P' trained with the learner's own loss on the plain few-shot batch
-                step = learner_loss_step(learner, images, labels.to(args.device), parallel_prompt, classnames,
-                                         args.device)
+            else:  # --loss learner, Tab. 3 rows (3)-(4)
+                step = learner_loss_step(learner, images, labels.to(args.device), parallel_prompt, classnames, args.device)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(step.loss).backward()
-            # The released step: P' <- P' - lr·(∂L/∂P'/ω_b + wd·P'), momentum 0.9 (README Differences 6)
+            # The released step: P' <- P' - lr·(∂L/∂P'/ω_b + wd·P'), momentum 0.9 (docs/differences.md #6)
             scale_released_gradients(parallel_prompt, scaled, args.omega_b)
             scaler.step(optimizer)
             scaler.update()
@@ -472,9 +427,8 @@ def main(args):
 
 def inference_prompts(parallel_prompt: dict[str, Tensor], tuned_prompt: dict[str, Tensor], omega_b: float,
                       omega_n: float, base_inference: str) -> tuple[dict, dict]:
-    """Weighting-Decoupling at inference (Fig. 4): (base-class prompt, new-class prompt P̃_n) from the trained
-    P' and the frozen P. An inference ω_b (evaluate.py --omega-b, the Fig. 6a sweep) moves only the "mixed"
-    base prompt ω_b P' + (1-ω_b) P: P' and P̃_n are the trained ones bit for bit whatever ω_b is asked for."""
+    """Weighting-Decoupling at inference (Fig. 4): (base-class prompt, P̃_n) from the trained P' and the frozen P.
+    An inference ω_b (evaluate.py --omega-b, Fig. 6a) moves only the "mixed" base prompt, never P' or P̃_n."""
     return (base_class_prompt(parallel_prompt, tuned_prompt, omega_b, base_inference),
             new_class_prompt(parallel_prompt, tuned_prompt, omega_n))   # Eq. (12) / Eq. (13)
 
@@ -489,7 +443,7 @@ def evaluate_dpc(learner, splits, tuned_prompt, parallel_prompt, args) -> dict:
 
 
 def run(argv=None):
-    return command_line.run_cli(main, get_args, argv, (DPCError,))
+    return command_line.run_cli(main, get_args, argv)
 
 
 if __name__ == "__main__":

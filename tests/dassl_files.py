@@ -34,7 +34,7 @@ class ConstantWarmupScheduler(LRScheduler):
 
 
 def dassl_state_dict(name: str, learner) -> dict:
-    """Our learner's tensors under the original code's names (README Differences 11), fp16 where the
+    """Our learner's tensors under the original code's names (docs/differences.md #11), fp16 where the
     original holds fp16 (MaPLe's deep prompts and their projections stay fp32), plus the frozen copies a
     whole-model checkpoint carries."""
     out = {}

@@ -1,4 +1,4 @@
-"""Many processes for days (README "Clusters and shared machines"): one writer per run folder, SIGTERM
+"""Many processes for days (docs/clusters.md): one writer per run folder, SIGTERM
 handled like Ctrl-C, --resume only with the flags a run was started with, tools/reproduce.py drivers
 that share an --out, and Slurm array tasks that are requeued or resubmitted. Real processes wherever
 the promise is about processes: a lock, a signal or a driver's child cannot be faked in one process."""

@@ -322,7 +322,7 @@ def test_synthetic_tree_is_never_visible_half_written(tmp_path, monkeypatch):
 
 def test_an_unusable_feature_cache_warns_once_per_run(tmp_path, monkeypatch, capsys):
     """A run scores base and new test images, each a failed cache write: one warning line, on the
-    terminal and in log.txt (README's fault table). The cache is a file where its folder should be:
+    terminal and in log.txt (docs/faults.md). The cache is a file where its folder should be:
     a read-only folder would be the same failure, but chmod does not restrict root (CI)."""
     cache = tmp_path / "cache"
     cache.write_text("not a folder")
@@ -368,7 +368,7 @@ def test_every_script_records_our_name_for_a_coop_name(monkeypatch):
     assert train_backbone.get_args(["--learner", "coop", "--data", "imagenetv2"]).data == "imagenet_v2"
     monkeypatch.setattr(backbones, "load_stage1", lambda *a: (None, dict(learner="coop", clip="tiny", data=None, args={})))
     args = train_dpc.get_args(["--backbone", "dassl_run", "--data", "imagenetv2"])
-    _, backbone = backbones.dpc_backbone(args)
-    assert args.data == backbone["data"] == "imagenet_v2"
+    _, _, inherited = backbones.dpc_stage1(args)
+    assert inherited["data"] == "imagenet_v2"
     assert evaluate.parse_targets("imagenetv2,eurosat", {"imagenet"}) == ["imagenet", "imagenet_v2", "eurosat"]
     assert evaluate.parse_targets("imagenetv2,cross-domain", set()) == list(data.CROSS_DOMAIN)

@@ -187,7 +187,7 @@ def test_check_topk():
 
 
 # ---------------------------------------------------------------------------------------------
-# Negative sampler (§3.3, README Differences 7)
+# Negative sampler (§3.3, docs/differences.md #7)
 
 def test_sampler_small_example():
     # classes 0..4, two images each; batch of 3 with a repeated class

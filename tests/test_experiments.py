@@ -79,7 +79,7 @@ def test_target_groups_expand_to_the_papers_targets():
 
 @pytest.fixture(scope="module")
 def tab3(tmp_path_factory):
-    """The five commands of README's Tab. 3 section (1 epoch each) on a CoOp backbone."""
+    """The five commands of docs/ablation.md (1 epoch each) on a CoOp backbone."""
     base = tmp_path_factory.mktemp("tab3")
     root = str(base / "data")
     stage1 = ["--learner", "coop", "--data", "synthetic", "--root", root, "--clip", "tiny", "--workers", "0",

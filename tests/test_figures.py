@@ -86,7 +86,7 @@ def test_tab1_figures_hold_evaluates_numbers(runs, tmp_path, capsys):
 
 
 def fabricated(table) -> tuple[list[dict], list[dict]]:
-    """evaluate.aggregate's cells and averages for made-up (learner, kind, {dataset: (base, new)}) rows."""
+    """scoring.aggregate's cells and averages for made-up (learner, kind, {dataset: (base, new)}) rows."""
     cells, averages = [], []
     for learner, kind, numbers in table:
         for name, (base, new) in numbers.items():

@@ -1,4 +1,4 @@
-"""The GPU path, checked on the CPU (README Differences 16): what only a GPU would show, each item simulated.
+"""The GPU path, checked on the CPU (docs/differences.md #16): what only a GPU would show, each item simulated.
 
 - a resumed loop gets its restored tensors on the run's device (PromptSRC's GPA sum was left on the CPU);
 - no image forward on an empty negative batch (CUDA's attention kernels refuse batch 0);

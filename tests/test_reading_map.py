@@ -1,8 +1,10 @@
-"""README's reading map (paper -> file.py:function) and its "Differences" numbers cannot rot.
+"""README's reading map (paper -> file.py:function), the Differences numbers and the docs' links cannot rot.
 
 Every `file.py:function` the map names must exist, and for an equation row the function's source must
-carry that equation's `Eq. (N)` tag; every equation 1-13 must be mapped; every "README Differences N"
-the code cites must be an item of README's Differences list.
+carry that equation's `Eq. (N)` tag; every equation 1-13 must be mapped; every Differences item the code
+cites ("docs/differences.md #N", or the older "README Differences N") must be an item of
+docs/differences.md's numbered list. README stays a front door (at most 350 lines), every relative link
+of README.md and docs/*.md reaches a file, and the pages speak of the project, not of how it was built.
 """
 import ast
 import glob
@@ -13,12 +15,30 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+DOCS = sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
+PAGES = [os.path.join(REPO, "README.md")] + DOCS
 
 
-def section(title: str) -> str:
-    start = README.index(f"## {title}")
-    end = README.find("\n## ", start + 1)
-    return README[start:end if end > 0 else len(README)]
+def section(title: str, text: str = README) -> str:
+    """The `## title...` section of README (or of another page's text), up to the next `## `."""
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else len(text)]
+
+
+def differences_items() -> set[int]:
+    """The numbers `N. **...**` of docs/differences.md's list, which the code cites."""
+    text = open(os.path.join(REPO, "docs", "differences.md"), encoding="utf-8").read()
+    return {int(n) for n in re.findall(r"(?m)^(\d+)\. \*\*", text)}
+
+
+def cited_differences(text: str) -> set[int]:
+    """Differences items a source cites: `docs/differences.md #N` (also `#N-M`, `#N, #M`) or `README Differences N`."""
+    cited = {int(n) for n in re.findall(r"README Differences (\d+)", text)}
+    for group in re.findall(r"docs/differences\.md((?:[ ,]*(?:and )?#\d+(?:[-–]\d+)?)+)", text):
+        for a, b in re.findall(r"#(\d+)(?:[-–](\d+))?", group):
+            cited.update(range(int(a), int(b or a) + 1))
+    return cited
 
 
 def map_rows() -> list[tuple[str, list[tuple[str, str]]]]:
@@ -94,13 +114,51 @@ def test_the_checker_catches_a_wrong_map():
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "*.py")) + glob.glob(os.path.join(REPO, "tools", "*.py"))
                                         + glob.glob(os.path.join(REPO, "tests", "*.py"))))
 def test_cited_differences_exist_and_no_file_users_lack_is_cited(path):
-    items = {int(n) for n in re.findall(r"(?m)^(\d+)\. \*\*", section("Differences from the paper"))}
+    items = differences_items()
     assert items == set(range(1, len(items) + 1)) and len(items) >= 10
     text = open(path, encoding="utf-8").read()
-    cited = {int(n) for n in re.findall(r"README Differences (\d+)", text)}
-    assert cited <= items, f"{os.path.basename(path)} cites Differences {sorted(cited - items)}, which README lacks"
+    cited = cited_differences(text)
+    assert cited <= items, f"{os.path.basename(path)} cites Differences {sorted(cited - items)}, which docs/differences.md lacks"
     if os.path.basename(path) != "test_reading_map.py":
         assert not re.search(r"DECISIONS|spec/|backbones\.md|dpc_official_code", text)
+
+
+def test_both_citation_forms_are_read():
+    assert cited_differences("docs/differences.md #6; docs/differences.md #1, #16 and docs/differences.md #6-7") == {1, 6, 7, 16}
+    assert cited_differences("see docs/differences.md #11.") == {11}
+
+
+def relative_links(text: str) -> list[str]:
+    """The targets of a page's markdown links that are neither web addresses nor same-page anchors."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    return [t for t in targets if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: os.path.relpath(p, REPO))
+def test_every_relative_link_reaches_a_file(page):
+    text = open(page, encoding="utf-8").read()
+    links = relative_links(text)
+    missing = [t for t in links if not os.path.exists(os.path.join(os.path.dirname(page), t.split("#")[0]))]
+    assert missing == []
+    if page != PAGES[0]:
+        assert text.startswith("# ") and "](../README.md)" in text.splitlines()[2], "a docs page opens with its title and a link back"
+
+
+def test_the_link_check_can_fail():
+    assert relative_links("[a](docs/x.md) [b](https://x.org) [c](#here) [d](../README.md#set-up)") == \
+        ["docs/x.md", "../README.md#set-up"]
+
+
+def test_readme_is_a_front_door_and_every_topic_has_its_page():
+    assert len(README.splitlines()) <= 350
+    for topic in ("differences", "toy_world", "clusters", "transfer", "dept", "ablation", "figures",
+                  "loading_safely", "speed", "faults"):
+        assert f"](docs/{topic}.md)" in README, topic
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: os.path.relpath(p, REPO))
+def test_pages_speak_of_the_project_not_of_how_it_was_built(page):
+    assert not re.search(r"session", open(page, encoding="utf-8").read(), re.IGNORECASE)
 
 
 STAGES = {"train_backbone", "train_dpc", "evaluate"}

@@ -11,7 +11,7 @@ epochs (Tab. 5) and the backbone tuned for another 20 (Tab. 3 row 1, TS). Assert
     its base accuracy above it; tuning longer (TS; and 20 epochs against 5) lowers new further;
   - + DPC's new-class accuracy equals the backbone's within 0.5 points (ω_n = 1e-6, Eq. 13), its
     base accuracy is not below the backbone's, and its H is the best of zero-shot, CoOp and TS.
-Reported, not asserted (printed into the test log; README "Toy world" has the measured values):
+Reported, not asserted (printed into the test log; docs/toy_world.md has the measured values):
 CoOp at 10 epochs, an ω_b sweep of the trained run (evaluation only, Fig. 6a) and K = 2/4
 retrained at b·K = 32 next to K = 8 (Tab. 4).
 """
@@ -98,7 +98,7 @@ def test_toy_clip_checkpoint():
 
 
 def test_toy_clip_pretraining_repeats_bit_for_bit(tmp_path):
-    """README: short runs of tools/pretrain_toy_clip.py repeat bit for bit on one machine and thread
+    """docs/toy_world.md: short runs of tools/pretrain_toy_clip.py repeat bit for bit on one machine and thread
     count; another seed gives other weights (so the comparison can fail)."""
     def pretrain(name, seed):
         out = tmp_path / name
@@ -180,10 +180,10 @@ def test_dpc_claims_on_the_toy_world(toy_runs, capsys):
 
 
 def test_channel_invariance_of_section_4_4_does_not_hold_in_the_toy_world(toy_runs):
-    """§4.4 claims P' keeps P's feature distribution. In the toy world (README, "§4.4") it does not: on the
+    """§4.4 claims P' keeps P's feature distribution. In the toy world (docs/figures.md) it does not: on the
     main job's run every context vector of P' moved farther from P than stage 1 moved P from
     "a photo of a", and P' shares fewer signs and less rank order with P than P with its initial prompt.
-    Should a change make the claim hold here, this test fails and README's §4.4 paragraph must change."""
+    Should a change make the claim hold here, this test fails and docs/figures.md's §4.4 paragraph must change."""
     s = toy_runs["interpreted"]["summary"]
     print({k: round(v, 4) for k, v in s.items()})
     assert s["closer_than_stage1"] == 0.0 and s["shift_ratio"] > 5

@@ -276,7 +276,7 @@ def test_bad_runs_end_in_one_error_line(case, runs, data_root, tmp_path, monkeyp
 
 
 def test_select_best_on_base_test_keeps_the_best_epoch(data_root, tmp_path, monkeypatch):
-    """PromptKD's original model selection (README Differences 4): the reported model is the best epoch's."""
+    """PromptKD's original model selection (docs/differences.md #4): the reported model is the best epoch's."""
     monkeypatch.chdir(tmp_path)
     res = main(get_args(argv("coop", data_root, "--epochs", "3", "--select-best-on-base-test", "--lr", "0.5")))
     log = open(os.path.join("output", "synthetic", "coop", "seed1", "log.txt")).read()

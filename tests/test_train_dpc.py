@@ -312,7 +312,7 @@ def test_both_stages_train_under_autocast(name, dtype, tmp_path, monkeypatch):
         assert stage1_calls > 0 and CountingScaler.calls > stage1_calls
 
 
-# -- the step on P' (README Differences 6), checked against its formula, not against the code ------------
+# -- the step on P' (docs/differences.md #6), checked against its formula, not against the code ------------
 
 @pytest.fixture(scope="module")
 def backbones(tmp_path_factory):

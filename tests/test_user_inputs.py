@@ -1,4 +1,4 @@
-"""What users hand the scripts (README "Bad input and faults"): a zip that inflates to gigabytes, a closed stdout,
+"""What users hand the scripts (docs/faults.md): a zip that inflates to gigabytes, a closed stdout,
 a missing optional package, seed runs of different experiments, a full disk, a Slurm log path with a space,
 temp files of writers on several hosts, and the import tool's own message. One test (or two) per case."""
 import argparse

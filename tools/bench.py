@@ -4,7 +4,7 @@ A script, not a test. Random weights (speed does not depend on them); random ten
 images for the step ratios, synthetic photos where loading is part of what is measured (DPC's
 negatives, data wait, evaluation).
 
-    python tools/bench.py --arch ViT-B/16 --batch 4 --classes 50 --eval-images 200   # CPU figures in README
+    python tools/bench.py --arch ViT-B/16 --batch 4 --classes 50 --eval-images 200   # CPU figures in docs/speed.md
     python tools/bench.py --arch ViT-B/16 --batch 32 --classes 50 --device cuda
 
 Prints a table and writes bench.json:

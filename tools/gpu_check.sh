@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU path end to end on one GPU (README Differences 16), about 8 minutes on an H100; one CHECK line each.
+# The GPU path end to end on one GPU (docs/differences.md #16), about 8 minutes on an H100; one CHECK line each.
 #   bash tools/gpu_check.sh [DEVICE]        # DEVICE default cuda; runs go to ${GPU_CHECK_DIR:-/tmp/gpu_check}
 # 1 main job (toy world) in the GPU's precision   2 the same with fp16 + loss scaling forced (a V100/T4)
 # 3 PromptSRC interrupted after 2 of 4 epochs, then --resume   4 a DPC step with no negative at all
