@@ -1,6 +1,7 @@
 """Backbones: CLIP weights and finished stage-1 runs, and what stage 2 inherits from one.
 
-  - load_clip: OpenAI's archives, state dicts, 'tiny' (random) and 'toy' (assets/toy_clip.pt);
+  - load_clip: OpenAI's archives, state dicts, Hugging Face folders and hub ids, 'tiny' (random) and 'toy'
+    (assets/toy_clip.pt);
   - load_backbone: a finished train_backbone.py run, rebuilt as its learner (the tuned prompt P);
     dassl_learner: the same for a stage-1 folder of the original code (dassl_import.py);
   - dpc_stage1: what train_dpc.py takes from its stage-1 run (§3.2): P's learner, its record, and the
@@ -19,6 +20,7 @@ import dassl_import
 import data
 import prompts
 import run_folder
+import scoring
 from run_folder import RunError
 
 
@@ -38,9 +40,9 @@ TOY_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "t
 
 
 def clip_path(name: str) -> str:
-    """A --clip that names a weights file is recorded as an absolute path, so that the run can be
-    evaluated (and DPC trained on it) from another folder; model names are kept as they are."""
-    return os.path.abspath(name) if name not in ("tiny", "toy") and os.path.isfile(name) else name
+    """A --clip that names a weights file or a Hugging Face folder is recorded as an absolute path, so that the
+    run can be evaluated (and DPC trained on it) from another folder; model names and hub ids are kept as they are."""
+    return os.path.abspath(name) if name not in ("tiny", "toy") and os.path.exists(name) else name
 
 
 def load_clip(name: str, device):
@@ -138,6 +140,7 @@ def dpc_backbone(args):
         learner, backbone = load_stage1(args.backbone, args.device, args.trust_checkpoint, args.clip, args.teacher,
                                         args.teacher_clip)
         dept = "train_backbone.py --dept" if isinstance(learner, prompts.DePT) else None   # who made its head
+        args.clip_digest = scoring.clip_digest(learner.clip)   # the weights by content (command_line.same_clip)
     except dassl_import.HeadClassesUnknown:   # a DePT folder of the original code, refused before its head is built
         dept = "the original code's ExtrasLinearProbe trainer"
     if dept:   # Fig. 5 sets DPC beside DePT, each on the plain backbone

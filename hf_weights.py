@@ -129,11 +129,12 @@ OTHER_MODELS = {"siglip": "a sigmoid-loss model whose text tower has no causal m
 
 
 def tower_configs(config: dict) -> tuple[dict, dict]:
-    """(text, vision) settings of a CLIPModel config.json, with transformers' defaults where it is silent."""
-    text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
-    if not isinstance(text, dict) or not isinstance(vision, dict):
+    """(text, vision) settings of a CLIPModel config.json, with transformers' defaults where it is silent. The
+    hub's early uploads also carry text_config_dict / vision_config_dict, which transformers lets override."""
+    parts = [config.get(key) or {} for key in ("text_config", "text_config_dict", "vision_config", "vision_config_dict")]
+    if not all(isinstance(part, dict) for part in parts):
         raise FolderError("its config.json holds text_config/vision_config that are not JSON objects")
-    text, vision = dict(TEXT_DEFAULTS, **text), dict(VISION_DEFAULTS, **vision)
+    text, vision = {**TEXT_DEFAULTS, **parts[0], **parts[1]}, {**VISION_DEFAULTS, **parts[2], **parts[3]}
     for key in ("image_size", "patch_size"):   # transformers also accepts [h, w]; OpenAI's ViTs are square
         if isinstance(vision[key], (list, tuple)):
             if len(set(vision[key])) != 1:

@@ -144,6 +144,7 @@ def main(args):
     previous = command_line.check_run_folder(args)
     torch.manual_seed(args.seed)
     clip = backbones.load_clip(args.clip, args.device)
+    args.clip_digest = scoring.clip_digest(clip)   # the weights by content: command_line.same_clip compares it
     image_size = clip.visual.input_resolution
     splits = data.load_splits(args.data, args.root, args.shots, args.seed)
     data.check_halves(splits, args.data, args.subsample)

@@ -83,6 +83,7 @@ def main(args):
                                     dept_weight=args.dept_weight)
     prompts.load_learner_state(learner, dassl_import.dassl_state(name, state))
     learner = learner.to(args.device).eval()
+    args.clip_digest = scoring.clip_digest(learner.clip)   # the weights by content (command_line.same_clip)
     prompts.check_classnames(learner, data.classnames_of(splits["all"]["train"]))
     run_folder.start_run(args)
     log(f"imported {path}: {name}{' + DePT' if args.dept else ''}, {len(classnames)} base classes")
