@@ -123,7 +123,8 @@ def add_backbone_flags(p):
     records none of them."""
     p.add_argument("--data", default=None, help="dataset (default: the backbone's; required for a Dassl folder)")
     p.add_argument("--root", default=None, help="dataset root (default: the backbone's; 'data' for a Dassl folder)")
-    p.add_argument("--clip", default="ViT-B/16", help="CLIP of a Dassl backbone (ours record their own)")
+    p.add_argument("--clip", default="ViT-B/16", help="CLIP of a Dassl backbone (ours record their own): a name, a .pt "
+                   "path, a Hugging Face folder or hub id")
     p.add_argument("--teacher", default=None, help="Dassl PromptKD backbone: its Dassl PromptSRC teacher folder")
     p.add_argument("--teacher-clip", default="ViT-L/14", help="CLIP of that Dassl teacher")
 
