@@ -124,8 +124,10 @@ VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layer
 # model types whose folders look like CLIP's but compute something else
 OTHER_MODELS = {"siglip": "a sigmoid-loss model whose text tower has no causal mask and pools the last token",
                 "siglip2": "a sigmoid-loss model whose text tower has no causal mask and pools the last token",
-                "chinese_clip": "a BERT text tower without a causal mask", "altclip": "an XLM-R text tower without a "
-                "causal mask", "clipseg": "CLIP with a segmentation decoder", "owlvit": "CLIP with detection heads"}
+                "chinese_clip": "a BERT text tower without a causal mask",
+                "altclip": "an XLM-R text tower without a causal mask",
+                "clipseg": "CLIP with a segmentation decoder",
+                "owlvit": "CLIP with detection heads"}
 
 
 def tower_configs(config: dict) -> tuple[dict, dict]:
@@ -266,4 +268,6 @@ def openai_state_dict(tensors: dict, config: dict, folder: str) -> dict:
         check_sizes(config, text, vision, sd)
     except FolderError as e:
         raise FolderError(f"Hugging Face folder {folder}: {e}") from None
+    except (TypeError, ZeroDivisionError) as e:   # "hidden_size": "768", "patch_size": 0, ...
+        raise FolderError(f"Hugging Face folder {folder}: its config.json holds a setting of the wrong kind ({e})") from None
     return sd

@@ -1,6 +1,7 @@
 """--clip as a Hugging Face folder or hub id (hf_weights.py): parity with transformers on two small folders it
 wrote itself (tools/make_hf_fixture.py: ViT-B/16- and ViT-L/14-shaped), the hub cache resolved offline, the
 refusals (one line each), and one CLIP by content whatever its names or file. transformers is never imported."""
+import argparse
 import json
 import os
 import shutil
@@ -134,6 +135,17 @@ def test_a_tensor_without_a_place_in_openais_clip_is_refused(tmp_path):
     state = torch.load(copy / "pytorch_model.bin", weights_only=True)
     torch.save(dict(state, **{"text_projection.bias": torch.zeros(48)}), copy / "pytorch_model.bin")
     assert "a tensor 'text_projection.bias' that OpenAI's CLIP has no place for" in refusal(copy)
+
+
+def test_pytorch_model_bin_is_read_as_data_only(tmp_path):
+    copy = edited_copy(tmp_path)
+    torch.save({"logit_scale": torch.zeros(()), "note": argparse.Namespace()}, copy / "pytorch_model.bin")
+    assert "cannot read CLIP checkpoint" in refusal(copy)   # torch.load(weights_only=True) refuses the object
+
+
+def test_a_config_setting_of_the_wrong_kind_is_one_line(tmp_path):
+    assert "its config.json holds a setting of the wrong kind" in refusal(edited_copy(tmp_path, **{
+        "vision_config.patch_size": 0}))
 
 
 def test_a_folder_without_weights_or_config_is_one_line(tmp_path):
