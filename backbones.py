@@ -1,6 +1,7 @@
 """Backbones: CLIP weights and finished stage-1 runs, and what stage 2 inherits from one.
 
-  - load_clip: OpenAI's archives, state dicts, 'tiny' (random) and 'toy' (assets/toy_clip.pt);
+  - load_clip: OpenAI's archives, state dicts, Hugging Face folders and hub ids, 'tiny' (random) and 'toy'
+    (assets/toy_clip.pt);
   - load_backbone: a finished train_backbone.py run, rebuilt as its learner (the tuned prompt P);
     dassl_learner: the same for a stage-1 folder of the original code (dassl_import.py);
   - the variants of stage 1 that start from another run: PromptKD's teacher (promptkd_teacher, with the
@@ -19,6 +20,7 @@ import dassl_import
 import data
 import prompts
 import run_folder
+import scoring
 from run_folder import RunError
 
 
@@ -38,9 +40,9 @@ TOY_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "t
 
 
 def clip_path(name: str) -> str:
-    """A --clip that names a weights file is recorded as an absolute path, so that the run can be
-    evaluated (and DPC trained on it) from another folder; model names are kept as they are."""
-    return os.path.abspath(name) if name not in ("tiny", "toy") and os.path.isfile(name) else name
+    """A --clip that names a weights file or a Hugging Face folder is recorded as an absolute path, so that the
+    run can be evaluated (and DPC trained on it) from another folder; model names and hub ids are kept as they are."""
+    return os.path.abspath(name) if name not in ("tiny", "toy") and os.path.exists(name) else name
 
 
 def load_clip(name: str, device):
@@ -172,7 +174,8 @@ def add_backbone_flags(p):
     records none of them."""
     p.add_argument("--data", default=None, help="dataset (default: the backbone's; required for a Dassl folder)")
     p.add_argument("--root", default=None, help="dataset root (default: the backbone's; 'data' for a Dassl folder)")
-    p.add_argument("--clip", default="ViT-B/16", help="CLIP of a Dassl backbone (ours record their own)")
+    p.add_argument("--clip", default="ViT-B/16", help="CLIP of a Dassl backbone (ours record their own): a name, a .pt "
+                   "path, a Hugging Face folder or hub id")
     p.add_argument("--teacher", default=None, help="Dassl PromptKD backbone: its Dassl PromptSRC teacher folder")
     p.add_argument("--teacher-clip", default="ViT-L/14", help="CLIP of that Dassl teacher")
 
@@ -202,8 +205,8 @@ def find_backbone(backbone: str | None) -> str:
 def dpc_stage1(args) -> tuple[torch.nn.Module, dict, dict]:
     """What DPC inherits from its stage-1 run (--backbone, or the last one trained): (P's learner, the run's
     record {learner, clip, data, classnames, args}, the settings DPC continues with). The settings are
-    {backbone, learner, clip, data, root, seed, subsample, teacher, teacher_clip}: the backbone's own unless a
-    flag names them (a Dassl folder records none, so --data must); train_dpc.main records them in args."""
+    {backbone, learner, clip, clip_digest, data, root, seed, subsample, teacher, teacher_clip}: the backbone's own
+    unless a flag names them (a Dassl folder records none, so --data must); train_dpc.main records them in args."""
     run_dir = os.path.abspath(find_backbone(args.backbone))      # recorded as is: --resume compares it
     dataset = args.data and data.dataset_name(args.data)          # CoOp's config names too (imagenetv2)
     teacher = args.teacher and os.path.abspath(args.teacher)      # a Dassl run is re-evaluated from other folders
@@ -223,7 +226,9 @@ def dpc_stage1(args) -> tuple[torch.nn.Module, dict, dict]:
                        f"DPC continues on the backbone's own classes; drop --data or pick the matching backbone")
     trained = record["args"]                                      # {} for a Dassl folder: seed 1, root data
     return learner, record, dict(
-        backbone=run_dir, learner=record["learner"], clip=record["clip"], data=record["data"] or dataset,
+        backbone=run_dir, learner=record["learner"], clip=record["clip"],
+        clip_digest=scoring.clip_digest(learner.clip),             # the weights by content (command_line.same_clip)
+        data=record["data"] or dataset,
         root=os.path.abspath(args.root or trained.get("root", "data")),
         seed=trained.get("seed", 1) if args.seed is None else args.seed,
         subsample=trained.get("subsample", "base"), teacher=teacher, teacher_clip=teacher_clip)

@@ -2,7 +2,8 @@
 
 What: OpenAI's CLIP image/text towers with OpenAI's parameter names, so an official checkpoint
 (`ViT-B-16.pt`, a TorchScript archive, or a plain state dict) loads with `strict=True`, plus the
-byte-level BPE tokenizer giving OpenAI's token ids.
+byte-level BPE tokenizer giving OpenAI's token ids. The same weights as a Hugging Face folder or hub id
+(`openai/clip-vit-base-patch16`, read offline from the hub cache) are mapped to OpenAI's names by hf_weights.py.
 
 Source: re-written from the architecture of openai/CLIP (commit d05afc43, MIT licence,
 Copyright (c) 2021 OpenAI); the BPE vocabulary in assets/ is OpenAI's file as shipped in the
@@ -22,6 +23,7 @@ Supervision", ICML 2021. DPC paper §3.1: f(.) = `encode_image`, g(.) = `encode_
 
 Usage:
     model = load("ViT-B/16")                     # ~/.cache/clip/ViT-B-16.pt, or a file path
+    model = load("openai/clip-vit-base-patch16") # the same weights in the Hugging Face hub cache, or its folder
     tokens = tokenize(["a photo of a dog."])     # (1, 77) int32, OpenAI's ids
     img_feat, txt_feat = model.encode_image(x), model.encode_text(tokens)
     python clip_model.py --download ViT-B/16     # fetch + SHA-256 check (needs network)
@@ -47,6 +49,8 @@ import regex
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import hf_weights
 
 # Shape letters: B images, C class prompts, T text tokens (<= 77), N image tokens (grid² + 1),
 # M prompt tokens, D width of a tower, E joint embedding width.
@@ -76,7 +80,9 @@ def model_url(name: str) -> str:
 
 
 def resolve_path(name_or_path: str) -> str:
-    """Map a model name to OpenAI's cache layout (~/.cache/clip/ViT-B-16.pt); keep a path as is."""
+    """Map a model name to OpenAI's cache layout (~/.cache/clip/ViT-B-16.pt) and a Hugging Face hub id to its
+    snapshot in the hub cache (hf_weights.hub_snapshot: offline, never downloaded); keep a path (a file, or a
+    Hugging Face folder) as is."""
     if name_or_path in MODELS:
         path = os.path.join(CACHE_DIR, MODELS[name_or_path][0])
         if not os.path.exists(path):
@@ -85,13 +91,21 @@ def resolve_path(name_or_path: str) -> str:
                 f"there (e.g. `python clip_model.py --download {name_or_path}`) or pass a file path")
         check_regular_file(path)
         return path
+    if os.path.isdir(name_or_path):
+        return name_or_path   # a Hugging Face folder (read_hf_folder)
     if os.path.exists(name_or_path):
         check_regular_file(name_or_path)
         return name_or_path
     if name_or_path.startswith("RN"):
         raise CLIPLoadError(f"{name_or_path}: only ViT backbones are supported (use one of {list(MODELS)})")
+    if hf_weights.HUB_ID.fullmatch(name_or_path) and not name_or_path.startswith("ViT-"):
+        try:
+            return hf_weights.hub_snapshot(name_or_path)
+        except hf_weights.FolderError as e:
+            raise CLIPLoadError(str(e)) from None
     raise CLIPLoadError(f"CLIP weights '{name_or_path}' not found: give one of {list(MODELS)} "
-                        f"(read from {CACHE_DIR}) or the path of a .pt file")
+                        f"(read from {CACHE_DIR}), the path of a .pt file or of a Hugging Face CLIP folder, or a hub "
+                        f"id such as openai/clip-vit-base-patch16 already in the hub cache")
 
 
 class ScriptObject:
@@ -259,9 +273,22 @@ def read_state_dict(path: str) -> dict:
     return obj
 
 
+def read_hf_folder(folder: str) -> dict:
+    """A Hugging Face CLIP folder as OpenAI's state dict (hf_weights: names mapped, architecture and sizes
+    checked). model.safetensors is read by the safetensors package, pytorch_model.bin as our .pt files are."""
+    try:
+        config, path = hf_weights.read_config(folder), hf_weights.weights_file(folder)
+        tensors = hf_weights.read_safetensors(path) if path.endswith(".safetensors") else read_state_dict(path)
+        return hf_weights.openai_state_dict(tensors, config, folder)
+    except hf_weights.FolderError as e:
+        raise CLIPLoadError(str(e)) from None
+
+
 def load(name_or_path: str = "ViT-B/16", device="cpu") -> "CLIP":
-    """Load a CLIP model (frozen, eval mode, fp32 weights holding the checkpoint's values)."""
-    model = build_model(read_state_dict(resolve_path(name_or_path)))
+    """Load a CLIP model (frozen, eval mode, fp32 weights holding the checkpoint's values): OpenAI's name, a
+    .pt file, a Hugging Face folder or hub id (see resolve_path)."""
+    path = resolve_path(name_or_path)
+    model = build_model(read_hf_folder(path) if os.path.isdir(path) else read_state_dict(path))
     return model.to(device)
 
 

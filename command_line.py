@@ -172,7 +172,8 @@ def changed_flags(stored: dict, given: dict) -> list[str]:
 
 # What differs between the seed runs of one experiment (a Tab. 1 row averages seeds of one experiment):
 # the seed, where its data and its per-seed inputs lie, and how it ran. The CLIP is compared by content.
-PER_SEED = HOW_FLAGS + ("seed", "root", "backbone", "teacher", "continue_from", "imported_from", "dassl_run", "clip")
+PER_SEED = HOW_FLAGS + ("seed", "root", "backbone", "teacher", "continue_from", "imported_from", "dassl_run", "clip",
+                        "clip_digest")
 
 
 def file_digest(path: str, _memo={}) -> str:
@@ -184,17 +185,22 @@ def file_digest(path: str, _memo={}) -> str:
     return _memo[key]
 
 
-def same_clip(a: str, b: str) -> bool:
-    """Two runs' CLIP: the same name, or two files with the same bytes (a copy elsewhere, another mount)."""
-    return a == b or (os.path.isfile(a) and os.path.isfile(b) and file_digest(a) == file_digest(b))
+def same_clip(a: dict, b: dict) -> bool:
+    """Two runs' CLIP (their args), by content: the digests of the tensors each loaded (clip_digest, recorded by
+    every script), so OpenAI's archive and a Hugging Face copy of the same weights are one CLIP. A run from before
+    the digest was recorded: the same --clip name, or two files with the same bytes (a copy, another mount)."""
+    if a.get("clip_digest") and b.get("clip_digest"):
+        return a["clip_digest"] == b["clip_digest"]
+    x, y = str(a.get("clip")), str(b.get("clip"))
+    return x == y or (os.path.isfile(x) and os.path.isfile(y) and file_digest(x) == file_digest(y))
 
 
 def setting_differences(a: dict, b: dict) -> list[str]:
     """'--flag x vs y' for every setting (a run's args, PER_SEED left out) in which two runs of one row differ;
-    the CLIP weights by content."""
+    the CLIP weights by content (same_clip)."""
     out = [f"--{k.replace('_', '-')} {a[k]!r} vs {b[k]!r}" for k in sorted(set(a) & set(b))   # an older run's
            if k not in PER_SEED and a[k] != b[k]]                                                  # unknown flag: not compared
-    if not same_clip(str(a.get("clip")), str(b.get("clip"))):
+    if not same_clip(a, b):
         out.append(f"--clip {a.get('clip')!r} vs {b.get('clip')!r} (other weights)")
     return out
 

@@ -49,8 +49,9 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=1, help="run seed (the protocol averages seeds 1, 2, 3)")
     p.add_argument("--subsample", default="base", choices=("base", "all"),
                    help="train on the base classes (base-to-new, Tab. 1) or all classes (cross-dataset source, Tab. 2)")
-    p.add_argument("--clip", default="ViT-B/16", help="CLIP weights: ViT-B/16 (~/.cache/clip), a .pt path, 'toy' (assets/toy_clip.pt, "
-                                                      "pretrained on the toy world) or 'tiny' (random, for smoke runs)")
+    p.add_argument("--clip", default="ViT-B/16", help="CLIP weights: ViT-B/16 (~/.cache/clip), a .pt path, a Hugging Face folder "
+                   "or hub id (openai/clip-vit-base-patch16, read offline from the hub cache), 'toy' (assets/toy_clip.pt, "
+                   "pretrained on the toy world) or 'tiny' (random, for smoke runs)")
     p.add_argument("--epochs", type=int, default=None, help="default per learner: " + "; ".join(
         f"{k} {v.DEFAULTS['epochs']}" for k, v in prompts.LEARNERS.items()))
     p.add_argument("--batch-size", type=int, default=None, help="default 32 for every learner (DPC paper §4.1)")
@@ -154,6 +155,7 @@ def main(args):
     previous = command_line.check_run_folder(args)
     torch.manual_seed(args.seed)
     clip = backbones.load_clip(args.clip, args.device)
+    args.clip_digest = scoring.clip_digest(clip)   # the weights by content: command_line.same_clip compares it
     image_size = clip.visual.input_resolution
     splits = data.load_splits(args.data, args.root, args.shots, args.seed)
     data.check_halves(splits, args.data, args.subsample)

@@ -326,7 +326,7 @@ def main(args):
     # Stage 1 hands over P's learner and the settings it was trained with: DPC continues on its data, root,
     # seed and classes. Set on args, they are recorded in args.json, and --resume compares them.
     learner, backbone, inherited = backbones.dpc_stage1(args)
-    vars(args).update(inherited)   # backbone, learner, clip, data, root, seed, subsample, teacher, teacher_clip
+    vars(args).update(inherited)   # backbone, learner, clip (+ clip_digest), data, root, seed, subsample, teacher(_clip)
     args.omega_b = (1.0 if args.learner == "maple" else 0.2) if args.omega_b is None else args.omega_b
     check_omegas(args.omega_b, args.omega_n)
     args.output_dir = args.output_dir or os.path.join("output", args.data, f"{args.learner}_dpc", f"seed{args.seed}")

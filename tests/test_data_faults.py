@@ -3,6 +3,7 @@ class folders whose names are not UTF-8 (zips made on Windows), split entries th
 dataset, FIFOs where a file is read, two first runs generating `--data synthetic` at once, an unusable
 feature cache (one warning per run), and CoOp's dataset names. CPU only, generated data in tmp_path;
 every read that could block on a FIFO runs under an alarm, so a regression fails instead of hanging."""
+import argparse
 import contextlib
 import json
 import os
@@ -366,7 +367,8 @@ def test_every_script_records_our_name_for_a_coop_name(monkeypatch):
     import train_backbone
     import train_dpc
     assert train_backbone.get_args(["--learner", "coop", "--data", "imagenetv2"]).data == "imagenet_v2"
-    monkeypatch.setattr(backbones, "load_stage1", lambda *a: (None, dict(learner="coop", clip="tiny", data=None, args={})))
+    learner = argparse.Namespace(clip=backbones.load_clip("tiny", "cpu"))   # all dpc_stage1 reads of it: its CLIP
+    monkeypatch.setattr(backbones, "load_stage1", lambda *a: (learner, dict(learner="coop", clip="tiny", data=None, args={})))
     args = train_dpc.get_args(["--backbone", "dassl_run", "--data", "imagenetv2"])
     _, _, inherited = backbones.dpc_stage1(args)
     assert inherited["data"] == "imagenet_v2"

@@ -156,6 +156,8 @@ def seed_copy(run, seed, **args):
     ckpt = torch.load(dst / "checkpoint.pt", weights_only=True)
     ckpt["args"] = dict(ckpt["args"], seed=seed, **{k: v for k, v in args.items() if k != "clip"})
     ckpt["clip"] = args.get("clip", ckpt["clip"])
+    if "clip" in args:   # what a run on these weights records (train_backbone.py)
+        ckpt["args"]["clip_digest"] = scoring.clip_digest(backbones.load_clip(args["clip"], "cpu"))
     torch.save(ckpt, dst / "checkpoint.pt")
     return dst
 
@@ -173,6 +175,8 @@ def test_seeds_trained_with_other_settings_are_never_averaged(run, capsys, tmp_p
 
 
 def test_the_clip_is_compared_by_content(run, capsys, tmp_path):
+    recorded = torch.load(run / "runs" / "coop" / "seed1" / "checkpoint.pt", weights_only=True)["args"]["clip_digest"]
+    assert recorded == scoring.clip_digest(backbones.load_clip("tiny", "cpu"))
     weights = clip_model.random_clip("tiny", seed=0).state_dict()
     torch.save(weights, tmp_path / "a.pt")
     shutil.copy(tmp_path / "a.pt", tmp_path / "copy_of_a.pt")

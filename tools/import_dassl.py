@@ -42,7 +42,8 @@ def get_args(argv=None):
                                                  "Dassl records none), as train_backbone.py --data names it")
     p.add_argument("--root", default="data", help="folder holding the datasets")
     p.add_argument("--seed", type=int, default=1, help="the seed the run was trained with (Dassl records none)")
-    p.add_argument("--clip", default="ViT-B/16", help="the CLIP the run was trained on (a name or a .pt path)")
+    p.add_argument("--clip", default="ViT-B/16",
+                   help="the CLIP the run was trained on (a name, a .pt path, a Hugging Face folder or hub id)")
     p.add_argument("--dept-weight", type=float, default=prompts.DePT.WEIGHT,
                    help="DePT's λ the run was trained with, its fusion weight on base classes (Dassl records none; "
                         "DePT's TRAINER.LINEAR_PROBE.WEIGHT default)")
@@ -83,6 +84,7 @@ def main(args):
                                     dept_weight=args.dept_weight)
     prompts.load_learner_state(learner, dassl_import.dassl_state(name, state))
     learner = learner.to(args.device).eval()
+    args.clip_digest = scoring.clip_digest(learner.clip)   # the weights by content (command_line.same_clip)
     prompts.check_classnames(learner, data.classnames_of(splits["all"]["train"]))
     run_folder.start_run(args)
     log(f"imported {path}: {name}{' + DePT' if args.dept else ''}, {len(classnames)} base classes")
