@@ -331,13 +331,25 @@ def script(name, *argv):
     return [sys.executable, os.path.join(REPO, name), *argv]
 
 
+def interrupted_flags(world):
+    return common(world["root"]) + ["--learner", "coop", "--epochs", "3", "--print-every", "1", "--shots", "8"]
+
+
+@pytest.fixture(scope="module")
+def straight(world, tmp_path_factory):
+    """The uninterrupted run the interrupted ones are compared with: the same command, run once."""
+    cwd = tmp_path_factory.mktemp("straight")
+    subprocess.run(script("train_backbone.py", *interrupted_flags(world), "--output-dir", "straight"), cwd=cwd,
+                   env=dict(os.environ, PYTHONPATH=REPO), check=True, capture_output=True)
+    return cwd / "straight"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
-def test_interrupted_run_resumes_to_identical_results(world, tmp_path, how):
+def test_interrupted_run_resumes_to_identical_results(world, straight, tmp_path, how):
     """Kill a real run in the middle of epoch 2 (Ctrl-C, SIGTERM or kill -9), resume it, compare bit for bit."""
-    flags = common(world["root"]) + ["--learner", "coop", "--epochs", "3", "--print-every", "1", "--shots", "8"]
+    flags = interrupted_flags(world)
     env = dict(os.environ, PYTHONPATH=REPO)
-    subprocess.run(script("train_backbone.py", *flags, "--output-dir", "straight"), cwd=tmp_path, env=env,
-                   check=True, capture_output=True)
     proc = subprocess.Popen(script("train_backbone.py", *flags, "--output-dir", "cut"), cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # the progress lines: stop it after the first iteration of epoch 2
@@ -354,10 +366,10 @@ def test_interrupted_run_resumes_to_identical_results(world, tmp_path, how):
     assert ckpt["epoch"] == 1 and not ckpt["finished"]
     subprocess.run(script("train_backbone.py", *flags, "--output-dir", "cut", "--resume"), cwd=tmp_path, env=env,
                    check=True, capture_output=True)
-    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    assert all(torch.equal(straight["state"][k], resumed["state"][k]) for k in straight["state"])
-    assert json.loads((tmp_path / "straight" / "results.json").read_text()) == \
+    uncut = torch.load(straight / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(uncut["state"][k], resumed["state"][k]) for k in uncut["state"])
+    assert json.loads((straight / "results.json").read_text()) == \
         json.loads((tmp_path / "cut" / "results.json").read_text())
 
 

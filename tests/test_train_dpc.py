@@ -11,6 +11,7 @@ import clip_model
 import dassl_import
 import precision
 import prompts
+import toy_world
 import train_backbone as tb
 import train_dpc
 from train_dpc import base_class_prompt, new_class_prompt
@@ -252,6 +253,13 @@ def test_an_inference_omega_b_never_changes_the_trained_parallel_prompt(name):
         assert all(torch.equal(base_mixed[k], expected[k]) for k in tuned), omega_b
 
 
+def small_synthetic(root):
+    """The synthetic set with 4 train and 2 test images a class (not 20 and 10): enough for 2 shots, and a
+    run's evaluation, which these tests do not look at, costs a fifth. Its classes are the default's."""
+    if not os.path.isdir(os.path.join(root, "synthetic")):
+        toy_world.make_synthetic_imagefolder(str(root), "synthetic", n_train=4, n_val=0, n_test=2)
+
+
 def train_backbone_b(name, tmp_path, shots):
     """A 1-epoch backbone of `name` in ./b on synthetic data (PromptKD: with a 1-epoch promptsrc teacher)."""
     common = ["--data", "synthetic", "--root", str(tmp_path / "data"), "--clip", "tiny", "--workers", "0",
@@ -301,6 +309,7 @@ def test_both_stages_train_under_autocast(name, dtype, tmp_path, monkeypatch):
     CountingScaler.calls = 0
     if dtype == torch.float16:
         monkeypatch.setattr(precision, "grad_scaler", lambda device: CountingScaler("cpu", init_scale=2.0 ** 8))
+    small_synthetic(tmp_path / "data")
     train_backbone_b(name, tmp_path, shots=2)
     stage1_calls = CountingScaler.calls
     res = train_dpc.main(train_dpc.get_args(["--backbone", "b", "--epochs", "1", "--workers", "0", "--shots", "2",
@@ -318,6 +327,7 @@ def test_both_stages_train_under_autocast(name, dtype, tmp_path, monkeypatch):
 def backbones(tmp_path_factory):
     """A 1-epoch backbone of every learner on synthetic data (PromptKD with a 1-epoch PromptSRC teacher)."""
     base = tmp_path_factory.mktemp("step")
+    small_synthetic(base / "data")
     with contextlib.chdir(base):
         for name in prompts.LEARNERS:
             os.makedirs(name)
