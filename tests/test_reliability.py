@@ -187,6 +187,7 @@ def prepare(world, tmp_path):
             "<dpc>": world["dpc"], **odd}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what, run, flags, fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_line_and_writes_nothing(world, tmp_path, capsys, what, run, flags, fragment):
     paths = prepare(world, tmp_path)
@@ -209,6 +210,7 @@ def test_a_dpc_run_as_backbone_is_not_sent_to_resume(world, tmp_path, capsys):
     assert "--resume" not in err and world["coop"] in err
 
 
+@pytest.mark.slow
 def test_large_and_odd_images_are_converted(tmp_path):
     """Grayscale/RGBA/palette/CMYK/16-bit are covered in test_data.py; here a 50-megapixel image."""
     path = tmp_path / "big.png"
@@ -217,6 +219,7 @@ def test_large_and_odd_images_are_converted(tmp_path):
     assert x.shape == (3, 32, 32)
 
 
+@pytest.mark.slow
 def test_shots_above_class_size_warns_once(world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     tb.main(tb.get_args(common(world["root"]) + ["--learner", "coop", "--shots", "30"]))
@@ -224,6 +227,7 @@ def test_shots_above_class_size_warns_once(world, tmp_path, monkeypatch, capsys)
     assert out.count("warning: --shots 30, but 10 classes have fewer train images (fewest: 20") == 1
 
 
+@pytest.mark.slow
 def test_topk_above_base_classes_is_clamped_with_one_warning(world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     train_dpc.main(train_dpc.get_args(["--backbone", world["coop"], "--topk", "9", "--epochs", "1",
@@ -261,6 +265,7 @@ def test_failed_write_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch
     assert sorted(os.listdir(run_dir)) == sorted(os.listdir(world["coop"]))   # no temp file left
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     real = prompts.CoOp.training_loss
@@ -278,6 +283,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(world, tmp_p
     assert ckpt["epoch"] == 1 and not ckpt["finished"] and "epoch 1" in err
 
 
+@pytest.mark.slow
 def test_nan_loss_in_the_first_epoch_promises_no_checkpoint(world, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prompts.CoOp, "training_loss", lambda self, images, labels, classnames:
                         dict(loss=torch.tensor(float("inf"), requires_grad=True)))
@@ -287,6 +293,7 @@ def test_nan_loss_in_the_first_epoch_promises_no_checkpoint(world, tmp_path, mon
     assert not (tmp_path / "inf" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["backbone", "dpc"])
 def test_a_run_that_diverges_on_its_last_step_is_never_saved_as_finished(world, tmp_path, monkeypatch, capsys, stage):
     """Every loss finite, the very last SGD step makes the prompt NaN (as --lr 1e30 can): the epoch is not
@@ -383,6 +390,7 @@ def crashing_loader(real, epoch: int):
     return make_loader
 
 
+@pytest.mark.slow
 def test_interrupted_dpc_run_resumes_to_identical_results(world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     flags = ["--backbone", world["coop"], "--epochs", "2", "--workers", "0", "--shots", "4"]
