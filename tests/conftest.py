@@ -22,6 +22,11 @@ def one_thread():
 FIRST = ("test_reproduce", "test_toy_world")
 # Module fixtures that build in seconds but are read by long tests: not worth serialising those tests.
 UNGROUPED = {("test_cluster", "world"), ("test_reliability", "world")}
+# Module fixtures that train runs (seconds each): the tests that read them are `slow` as a whole.
+SLOW_FIXTURES = {("test_toy_world", "toy_runs"), ("test_reproduce", "toy"), ("test_interpret", "world"),
+                 ("test_train_backbone", "runs"), ("test_experiments", "tab3"), ("test_checkpoints", "world"),
+                 ("test_figures", "runs"), ("test_evaluate", "runs"), ("test_dept", "run"), ("test_reliability", "world"),
+                 ("test_train_dpc", "runs"), ("test_cluster", "world"), ("test_user_inputs", "run")}
 
 
 def module_fixtures(item) -> list[str]:
@@ -52,4 +57,6 @@ def pytest_collection_modifyitems(config, items):
             group = module + ":" + "+".join(fixtures) if fixtures else None
         if group and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(group))
+        if any((module, name) in SLOW_FIXTURES for name in item.fixturenames):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: FIRST.index(item.module.__name__) if item.module.__name__ in FIRST else len(FIRST))
