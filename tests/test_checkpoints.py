@@ -85,6 +85,7 @@ def dassl_folder(tmp_path, name, marker=None) -> str:
 
 # -- every place a checkpoint is read ---------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("place", ["dpc --backbone", "evaluate", "evaluate a DPC run's backbone",
                                    "train_backbone --resume", "train_dpc --resume", "promptkd --teacher"])
 def test_a_payload_in_our_checkpoints_never_runs(world, tmp_path, capsys, place):
@@ -170,6 +171,7 @@ def test_a_damaged_backbone_checkpoint_is_one_error_line(world, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGED_DPC_RUNS))
 def test_a_damaged_dpc_checkpoint_is_one_error_line(world, tmp_path, capsys, damage):
     run = damaged_copy(world["dpc"], tmp_path / "run", DAMAGED_DPC_RUNS[damage])
@@ -196,6 +198,7 @@ def test_an_optimiser_state_that_does_not_fit_is_one_error_line(world, tmp_path,
     assert "the optimiser state in" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["coop", "maple", "promptsrc", "promptkd"])
 def test_a_payload_in_a_dassl_folder_never_runs(world, tmp_path, capsys, name):
     marker = tmp_path / "marker"
@@ -206,6 +209,7 @@ def test_a_payload_in_a_dassl_folder_never_runs(world, tmp_path, capsys, name):
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reader", ["train_backbone --teacher", "train_dpc --teacher"])
 def test_a_payload_in_a_dassl_teacher_folder_never_runs(world, tmp_path, capsys, reader):
     """PromptKD's released teachers, teacher_model/<Dataset>/VLPromptLearner/model-best.pth.tar."""
@@ -278,6 +282,7 @@ def perturbed_learner(name, teacher=None, seed=3):
     return fp16_exact(learner).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["coop", "maple", "promptsrc", "promptkd"])
 def test_a_dassl_folder_imports_to_the_learner_it_was_written_from(tmp_path, name):
     """Whole-model state dict (MaPLe, PromptSRC, PromptKD) or prompt learner (CoOp), with the optimiser
@@ -301,6 +306,7 @@ def test_a_dassl_folder_imports_to_the_learner_it_was_written_from(tmp_path, nam
         assert torch.equal(loaded(images, classes), learner(images, classes))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["promptsrc", "promptkd"])
 def test_a_dassl_promptkd_student_is_read_from_its_best_checkpoint(tmp_path, name):
     """A VLPromptLearner folder with model.pth.tar-20 and model-best.pth.tar: the released DPC code takes a
@@ -321,6 +327,7 @@ def test_a_dassl_promptkd_student_is_read_from_its_best_checkpoint(tmp_path, nam
         assert torch.equal(loaded(images, classes), expected)
 
 
+@pytest.mark.slow
 def test_dpc_runs_on_a_dassl_maple_folder(world, tmp_path):
     """The reported failure: train_dpc.py --backbone <Dassl MaPLe run> stopped with 'does not fit'."""
     write_dassl_folder(str(tmp_path / "maple"), "maple", perturbed_learner("maple"), epoch=5)
@@ -331,6 +338,7 @@ def test_dpc_runs_on_a_dassl_maple_folder(world, tmp_path):
     assert 0 <= res["base"] <= 100 and 0 <= res["new"] <= 100
 
 
+@pytest.mark.slow
 def test_a_dassl_folder_without_root_reads_the_data_folder_where_dpc_runs(world, tmp_path):
     """A Dassl folder records no dataset root: without --root, train_dpc.py reads ./data, as train_backbone.py
     does by default (it used to end in a TypeError traceback)."""
@@ -343,6 +351,7 @@ def test_a_dassl_folder_without_root_reads_the_data_folder_where_dpc_runs(world,
     assert ckpt["finished"] and ckpt["args"]["root"] == os.path.abspath(world["root"])
 
 
+@pytest.mark.slow
 def test_a_dpc_run_on_a_dassl_promptkd_folder_given_relative_paths_evaluates_anywhere(world, tmp_path, capsys):
     """--teacher and a --clip weights file given relative to where train_dpc.py ran are recorded as
     absolute paths: evaluate.py --recompute from another folder finds them again."""
@@ -365,6 +374,7 @@ def test_a_dpc_run_on_a_dassl_promptkd_folder_given_relative_paths_evaluates_any
 
 # -- PromptKD teachers ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_promptkd_accepts_a_released_dassl_teacher_folder(world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     teacher_dir = tmp_path / "teacher_model" / "Synthetic"
@@ -379,6 +389,7 @@ def test_promptkd_accepts_a_released_dassl_teacher_folder(world, tmp_path, monke
     assert ckpt["args"]["teacher_clip"] == "tiny" and isinstance(learner.teacher, prompts.PromptSRC)
 
 
+@pytest.mark.slow
 def test_a_teacher_trained_off_recipe_gets_one_warning(world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     recipe = dict(backbones.PROMPTKD_TEACHER_RECIPE, clip="tiny", epochs=1, shots=2)   # the recipe, shortened

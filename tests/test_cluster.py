@@ -94,6 +94,7 @@ def one_error(result) -> str:
 # One run folder, one writer; SIGTERM like Ctrl-C
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_writer_of_any_script_is_refused_and_sigterm_keeps_the_last_epoch(world, tmp_path):
     """While a run trains, train_backbone.py (another seed: the copy-paste slip), train_dpc.py and
     evaluate.py on the same folder each end in one line naming the holder and write nothing; then
@@ -126,6 +127,7 @@ def test_a_second_writer_of_any_script_is_refused_and_sigterm_keeps_the_last_epo
     print(f"refused second writers in {', '.join(f'{s:.1f}' for s in seconds)} s")
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_no_stale_lock_and_resume_cleans_the_killed_writes(world, tmp_path):
     """kill -9 never leaves a lock behind (the OS releases it); the temp files of the atomic write it
     interrupted are removed when the run is resumed, with other values of the flags --resume may change."""
@@ -170,6 +172,7 @@ def fails_in_one_line(capsys, run, argv) -> str:
     return err[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fifo", ["checkpoint.pt", "results.json", "log.txt", "args.json"])
 def test_a_fifo_where_a_run_file_is_expected_is_one_error_not_a_hang(world, tmp_path, fifo):
     """evaluate.py RUN reads checkpoint.pt and results.json; --resume reads checkpoint.pt, then writes
@@ -237,6 +240,7 @@ CHANGED = [("backbone", "--seed", "2"), ("backbone", "--shots", "4"), ("backbone
            ("dpc", "--parallel-step", "paper"), ("dpc", "--min-negatives", "0")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, flag, value", CHANGED, ids=[f"{s} {f}" for s, f, _ in CHANGED])
 def test_resume_refuses_a_flag_that_changes_what_is_computed(unfinished, tmp_path, capsys, stage, flag, value):
     folder, module, flags = unfinished[stage]
@@ -252,6 +256,7 @@ def test_resume_refuses_a_flag_that_changes_what_is_computed(unfinished, tmp_pat
     assert open(os.path.join(run, "args.json")).read() == open(os.path.join(folder, "args.json")).read()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["backbone", "dpc"])
 def test_resume_accepts_the_flags_that_change_only_how_it_runs(unfinished, tmp_path, capsys, stage):
     """--workers, --print-every, --device, --feature-cache (and --trust-checkpoint) may differ."""
@@ -325,6 +330,7 @@ def starts(run_dir) -> int:
     return sum(line.startswith(("train_backbone.py {", "train_dpc.py {")) for line in open(os.path.join(run_dir, "log.txt")))
 
 
+@pytest.mark.slow
 def test_slurm_task_requeued_after_sigterm_continues_and_resubmitted_does_nothing(world, tmp_path):
     """The written array script, run as bash with SLURM_ARRAY_TASK_ID as Slurm would: SIGTERM (preemption,
     time limit) reaches the driver through `exec`, which forwards it to its run and waits for it (no orphan);
@@ -360,6 +366,7 @@ def test_slurm_task_requeued_after_sigterm_continues_and_resubmitted_does_nothin
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept} == kept
 
 
+@pytest.mark.slow
 def test_two_drivers_on_one_out_run_each_run_once(world, tmp_path):
     """A second driver (another terminal, a resubmitted job) leaves the chain the first one runs until it
     is done, then finds it finished: every run is trained by one process, once."""
@@ -382,6 +389,7 @@ def test_two_drivers_on_one_out_run_each_run_once(world, tmp_path):
     assert not [f for f in os.listdir(out) if f.endswith(".lock")]
 
 
+@pytest.mark.slow
 def test_a_driver_waits_for_a_run_its_killed_predecessor_left_training(world, tmp_path):
     """kill -9 of a driver leaves its run training (nothing can forward a SIGKILL); the next driver waits
     until that run is done instead of starting a second writer, then goes on with the chain."""
@@ -427,7 +435,9 @@ def every_learner(tmp_path_factory):
     """A run of each learner and a DPC run on each, started with relative paths (--root, --teacher,
     --backbone) as users type them; returns (cwd, [(module, argv)])."""
     cwd = tmp_path_factory.mktemp("every_learner")
-    toy_world.make_synthetic_imagefolder(str(cwd / "data"), "synthetic")
+    # 4 train and 2 test images a class (the default: 20 and 10): enough for 2 shots; the flag check this
+    # is about does not read the data, and each of the 17 runs evaluates on a fifth of the images
+    toy_world.make_synthetic_imagefolder(str(cwd / "data"), "synthetic", n_train=4, n_val=0, n_test=2)
     common = ["--data", "synthetic", "--root", "data", "--clip", "tiny", "--epochs", "1", "--shots", "2", "--workers",
               "0", "--feature-cache", "off"]
     runs = [(tb, common + ["--learner", "promptsrc", "--output-dir", "teacher"])]
@@ -442,6 +452,7 @@ def every_learner(tmp_path_factory):
     return cwd, runs[1:]
 
 
+@pytest.mark.slow
 def test_resume_with_the_same_flags_continues_every_learner_and_its_dpc_run(every_learner, capsys):
     """The flag check never refuses the command a run was started with: defaults filled in per learner
     (lr, epochs, ω_b of MaPLe, PromptKD's kd-weight), relative paths recorded absolute."""

@@ -206,6 +206,7 @@ def test_only_regular_files_are_opened_as_images(tmp_path):
         ImageDataset([Item(str(fifo), 0, "x")], lambda im: im)[0]
 
 
+@pytest.mark.slow
 def test_an_image_header_claiming_a_gigapixel_is_refused(tmp_path):
     path = tmp_path / "bomb.png"
     Image.new("1", (40000, 40000)).save(path)   # 200 KB on disk, 4.8 GB as RGB

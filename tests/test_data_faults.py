@@ -61,6 +61,7 @@ def no_hang(seconds: float = 5.0):
 # ---------------------------------------------------------------------------------------------
 # Class folders whose names are not UTF-8
 
+@pytest.mark.slow
 def test_non_utf8_class_folders_train_dpc_and_evaluate_end_to_end(tmp_path, monkeypatch):
     """Both stages and evaluate.py (recomputed, through the feature cache, whose key hashes the paths)
     on a tree with two non-UTF-8 class folders (one base, one new) and no classnames.txt: the prompts
@@ -281,6 +282,7 @@ def test_a_fifo_where_clip_weights_are_read_is_one_error(tmp_path, monkeypatch, 
 # ---------------------------------------------------------------------------------------------
 # --data synthetic: generated aside and renamed
 
+@pytest.mark.slow
 def test_two_first_synthetic_runs_at_once_both_read_the_whole_tree(tmp_path):
     """Two processes: the second waits until <root>/synthetic appears and reads it at once, as a run
     started a moment after the first one would. Both read the whole tree (10 classes x 34 images)."""
@@ -321,6 +323,7 @@ def test_synthetic_tree_is_never_visible_half_written(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # An unusable feature cache: one warning per run
 
+@pytest.mark.slow
 def test_an_unusable_feature_cache_warns_once_per_run(tmp_path, monkeypatch, capsys):
     """A run scores base and new test images, each a failed cache write: one warning line, on the
     terminal and in log.txt (docs/faults.md). The cache is a file where its folder should be:

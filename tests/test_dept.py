@@ -69,6 +69,7 @@ def test_film_starts_as_identity_and_is_a_channelwise_affine_map_in_the_features
     assert film(x.bfloat16()).dtype == torch.bfloat16         # γ, β cast to the feature's dtype (fp16 runs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LEARNERS)
 def test_training_loss_is_the_lambda_weighted_sum_of_clip_ce_and_the_head_ce_on_text_then_image_rows(clip, name):
     d = dept_learner(clip, name)
@@ -99,6 +100,7 @@ def test_the_head_loss_alone_trains_every_prompt_tensor(clip, name):
     assert all(p.grad is None for n, p in d.named_parameters() if n.startswith("learner.clip."))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LEARNERS)
 def test_base_logits_fuse_raw_logits_and_other_classes_get_clips_logits_alone(clip, name):
     d = dept_learner(clip, name).eval()
@@ -181,6 +183,7 @@ def checkpoint(run, folder):
     return torch.load(run["cwd"] / folder / "checkpoint.pt", weights_only=True)
 
 
+@pytest.mark.slow
 def test_head_learns_at_six_and_a_half_times_the_prompts_lr_except_in_the_warmup_epoch(run, monkeypatch):
     """Two SGD groups as DePT's optim.py: the prompt at lr, FiLM + head at 6.5·lr; both 1e-5 in epoch 1;
     momentum 0.9 and weight decay 5e-4 on both (the FiLM γ too)."""
@@ -204,6 +207,7 @@ def test_head_learns_at_six_and_a_half_times_the_prompts_lr_except_in_the_warmup
         assert head_lr == pytest.approx(1e-5 if epoch == 0 else 6.5 * lr[epoch])
 
 
+@pytest.mark.slow
 def test_the_checkpoint_holds_the_head_and_reloads_to_the_same_numbers(run):
     ckpt = checkpoint(run, "straight")
     assert ckpt["args"]["dept"] and ckpt["state"]["linear_head.weight"].shape[0] == len(ckpt["classnames"]) == 5
@@ -216,6 +220,7 @@ def test_the_checkpoint_holds_the_head_and_reloads_to_the_same_numbers(run):
     assert scoring.base_to_new(learner, splits, "cpu") == run["results"]
 
 
+@pytest.mark.slow
 def test_base_accuracy_is_scored_with_the_fused_logits(run):
     """scoring.accuracy takes the argmax of the fused logits on base classes (not of the cosine alone)."""
     learner, ckpt, _ = backbones.load_backbone(str(run["cwd"] / "straight"), "cpu")
@@ -233,6 +238,7 @@ def test_base_accuracy_is_scored_with_the_fused_logits(run):
             100 * (labels == 4).float().mean().item())
 
 
+@pytest.mark.slow
 def test_a_resumed_dept_run_is_bit_identical_to_a_straight_one(run):
     straight, cut = checkpoint(run, "straight"), checkpoint(run, "cut")
     assert cut["epoch"] == 2 and not cut["finished"]
@@ -268,6 +274,7 @@ def test_refusals_are_one_line(run, data_root, capsys, monkeypatch):
     assert not (run["cwd"] / "dpc" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_transfer_gives_a_dept_run_its_own_row_and_clips_logits_on_a_class_set_beyond_its_head(run, monkeypatch):
     """Tab. 2 on a DePT run: its own "dept" row; all 10 classes of a test split are not the head's 5, so the
     accuracy is the learner's alone (as DePT's code, which fuses only on its own classes)."""
@@ -281,6 +288,7 @@ def test_transfer_gives_a_dept_run_its_own_row_and_clips_logits_on_a_class_set_b
     assert row["accuracy"] == scoring.accuracy(learner.learner, items, data.classnames_of(items), "cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, dtype", [("coop", torch.float16), ("maple", torch.bfloat16)])   # DePT's learners
 def test_dept_trains_and_scores_under_autocast(name, dtype, data_root, tmp_path, monkeypatch):
     """The GPU path on CPU (bf16 as on an H100, fp16 with loss scaling as on a V100): the head's loss on

@@ -80,6 +80,7 @@ def tool_flags(dassl, root, out):
 # The file and the learner it imports to
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["coop", "maple"])
 def test_a_dassl_dept_folder_imports_to_the_learner_it_was_written_from(tmp_path, name):
     original = trained_dept(name, BASE)
@@ -112,6 +113,7 @@ def test_a_payload_in_a_dassl_dept_folder_never_runs(tmp_path, synthetic, capsys
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_the_head_needs_its_class_names_and_as_many_as_its_rows(tmp_path, synthetic, capsys):
     run = str(tmp_path / "run")
     write_dassl_folder(run, "maple", trained_dept("maple", BASE), epoch=10)
@@ -149,6 +151,7 @@ def test_the_import_tool_refuses_a_promptkd_student(tmp_path, synthetic, capsys)
 # tools/import_dassl.py -> a run folder evaluate.py reads
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,dept", [("coop", True), ("maple", True), ("coop", False)],
                          ids=["coop+dept", "maple+dept", "coop"])
 def test_an_imported_run_is_evaluated_as_its_original(tmp_path, synthetic, capsys, name, dept):

@@ -271,6 +271,7 @@ def random_case(rng: random.Random):
     return b, n, k, pool, scores, labels
 
 
+@pytest.mark.slow
 def test_sampler_properties_over_random_batches():
     rng = random.Random(1234)
     for case in range(500):

@@ -66,6 +66,7 @@ def copy_run(src: str, dst) -> str:
 # ---------------------------------------------------------------------------------------------
 # Aggregation and the Dassl block
 
+@pytest.mark.slow
 def test_aggregates_are_seed_means_and_hm_of_means(runs, tmp_path, capsys):
     out = evaluate_main(runs["runs"], "--out", tmp_path / "ev")
     stdout = capsys.readouterr().out
@@ -104,6 +105,7 @@ def test_hm_is_taken_of_the_seed_means_not_averaged(runs, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Recomputing from checkpoints, ω overrides, Fig. 6 sweep
 
+@pytest.mark.slow
 def test_recompute_equals_results_json(runs, tmp_path):
     out = evaluate_main(runs["runs"], "--recompute", "--out", tmp_path)
     assert {r["source"] for r in out["runs"]} == {"recomputed"}
@@ -112,6 +114,7 @@ def test_recompute_equals_results_json(runs, tmp_path):
         assert (row["base"], row["new"]) == (saved["base"], saved["new"]), row["run"]
 
 
+@pytest.mark.slow
 def test_omega_n_zero_gives_the_backbone_new_accuracy_exactly(runs, tmp_path):
     out = evaluate_main(runs["coop_dpc/seed1"], runs["coop_dpc/seed2"], "--omega-n", "0", "--out", tmp_path)
     for row in out["runs"]:
@@ -120,6 +123,7 @@ def test_omega_n_zero_gives_the_backbone_new_accuracy_exactly(runs, tmp_path):
         assert row["new"] == backbone["new"]
 
 
+@pytest.mark.slow
 def test_sweep_omega_n_and_refusal_of_omega_b_zero(runs, tmp_path, capsys):
     out = evaluate_main(runs["runs"], "--sweep", "omega_n", "--values", "0,1e-6", "--out", tmp_path)
     assert out["values"] == [0.0, 1e-6] and out["split"] == "new" and len(out["runs"]) == 2  # DPC runs only
@@ -135,6 +139,7 @@ def test_sweep_omega_n_and_refusal_of_omega_b_zero(runs, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # Cross-dataset target (Tab. 2)
 
+@pytest.mark.slow
 def test_target_gives_an_accuracy(runs, tmp_path):
     out = evaluate_main(runs["coop/seed1"], "--target", "synthetic", "--target-root", runs["root"], "--out", tmp_path)
     (row,) = out["runs"]
@@ -191,6 +196,7 @@ def test_bad_folders_fail_with_one_line(runs, tmp_path, capsys, case):
 # ---------------------------------------------------------------------------------------------
 # Zero-shot CLIP with CoOp's per-dataset templates
 
+@pytest.mark.slow
 def test_zero_shot_uses_each_datasets_coop_template(runs, tmp_path, monkeypatch, capsys):
     """A run on 'dtd' (an ImageFolder tree under the DTD name) gets DTD's "{} texture.", one on other
     data "a photo of a {}."; the row's accuracy is that of zero-shot CLIP with its template, computed

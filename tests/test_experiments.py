@@ -46,6 +46,7 @@ def tab2(tmp_path_factory):
     return dict(base=base, root=root)
 
 
+@pytest.mark.slow
 def test_transfer_prints_tab2_and_keeps_every_target(tab2, capsys, monkeypatch):
     real, calls = scoring.encode_images, []
     monkeypatch.setattr(scoring, "encode_images", lambda *a: calls.append(1) or real(*a))
@@ -104,6 +105,7 @@ def ckpt(base, run):
     return torch.load(os.path.join(base, run, "checkpoint.pt"), weights_only=True)
 
 
+@pytest.mark.slow
 def test_tab3_rows_are_what_their_flags_say(tab3):
     backbone, row1 = ckpt(tab3, "coop"), ckpt(tab3, "row1")
     assert row1["args"]["continue_from"] == str(tab3 / "coop") and row1["epoch"] == 1
@@ -137,6 +139,7 @@ def test_evaluate_lays_out_tab3(tab3, capsys):
     assert os.path.isfile(tab3 / "ev" / "ablation.json")
 
 
+@pytest.mark.slow
 def test_continue_from_refuses_another_learner(tab3, capsys, tmp_path):
     with contextlib.chdir(tab3):
         with pytest.raises(SystemExit):
@@ -146,6 +149,7 @@ def test_continue_from_refuses_another_learner(tab3, capsys, tmp_path):
     assert len(err) == 1 and "--continue-from" in err[0] and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_transfer_reads_each_runs_source_from_its_own_root(tab2, tmp_path, monkeypatch):
     """Two runs of a dataset named 'synthetic' from different --root folders (10 and 4 classes): each
     run's source column uses its own root's test split, not the one read first."""

@@ -57,6 +57,7 @@ def files_in(folder):
     return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs) if os.path.isdir(folder) else []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["zeroshot", "coop", "maple", "promptsrc", "promptkd"])
 def test_cached_results_equal_uncached_bitwise(name, items, cache, monkeypatch):
     learner = learner_of(name)
@@ -93,6 +94,7 @@ def test_a_changed_image_misses(items, cache, tmp_path, monkeypatch):
     assert not torch.equal(after[0][3], before[0][3]) and torch.equal(after[0][:3], before[0][:3])
 
 
+@pytest.mark.slow
 def test_another_clip_or_a_changed_clip_misses(items, cache, monkeypatch):
     a, b = learner_of("coop", seed=0), learner_of("coop", seed=7)
     with torch.no_grad():
@@ -106,6 +108,7 @@ def test_another_clip_or_a_changed_clip_misses(items, cache, monkeypatch):
     assert torch.equal(changed[0], scoring.encode_images(a, items, "cpu", 0, 100)[0])
 
 
+@pytest.mark.slow
 def test_another_transform_misses(items, cache, monkeypatch):
     learner = learner_of("coop")
     with torch.no_grad():
@@ -119,6 +122,7 @@ def test_another_transform_misses(items, cache, monkeypatch):
     assert counter.calls == 1
 
 
+@pytest.mark.slow
 def test_other_visual_prompts_miss_and_equal_ones_hit(items, cache, monkeypatch):
     learner = learner_of("promptsrc")
     counter = Counter(monkeypatch)
@@ -143,6 +147,7 @@ DAMAGES = {   # what a damaged or planted cache file may hold instead of [(B, E)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_a_damaged_cache_file_is_a_miss(items, cache, monkeypatch, damage):
     learner = learner_of("coop")
@@ -159,6 +164,7 @@ def test_a_damaged_cache_file_is_a_miss(items, cache, monkeypatch, damage):
     assert counter.calls == 1 and len(again) == len(good) and all(torch.equal(a, b) for a, b in zip(good, again))
 
 
+@pytest.mark.slow
 def test_off_never_writes(items, cache):
     learner = learner_of("coop")
     with torch.no_grad():
@@ -178,6 +184,7 @@ def run_coop_and_dpc(base, cache):
                                               "--output-dir", "dpc", "--feature-cache", cache]))
 
 
+@pytest.mark.slow
 def test_a_dpc_run_reuses_its_coop_backbones_test_features(tmp_path, cache, monkeypatch):
     monkeypatch.chdir(tmp_path)
     real = scoring.encode_images
@@ -196,6 +203,7 @@ def test_a_dpc_run_reuses_its_coop_backbones_test_features(tmp_path, cache, monk
     assert len(calls) == 6 and without == with_cache
 
 
+@pytest.mark.slow
 def test_sweeps_encode_once_per_distinct_visual_prompt(tmp_path, cache, monkeypatch):
     """CoOp: one image pass for the whole ω_n sweep (none, even: the training run left them cached);
     PromptSRC: one per distinct P̃_n, where ω_n = 0 twice gives P twice."""
@@ -226,6 +234,7 @@ def test_sweeps_encode_once_per_distinct_visual_prompt(tmp_path, cache, monkeypa
     assert len(on["runs"]) == 8 and on["runs"] == off["runs"]
 
 
+@pytest.mark.slow
 def test_a_cache_that_cannot_be_written_costs_time_not_the_run(items, cache, monkeypatch, capsys):
     """torch.save reports a read-only or full file system as a RuntimeError from its zip writer: the
     features are still returned (and equal), with one warning, and no file is left behind."""

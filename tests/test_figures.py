@@ -60,6 +60,7 @@ def by_method(items: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Tab. 1 mode: Fig. 1 and the Base/New/H figure
 
+@pytest.mark.slow
 def test_tab1_figures_hold_evaluates_numbers(runs, tmp_path, capsys):
     out = evaluate_main(runs["runs"], "--figures", "--out", tmp_path)
     assert written_figures(capsys.readouterr().out) == sorted(str(tmp_path / name) for name in TAB1_FILES)
@@ -98,6 +99,7 @@ def fabricated(table) -> tuple[list[dict], list[dict]]:
     return cells, averages
 
 
+@pytest.mark.slow
 def test_the_papers_numbers_stand_beside_ours_on_its_datasets(tmp_path):
     """Fabricated numbers on EuroSAT and DTD (no training): Fig. 1's hatched bars are the paper's Tab. 1
     mean over those two datasets; the Tab. 1 figure has an average panel and one per dataset in Tab. 1's
@@ -143,6 +145,7 @@ def dept_runs(runs, tmp_path_factory):
     return str(base / "runs")
 
 
+@pytest.mark.slow
 def test_fig5_holds_aggregates_h_of_each_kind_and_fig1_gains_depts_bars(runs, dept_runs, tmp_path, capsys):
     out = evaluate_main(runs["runs"], dept_runs, "--figures", "--out", tmp_path)
     stdout = capsys.readouterr().out
@@ -173,6 +176,7 @@ def test_fig5_holds_aggregates_h_of_each_kind_and_fig1_gains_depts_bars(runs, de
     assert [b["kind"] for b in panel["bars"]] == list(scoring.KINDS)
 
 
+@pytest.mark.slow
 def test_fig5_marks_a_missing_run_and_an_average_over_fewer_datasets(tmp_path):
     """Fabricated numbers (no training): CoOp has no + DPC run, MaPLe's + DePT ran on EuroSAT only,
     PromptKD has no + DePT run (DePT is not defined for it): "–" in the table and no bar, a note each."""
@@ -205,6 +209,7 @@ def test_fig5_marks_a_missing_run_and_an_average_over_fewer_datasets(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Sweep mode: Fig. 6
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parameter, extra, axis", [
     ("omega_b", ["--values", "0.1,0.5,1", "--base-inference", "mixed"], dict(scale="linear")),
     ("omega_n", ["--values", "0,1e-6,0.1,1"], dict(scale="symlog", linthresh=1e-6, linscale=0.5)),
@@ -249,6 +254,7 @@ def test_omega_axis_puts_zero_on_a_linear_stretch_only_when_drawn():
 # ---------------------------------------------------------------------------------------------
 # Without --figures nothing is drawn; the stages never import matplotlib
 
+@pytest.mark.slow
 def test_without_figures_nothing_is_drawn(runs, tmp_path, capsys):
     evaluate_main(runs["runs"], "--out", tmp_path / "tab1")
     evaluate_main(runs["runs"], "--sweep", "omega_n", "--values", "0", "--out", tmp_path / "sweep")
@@ -267,6 +273,7 @@ def test_figures_are_refused_where_none_is_drawn(runs, tmp_path, capsys, mode):
     assert not os.path.exists(tmp_path / "ev")
 
 
+@pytest.mark.slow
 def test_the_stages_never_import_matplotlib():
     """Training needs no matplotlib: importing the stages and the modules below them loads none of it; the
     first figure does (which shows the check can see it)."""

@@ -70,6 +70,7 @@ def test_the_simulated_device_mismatch_fails_like_cuda():
     assert type(moved) is torch.Tensor and torch.equal(moved + 1, torch.full((3,), 2.0))
 
 
+@pytest.mark.slow
 def test_a_resumed_promptsrc_run_adds_its_gpa_sum_on_the_run_device(tmp_path, monkeypatch):
     """--resume of PromptSRC (and so of every PromptKD teacher chain): the GPA sum read from the checkpoint
     is moved to --device before the next epoch adds to it; the resumed run ends as the straight one."""
@@ -144,6 +145,7 @@ def test_bf16_is_chosen_by_compute_capability_not_by_emulation(capability, dtype
     assert precision.compute_dtype("cpu") == torch.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["backbone", "dpc"])
 def test_a_resumed_fp16_run_keeps_its_loss_scale(stage, tmp_path, monkeypatch):
     """fp16 autocast with loss scaling (as on a V100/T4), interrupted and resumed: the scaler's state is in the
@@ -192,6 +194,7 @@ def make_learner(name):
     return prompts.build_learner(name, clip, teacher).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(prompts.LEARNERS) + ["dept"])
 def test_logits_and_training_logits_are_fp32_under_bf16_autocast(name):
     learner = make_learner("coop" if name == "dept" else name)
@@ -283,6 +286,7 @@ def test_device_cuda_n_becomes_the_current_gpu(monkeypatch):
 SYNCS = ("item", "__bool__", "__int__", "__float__", "tolist", "__index__")
 
 
+@pytest.mark.slow
 def test_stage_1_waits_for_the_device_per_epoch_not_per_step(tmp_path, monkeypatch):
     """Reading a tensor's value (item, bool, int, tolist, ...) makes the CPU wait for the GPU. Stage 1's steps
     read none: the NaN check and the EOT length come without one. Counted over a 1-epoch run with 8 and with
@@ -312,6 +316,7 @@ def test_stage_1_waits_for_the_device_per_epoch_not_per_step(tmp_path, monkeypat
     assert steps_16 == steps_8, (steps_16, steps_8)
 
 
+@pytest.mark.slow
 def test_gpu_runs_load_batches_into_pinned_memory(tmp_path, monkeypatch):
     """A GPU run's loaders pin their batches (a non_blocking copy from pageable memory waits); a CPU run's do not."""
     pins = []

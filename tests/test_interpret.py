@@ -52,6 +52,7 @@ def world(tmp_path_factory):
     return cwd, initial
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LEARNERS)
 def test_the_prompt_before_tuning_is_rebuilt_bit_for_bit(world, name):
     cwd, initial = world
@@ -91,6 +92,7 @@ def test_nearest_words_find_the_token_a_context_vector_is():
     assert all(len(w) == 3 and w[0][1] <= w[1][1] <= w[2][1] for w in words)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LEARNERS)
 def test_interpret_draws_fig7_from_the_runs_own_prompts(world, tmp_path, capsys, name):
     cwd, initial = world

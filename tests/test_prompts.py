@@ -66,6 +66,7 @@ def grads_of(learner):
 # Interface: shapes, loss, gradients, checkpoints
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_shape_and_finite_loss(name, clip, teacher, images, labels):
     learner = build(name, clip, teacher)
@@ -80,6 +81,7 @@ def test_logits_shape_and_finite_loss(name, clip, teacher, images, labels):
     assert out["logits"].shape == (B, len(CLASSES))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_one_backward_reaches_exactly_the_trainable_tensors(name, clip, teacher, images, labels):
     learner = build(name, clip, teacher).train()
@@ -97,6 +99,7 @@ def test_one_backward_reaches_exactly_the_trainable_tensors(name, clip, teacher,
         assert not any(p.requires_grad or p.grad is not None for p in learner.teacher.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_learner_state_round_trips_through_torch_save(name, clip, teacher, images, labels, tmp_path):
     learner = build(name, clip, teacher, seed=0).train()
@@ -118,6 +121,7 @@ def test_learner_state_round_trips_through_torch_save(name, clip, teacher, image
         assert torch.equal(fresh.projector[1].running_mean, learner.projector[1].running_mean)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_loading_another_learners_state_fails(name, clip, teacher):
     learner = build(name, clip, teacher)
@@ -280,6 +284,7 @@ def perturbed(learner, tensor, run):
             tensor.copy_(saved)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,deep_lists", [("maple", ("compound_prompts_text",)),
                                              ("promptsrc", ("text_deep", "visual_deep"))])
 def test_every_deep_prompt_changes_the_output(name, deep_lists, clip, images):
@@ -349,6 +354,7 @@ def test_promptsrc_templates():
     assert all(s.count("{}") == 1 for s in t)
 
 
+@pytest.mark.slow
 def test_promptsrc_loss_terms_by_hand(clip, images, labels):
     src = build("promptsrc", clip, None).train()
     out = src.training_loss(images, labels, CLASSES)
@@ -395,6 +401,7 @@ def test_gpa_weights():
         prompts.gpa_weights(20, 15, 0)
 
 
+@pytest.mark.slow
 def test_promptsrc_text_target_stays_fp32_under_autocast(clip):
     """The cached target is built once; under bf16 autocast it must still be frozen CLIP's fp32 one."""
     want = prompts.PromptSRC(clip).fixed_text_features(CLASSES)
@@ -403,6 +410,7 @@ def test_promptsrc_text_target_stays_fp32_under_autocast(clip):
     assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_training_loss_under_bf16_autocast(name, clip, teacher, images, labels):
     """The GPU path (precision.autocast) on CPU: finite fp32 loss, fp32 gradients on fp32 prompts."""
@@ -427,6 +435,7 @@ def wide_teacher():
     return prompts.PromptSRC(clip)
 
 
+@pytest.mark.slow
 def test_promptkd_projects_into_the_teachers_width(clip, wide_teacher, images):
     kd = build("promptkd", clip, wide_teacher).eval()
     assert kd.projector[0].in_features == 64 and kd.projector[-1].out_features == 48
@@ -472,6 +481,7 @@ def test_promptkd_dpc_prompt_includes_the_teachers_text_prompts(clip, teacher):
 # substitute(): DPC's way of running a learner with other prompt values
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_substitute_uses_the_values_passes_gradients_and_restores(name, clip, teacher, images, labels):
     learner = build(name, clip, teacher).eval()

@@ -88,6 +88,7 @@ def problems(rows) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_every_mapped_function_exists_and_carries_its_equation():
     rows = map_rows()
     assert len(rows) >= 20 and all(refs for paper, refs in rows if paper.startswith("Eq."))

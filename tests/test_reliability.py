@@ -187,6 +187,7 @@ def prepare(world, tmp_path):
             "<dpc>": world["dpc"], **odd}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what, run, flags, fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_line_and_writes_nothing(world, tmp_path, capsys, what, run, flags, fragment):
     paths = prepare(world, tmp_path)
@@ -209,6 +210,7 @@ def test_a_dpc_run_as_backbone_is_not_sent_to_resume(world, tmp_path, capsys):
     assert "--resume" not in err and world["coop"] in err
 
 
+@pytest.mark.slow
 def test_large_and_odd_images_are_converted(tmp_path):
     """Grayscale/RGBA/palette/CMYK/16-bit are covered in test_data.py; here a 50-megapixel image."""
     path = tmp_path / "big.png"
@@ -217,6 +219,7 @@ def test_large_and_odd_images_are_converted(tmp_path):
     assert x.shape == (3, 32, 32)
 
 
+@pytest.mark.slow
 def test_shots_above_class_size_warns_once(world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     tb.main(tb.get_args(common(world["root"]) + ["--learner", "coop", "--shots", "30"]))
@@ -224,6 +227,7 @@ def test_shots_above_class_size_warns_once(world, tmp_path, monkeypatch, capsys)
     assert out.count("warning: --shots 30, but 10 classes have fewer train images (fewest: 20") == 1
 
 
+@pytest.mark.slow
 def test_topk_above_base_classes_is_clamped_with_one_warning(world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     train_dpc.main(train_dpc.get_args(["--backbone", world["coop"], "--topk", "9", "--epochs", "1",
@@ -261,6 +265,7 @@ def test_failed_write_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch
     assert sorted(os.listdir(run_dir)) == sorted(os.listdir(world["coop"]))   # no temp file left
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     real = prompts.CoOp.training_loss
@@ -278,6 +283,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(world, tmp_p
     assert ckpt["epoch"] == 1 and not ckpt["finished"] and "epoch 1" in err
 
 
+@pytest.mark.slow
 def test_nan_loss_in_the_first_epoch_promises_no_checkpoint(world, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prompts.CoOp, "training_loss", lambda self, images, labels, classnames:
                         dict(loss=torch.tensor(float("inf"), requires_grad=True)))
@@ -287,6 +293,7 @@ def test_nan_loss_in_the_first_epoch_promises_no_checkpoint(world, tmp_path, mon
     assert not (tmp_path / "inf" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["backbone", "dpc"])
 def test_a_run_that_diverges_on_its_last_step_is_never_saved_as_finished(world, tmp_path, monkeypatch, capsys, stage):
     """Every loss finite, the very last SGD step makes the prompt NaN (as --lr 1e30 can): the epoch is not
@@ -331,13 +338,25 @@ def script(name, *argv):
     return [sys.executable, os.path.join(REPO, name), *argv]
 
 
+def interrupted_flags(world):
+    return common(world["root"]) + ["--learner", "coop", "--epochs", "3", "--print-every", "1", "--shots", "8"]
+
+
+@pytest.fixture(scope="module")
+def straight(world, tmp_path_factory):
+    """The uninterrupted run the interrupted ones are compared with: the same command, run once."""
+    cwd = tmp_path_factory.mktemp("straight")
+    subprocess.run(script("train_backbone.py", *interrupted_flags(world), "--output-dir", "straight"), cwd=cwd,
+                   env=dict(os.environ, PYTHONPATH=REPO), check=True, capture_output=True)
+    return cwd / "straight"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
-def test_interrupted_run_resumes_to_identical_results(world, tmp_path, how):
+def test_interrupted_run_resumes_to_identical_results(world, straight, tmp_path, how):
     """Kill a real run in the middle of epoch 2 (Ctrl-C, SIGTERM or kill -9), resume it, compare bit for bit."""
-    flags = common(world["root"]) + ["--learner", "coop", "--epochs", "3", "--print-every", "1", "--shots", "8"]
+    flags = interrupted_flags(world)
     env = dict(os.environ, PYTHONPATH=REPO)
-    subprocess.run(script("train_backbone.py", *flags, "--output-dir", "straight"), cwd=tmp_path, env=env,
-                   check=True, capture_output=True)
     proc = subprocess.Popen(script("train_backbone.py", *flags, "--output-dir", "cut"), cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # the progress lines: stop it after the first iteration of epoch 2
@@ -354,10 +373,10 @@ def test_interrupted_run_resumes_to_identical_results(world, tmp_path, how):
     assert ckpt["epoch"] == 1 and not ckpt["finished"]
     subprocess.run(script("train_backbone.py", *flags, "--output-dir", "cut", "--resume"), cwd=tmp_path, env=env,
                    check=True, capture_output=True)
-    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    assert all(torch.equal(straight["state"][k], resumed["state"][k]) for k in straight["state"])
-    assert json.loads((tmp_path / "straight" / "results.json").read_text()) == \
+    uncut = torch.load(straight / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(uncut["state"][k], resumed["state"][k]) for k in uncut["state"])
+    assert json.loads((straight / "results.json").read_text()) == \
         json.loads((tmp_path / "cut" / "results.json").read_text())
 
 
@@ -371,6 +390,7 @@ def crashing_loader(real, epoch: int):
     return make_loader
 
 
+@pytest.mark.slow
 def test_interrupted_dpc_run_resumes_to_identical_results(world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     flags = ["--backbone", world["coop"], "--epochs", "2", "--workers", "0", "--shots", "4"]

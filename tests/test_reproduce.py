@@ -82,6 +82,7 @@ def toy(tmp_path_factory):
                 second=second, seconds=time.time() - t0)
 
 
+@pytest.mark.slow
 def test_interrupted_then_rerun_runs_only_what_is_missing(toy):
     runs = toy["tmp"] / "runs"
     assert toy["first_rc"] == 130 and toy["first_err"].strip().splitlines()[-1].startswith("interrupted (SIGINT):")
@@ -251,6 +252,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, flags, message):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_status_lines_of_concurrent_chains_never_run_together():
     """Chains on several GPUs report from threads; print() writes a line and its newline apart, which
     glued lines together on a pipe (seen: a lost "resume:" line). say() writes each line whole."""

@@ -62,6 +62,7 @@ def test_toy_generator_is_deterministic(tmp_path):
     assert np.array_equal(image, a[os.path.join("test", sorted(os.listdir(os.path.join(one, "test")))[5], "000.png")])
 
 
+@pytest.mark.slow
 def test_held_out_pairs_never_reach_pretraining(tmp_path):
     new, base, seen = toy_world.toy_new_combos(), toy_world.toy_base_combos(), toy_world.toy_pretraining_combos()
     held_out = toy_world.toy_held_out_combos()
@@ -97,6 +98,7 @@ def test_toy_clip_checkpoint():
     assert abs(clip.logit_scale.exp().item() - 100) < 0.1
 
 
+@pytest.mark.slow
 def test_toy_clip_pretraining_repeats_bit_for_bit(tmp_path):
     """docs/toy_world.md: short runs of tools/pretrain_toy_clip.py repeat bit for bit on one machine and thread
     count; another seed gives other weights (so the comparison can fail)."""
@@ -151,6 +153,7 @@ def row(table, kind):
     return cell
 
 
+@pytest.mark.slow
 def test_dpc_claims_on_the_toy_world(toy_runs, capsys):
     zero_shot, backbone, dpc = (row(toy_runs["table"], k) for k in ("zeroshot", "backbone", "dpc"))
     longer = toy_runs["longer"]

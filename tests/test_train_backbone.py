@@ -68,6 +68,7 @@ def test_lr_schedule_is_dassls_constant_warmup_then_offset_cosine():
 # Smoke runs: results, run folder, checkpoint, reloading
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learner", LEARNERS)
 def test_smoke_run_results_and_run_folder(learner, runs):
     run = runs[learner]
@@ -107,6 +108,7 @@ def test_checkpoint_is_small_and_holds_no_frozen_weights(learner, runs):
     assert os.path.getsize(path) < 4_000_000   # the tiny CLIP alone is ~40 MB
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learner", LEARNERS)
 def test_load_backbone_serves_the_new_classes(learner, runs, data_root, monkeypatch):
     monkeypatch.chdir(runs["cwd"])   # a PromptKD run names its teacher by the path it was given
@@ -146,6 +148,7 @@ def test_finished_run_is_not_overwritten(runs, data_root, monkeypatch):
     assert after == before
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_does_not_train_again(data_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(get_args(argv("coop", data_root, "--output-dir", "done")))
@@ -191,6 +194,7 @@ def read(run_dir):
         return ckpt, json.load(f)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learner,where", [
     ("coop", "epoch 2"),
     ("promptsrc", "epoch 2"),   # carries the Gaussian prompt aggregation sum across the restart
@@ -255,6 +259,7 @@ BAD_RUNS = {  # case -> (flags added to a valid coop run, what its error line mu
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_RUNS))
 def test_bad_runs_end_in_one_error_line(case, runs, data_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -275,6 +280,7 @@ def test_bad_runs_end_in_one_error_line(case, runs, data_root, tmp_path, monkeyp
     assert needle in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_select_best_on_base_test_keeps_the_best_epoch(data_root, tmp_path, monkeypatch):
     """PromptKD's original model selection (docs/differences.md #4): the reported model is the best epoch's."""
     monkeypatch.chdir(tmp_path)

@@ -11,6 +11,7 @@ import clip_model
 import dassl_import
 import precision
 import prompts
+import toy_world
 import train_backbone as tb
 import train_dpc
 from train_dpc import base_class_prompt, new_class_prompt
@@ -30,6 +31,7 @@ def logits(learner, images, prompt):
         return learner(images, CLASSES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(prompts.LEARNERS))
 def test_weighting_decoupling_on_learner_logits(name):
     learner = make_learner(name)
@@ -70,6 +72,7 @@ def runs(tmp_path_factory):
                    results=results)
 
 
+@pytest.mark.slow
 def test_dpc_run_folder_and_results(runs):
     dpc = runs["dpc"]
     for f in ("args.json", "log.txt", "checkpoint.pt", "results.json"):
@@ -135,6 +138,7 @@ def test_dassl_checkpoint_renames():
     assert set(dassl_import.dassl_state("coop", {"ctx": torch.zeros(4, 8), "token_prefix": torch.zeros(1)})) == {"ctx"}
 
 
+@pytest.mark.slow
 def test_dassl_coop_folder_is_accepted(tmp_path, runs):
     learner = make_learner("coop")
     folder = tmp_path / "dassl" / "prompt_learner"
@@ -148,6 +152,7 @@ def test_dassl_coop_folder_is_accepted(tmp_path, runs):
     assert 0 <= res["base"] <= 100 and 0 <= res["new"] <= 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["maple", "promptsrc", "promptkd"])
 def test_end_to_end_other_learners(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -168,6 +173,7 @@ def test_end_to_end_other_learners(name, tmp_path, monkeypatch):
         assert "negatives from 100 (full)" in open(os.path.join("output", "synthetic", "maple_dpc", "seed1", "log.txt")).read()
 
 
+@pytest.mark.slow
 def test_cross_dataset_source_trains_on_all_classes(tmp_path, monkeypatch):
     """Tab. 2: a source run on all classes, its DPC run, and both tested on another class list."""
     monkeypatch.chdir(tmp_path)
@@ -184,6 +190,7 @@ def test_cross_dataset_source_trains_on_all_classes(tmp_path, monkeypatch):
     assert out and os.path.isfile(os.path.join("ev", "transfer.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(prompts.LEARNERS))
 def test_image_side_tells_the_truth(name):
     """DPC reuses, and evaluation caches, image features by what `image_side` says f(V) reads: moving
@@ -209,6 +216,7 @@ OMEGAS = [1e-6, 1e-4, 1e-3, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0] + \
     [float(w) for w in torch.rand(52, generator=torch.Generator().manual_seed(5))]   # 64 values in (0, 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(prompts.LEARNERS))
 def test_an_untrained_dpc_model_is_the_backbone_bitwise_at_every_omega_b(name):
     learner = make_learner(name)
@@ -252,6 +260,13 @@ def test_an_inference_omega_b_never_changes_the_trained_parallel_prompt(name):
         assert all(torch.equal(base_mixed[k], expected[k]) for k in tuned), omega_b
 
 
+def small_synthetic(root):
+    """The synthetic set with 4 train and 2 test images a class (not 20 and 10): enough for 2 shots, and a
+    run's evaluation, which these tests do not look at, costs a fifth. Its classes are the default's."""
+    if not os.path.isdir(os.path.join(root, "synthetic")):
+        toy_world.make_synthetic_imagefolder(str(root), "synthetic", n_train=4, n_val=0, n_test=2)
+
+
 def train_backbone_b(name, tmp_path, shots):
     """A 1-epoch backbone of `name` in ./b on synthetic data (PromptKD: with a 1-epoch promptsrc teacher)."""
     common = ["--data", "synthetic", "--root", str(tmp_path / "data"), "--clip", "tiny", "--workers", "0",
@@ -263,6 +278,7 @@ def train_backbone_b(name, tmp_path, shots):
     tb.main(tb.get_args(["--learner", name, "--epochs", "1", "--batch-size", "8", "--output-dir", "b"] + common))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(prompts.LEARNERS))
 def test_train_dpc_starts_from_the_backbone_bitwise(name, tmp_path, monkeypatch):
     """train_dpc.main itself, every learner: with the optimiser's step switched off, P' stays P bit for
@@ -291,6 +307,7 @@ class CountingScaler(torch.amp.GradScaler):
         return super().scale(outputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(prompts.LEARNERS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_both_stages_train_under_autocast(name, dtype, tmp_path, monkeypatch):
@@ -301,6 +318,7 @@ def test_both_stages_train_under_autocast(name, dtype, tmp_path, monkeypatch):
     CountingScaler.calls = 0
     if dtype == torch.float16:
         monkeypatch.setattr(precision, "grad_scaler", lambda device: CountingScaler("cpu", init_scale=2.0 ** 8))
+    small_synthetic(tmp_path / "data")
     train_backbone_b(name, tmp_path, shots=2)
     stage1_calls = CountingScaler.calls
     res = train_dpc.main(train_dpc.get_args(["--backbone", "b", "--epochs", "1", "--workers", "0", "--shots", "2",
@@ -318,6 +336,7 @@ def test_both_stages_train_under_autocast(name, dtype, tmp_path, monkeypatch):
 def backbones(tmp_path_factory):
     """A 1-epoch backbone of every learner on synthetic data (PromptKD with a 1-epoch PromptSRC teacher)."""
     base = tmp_path_factory.mktemp("step")
+    small_synthetic(base / "data")
     with contextlib.chdir(base):
         for name in prompts.LEARNERS:
             os.makedirs(name)
@@ -385,6 +404,7 @@ def expected_trajectory(steps, final, divided, omega_b, base_lr, epochs, scale_p
 RELEASED_DIVIDED = {"coop": None, "maple": None, "promptsrc": None, "promptkd": {"teacher.ctx"}}  # None: every tensor
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(prompts.LEARNERS))
 @pytest.mark.parametrize("omega_b", [0.1, 0.2, 0.5, 1.0])
 def test_each_step_moves_the_parallel_prompt_as_the_released_code(name, omega_b, backbones, tmp_path, monkeypatch):
@@ -415,6 +435,7 @@ def test_each_step_moves_the_parallel_prompt_as_the_released_code(name, omega_b,
             assert any(not torch.allclose(a[n], e[n], rtol=1e-3, atol=1e-6) for e, a in other for n in divided)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["coop", "promptkd"])
 def test_the_paper_step_moves_the_parallel_prompt_at_lr(name, backbones, tmp_path, monkeypatch):
     """--parallel-step paper: P' imported to the optimizer, a plain SGD step at lr on every tensor."""

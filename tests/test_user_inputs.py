@@ -65,6 +65,7 @@ def deflate_bomb(path, names=("archive/data.pkl", "archive/constants.pkl"), infl
     return path
 
 
+@pytest.mark.slow
 def test_a_compressed_clip_archive_is_refused_before_it_is_inflated(tmp_path, capsys):
     bomb = deflate_bomb(tmp_path / "ViT-B-16.pt")
     assert os.path.getsize(bomb) < 2 << 20
@@ -74,6 +75,7 @@ def test_a_compressed_clip_archive_is_refused_before_it_is_inflated(tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_refusing_the_bomb_keeps_memory_near_the_file_size(tmp_path):
     """Peak memory (RSS) of the reader while it refuses a 1 GB-inflating file of ~1 MB: a few MB."""
     bomb = deflate_bomb(tmp_path / "bomb.pt", inflated=1 << 30)
@@ -87,6 +89,7 @@ def test_refusing_the_bomb_keeps_memory_near_the_file_size(tmp_path):
     assert int(lines[-1]) < 32, f"peak RSS grew by {lines[-1]} MB while refusing"   # MB
 
 
+@pytest.mark.slow
 def test_every_zip_the_project_opens_is_checked_first(run, tmp_path):
     """A checkpoint (or Dassl file) re-zipped with compression is refused; a compressed feature-cache file is a
     miss, never read."""
@@ -120,6 +123,7 @@ def piped(cmd, cwd):
     return int(rc.stdout.strip().splitlines()[-1]), (cwd / "err.txt").read_text()
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_costs_the_view_not_the_record(run, tmp_path):
     rc, err = piped([sys.executable, os.path.join(REPO, "evaluate.py"), str(run / "runs"), "--workers", "0",
                      "--out", str(tmp_path / "ev")], tmp_path)
@@ -174,6 +178,7 @@ def test_seeds_trained_with_other_settings_are_never_averaged(run, capsys, tmp_p
         shutil.rmtree(extra)
 
 
+@pytest.mark.slow
 def test_the_clip_is_compared_by_content(run, capsys, tmp_path):
     recorded = torch.load(run / "runs" / "coop" / "seed1" / "checkpoint.pt", weights_only=True)["args"]["clip_digest"]
     assert recorded == scoring.clip_digest(backbones.load_clip("tiny", "cpu"))
@@ -237,6 +242,7 @@ def test_temp_names_carry_host_pid_and_a_random_part(tmp_path):
     assert a != b and f".{host}.{os.getpid()}." in a and run_folder.TEMP_NAME.fullmatch(os.path.basename(a))
 
 
+@pytest.mark.slow
 def test_stale_cache_temporaries_are_cleaned_when_the_cache_is_written(run, tmp_path):
     import data
     learner = backbones.load_backbone(str(run / "runs" / "coop" / "seed1"), "cpu")[0]
