@@ -289,3 +289,26 @@ def test_select_best_on_base_test_keeps_the_best_epoch(data_root, tmp_path, monk
     per_epoch = [float(line.split("accuracy ")[1].split(" ")[0]) for line in log.splitlines()
                  if "base test accuracy" in line]
     assert len(per_epoch) == 3 and res["base"] == max(per_epoch)
+
+
+@pytest.mark.slow
+def test_the_finished_promptsrc_run_holds_the_gpa_of_its_epochs(data_root, tmp_path, monkeypatch):
+    """PromptSRC's Gaussian prompt aggregation: the finished checkpoint (the P of DPC) holds Σ_e w_e · prompt_e over
+    the end-of-epoch prompts each epoch's checkpoint saved, with gpa_weights' w_e, not the last epoch's prompts."""
+    monkeypatch.chdir(tmp_path)
+    saved, real_save = [], run_folder.save_atomic
+
+    def save_and_keep(obj, path):   # every checkpoint as written: the epochs' ones are overwritten in the folder
+        real_save(obj, path)
+        saved.append(torch.load(path, weights_only=True))
+    monkeypatch.setattr(run_folder, "save_atomic", save_and_keep)
+    main(get_args(argv("promptsrc", data_root, "--epochs", "3", "--gpa-mean", "2", "--gpa-std", "1", "--lr", "0.5")))
+    *epochs, finished = saved
+    assert [c["epoch"] for c in epochs] == [1, 2, 3] and finished["finished"] and not epochs[-1]["finished"]
+    w = prompts.gpa_weights(3, 2, 1)
+    assert min(w) > 0.2   # every epoch counts
+    for name, total in finished["gpa_sum"].items():
+        gpa = sum(w[e] * epochs[e]["state"][name].float() for e in range(3))
+        assert torch.allclose(total, gpa, rtol=1e-6, atol=1e-7), name
+        assert torch.allclose(finished["state"][name].float(), gpa, rtol=1e-6, atol=1e-7), name
+        assert not torch.allclose(finished["state"][name].float(), epochs[-1]["state"][name].float()), name
