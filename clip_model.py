@@ -30,6 +30,7 @@ Usage:
 """
 import argparse
 import collections
+import copy
 import gzip
 import hashlib
 import html
@@ -546,12 +547,23 @@ ARCHS = {  # constructor arguments of the official ViTs and of a tiny one for te
 }
 
 
+_TINY = {}   # seed -> (the 'tiny' CLIP, torch's RNG state after its initialisation), built once per process
+
+
 def random_clip(arch: str = "tiny", seed: int = 0) -> CLIP:
-    """A randomly initialised CLIP (frozen, eval) of a named architecture, for tests and benchmarks."""
+    """A randomly initialised CLIP (frozen, eval) of a named architecture, for tests and benchmarks.
+    'tiny' is initialised once per process and seed, then deep-copied (a test suite builds hundreds: a copy
+    takes a third of the initialisation); the global RNG is left as the initialisation leaves it."""
     if arch not in ARCHS:
         raise CLIPLoadError(f"unknown architecture '{arch}': choose one of {list(ARCHS)}")
     torch.manual_seed(seed)
-    return CLIP(**ARCHS[arch]).requires_grad_(False).eval()
+    if arch != "tiny":
+        return CLIP(**ARCHS[arch]).requires_grad_(False).eval()
+    if seed not in _TINY:
+        _TINY[seed] = (CLIP(**ARCHS[arch]).requires_grad_(False).eval(), torch.get_rng_state())
+    clip, rng_after = _TINY[seed]
+    torch.set_rng_state(rng_after)
+    return copy.deepcopy(clip)
 
 
 # ------------------------------------------------------------------------------------------------

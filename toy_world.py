@@ -31,7 +31,7 @@ _COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 220),
 
 
 def make_synthetic_imagefolder(root: str, name: str = "synthetic", n_classes: int = 10, n_train: int = 20,
-                               n_val: int = 4, n_test: int = 10, size: int = 32, seed: int = 0) -> str:
+                               n_val: int = 4, n_test: int = 4, size: int = 32, seed: int = 0) -> str:
     """Write a small deterministic tree `<root>/<name>/{train,val,test}/class_XX/*.png` + classnames.txt.
 
     Class c is colour c % 20 with c // 20 + 1 stripes ("red stripes", ..., "red stripes 2"), plus

@@ -18,8 +18,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# The two longest fixtures (a minute or more each): their files go to one worker each, first of all.
-FIRST = ("test_reproduce", "test_toy_world")
+# The longest fixture (over a minute): its file goes to one worker, first of all.
+FIRST = ("test_toy_world",)
 # Module fixtures that build in seconds but are read by long tests: not worth serialising those tests.
 UNGROUPED = {("test_cluster", "world"), ("test_reliability", "world")}
 # Module fixtures that train runs (seconds each): the tests that read them are `slow` as a whole.
@@ -46,8 +46,8 @@ def pytest_collection_modifyitems(config, items):
     """pytest.ini runs the suite on two workers with --dist loadgroup: the tests that read one expensive
     module fixture (trained runs, a generated world) go to one worker together, so that it is built once;
     every other test goes to whichever worker is free. The files of FIRST are one group each and lead the
-    queue (--no-loadscope-reorder keeps this order), so that the longest work starts at once, one file
-    per worker. Runs before xdist's own hook (tryfirst), which turns the marks into groups."""
+    queue (--no-loadscope-reorder keeps this order), so that the longest work starts at once. Runs before
+    xdist's own hook (tryfirst), which turns the marks into groups."""
     for item in items:
         module = item.module.__name__
         if module in FIRST:

@@ -131,6 +131,32 @@ def test_random_vit_b16_encodes_on_cpu():
         assert model.encode_text(tokenize(["a photo of a dog."])).shape == (1, 512)
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_each_tiny_clip_is_a_fresh_initialisation_of_its_own(seed, monkeypatch):
+    """random_clip('tiny') deep-copies a model built once per seed: built or copied, it equals a fresh
+    initialisation bit for bit, is a model of its own, and leaves torch's RNG where initialising leaves it."""
+    monkeypatch.setattr(clip_model, "_TINY", {})   # the first call builds, the later ones copy
+    torch.manual_seed(seed)
+    fresh = CLIP(**clip_model.ARCHS["tiny"])
+    after = torch.get_rng_state()
+    models = []
+    for state in (1, 2, 3):
+        torch.manual_seed(100 + state)   # whatever the RNG held before
+        models.append(random_clip("tiny", seed))
+        assert torch.equal(torch.get_rng_state(), after), state
+        assert torch.randn(3).tolist() == torch.randn(3, generator=torch.Generator().set_state(after)).tolist()
+        torch.set_rng_state(after)
+    expected = fresh.state_dict()
+    for model in models:
+        state = model.state_dict()
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], t) for k, t in expected.items())
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        models[1].positional_embedding.add_(1.0)
+    assert torch.equal(models[0].positional_embedding, models[2].positional_embedding)   # no model is shared
+    assert not torch.equal(models[0].positional_embedding, models[1].positional_embedding)
+
+
 # -- prompt hooks ---------------------------------------------------------------------------------
 
 def test_eot_truncated_text_pass_equals_full_pass(tiny):

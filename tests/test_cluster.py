@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import torch
 
 import checkpoints
 import command_line
+import forked
 import run_folder
 import toy_world
 import train_backbone as tb
@@ -45,13 +47,15 @@ def world(tmp_path_factory):
     return dict(root=root, finished=finished)
 
 
-def script(name, *argv):
-    return [sys.executable, os.path.join(REPO, name), *argv]
+def start(cwd, name, *argv, runs_forked=False):
+    """`python name argv...` in a process of its own (a fork of this one: tests/forked.py); runs_forked: the
+    runs a tools/reproduce.py driver starts are forks too."""
+    return forked.start(cwd, name, *argv, env=ENV, new_session=True, runs_forked=runs_forked)
 
 
-def start(cwd, name, *argv):
-    return subprocess.Popen(script(name, *argv), cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+def run_script(cwd, name, *argv, timeout=300, runs_forked=False):
+    """start(...) to its end, as subprocess.run(..., capture_output=True, text=True)."""
+    return forked.run(cwd, name, *argv, env=ENV, timeout=timeout, runs_forked=runs_forked)
 
 
 def wait_for(path, proc, seconds=120):
@@ -106,12 +110,12 @@ def test_a_second_writer_of_any_script_is_refused_and_sigterm_keeps_the_last_epo
         holder = f"pid {a.pid} on {socket.gethostname()} since "
         args_before = (run / "args.json").read_text()
         seconds = []
-        for cmd in (script("train_backbone.py", *SLOW, "--root", world["root"], "--seed", "2", "--output-dir", str(run)),
-                    script("train_dpc.py", "--backbone", world["finished"], "--epochs", "1", "--shots", "2", "--workers",
-                           "0", "--output-dir", str(run)),
-                    script("evaluate.py", world["finished"], "--workers", "0", "--out", str(run))):
+        for cmd in (("train_backbone.py", *SLOW, "--root", world["root"], "--seed", "2", "--output-dir", str(run)),
+                    ("train_dpc.py", "--backbone", world["finished"], "--epochs", "1", "--shots", "2", "--workers",
+                     "0", "--output-dir", str(run)),
+                    ("evaluate.py", world["finished"], "--workers", "0", "--out", str(run))):
             t0 = time.time()
-            b = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+            b = run_script(tmp_path, *cmd, timeout=120)
             seconds.append(time.time() - t0)
             assert f"{run} is being written by another process ({holder}" in one_error(b)
         assert (run / "args.json").read_text() == args_before                    # nothing of B's was written
@@ -140,9 +144,8 @@ def test_kill_9_leaves_no_stale_lock_and_resume_cleans_the_killed_writes(world, 
     for stale in (f"checkpoint.pt.{a.pid}.tmp", f"results.json.{a.pid}.tmp"):   # as a kill in a write leaves them
         (run / stale).write_bytes(b"half a file")
     assert (run / run_folder.LOCK_FILE).exists()                                     # the file stays; the lock did not
-    resumed = subprocess.run(script("train_backbone.py", *flags, "--resume", "--print-every", "5", "--workers", "1",
-                                    "--feature-cache", str(tmp_path / "cache")),
-                             cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    resumed = run_script(tmp_path, "train_backbone.py", *flags, "--resume", "--print-every", "5", "--workers", "1",
+                         "--feature-cache", str(tmp_path / "cache"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after epoch" in resumed.stdout
     assert sorted(os.listdir(run)) == ["args.json", "checkpoint.pt", "log.txt", "results.json"]
@@ -152,7 +155,7 @@ def test_kill_9_leaves_no_stale_lock_and_resume_cleans_the_killed_writes(world, 
 @contextlib.contextmanager
 def no_hang(seconds=60):
     """A run that blocks fails the test instead of hanging the suite (where the block is in Python code:
-    a FIFO opened by torch's C++ reader is not interruptible, so those cases run as subprocesses)."""
+    a FIFO opened by torch's C++ reader is not interruptible, so those cases run in processes of their own)."""
     def timeout(signum, frame):
         raise TimeoutError(f"blocked for {seconds} s")
     previous = signal.signal(signal.SIGALRM, timeout)
@@ -189,11 +192,11 @@ def test_a_fifo_where_a_run_file_is_expected_is_one_error_not_a_hang(world, tmp_
     a = ckpt["args"]
     resume = ["--learner", a["learner"], "--data", a["data"], "--root", a["root"], "--shots", str(a["shots"]), "--clip",
               a["clip"], "--epochs", str(a["epochs"]), "--workers", "0", "--resume", "--output-dir", str(run)]
-    commands = [script("evaluate.py", str(run), "--workers", "0", "--out", str(tmp_path / "ev"))] \
+    commands = [("evaluate.py", str(run), "--workers", "0", "--out", str(tmp_path / "ev"))] \
         if fifo in ("checkpoint.pt", "results.json") else []
-    commands += [script("train_backbone.py", *resume)] if fifo != "results.json" else []
+    commands += [("train_backbone.py", *resume)] if fifo != "results.json" else []
     for cmd in commands:
-        result = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=60)
+        result = run_script(tmp_path, *cmd, timeout=60)
         assert f"{run / fifo} is not a regular file" in one_error(result)
 
 
@@ -310,7 +313,7 @@ def test_a_signal_ends_in_one_line_once_and_handlers_are_restored(capsys, signum
 
 def driver_argv(world, out, epochs=3):
     """One chain (CoOp, seed 1) whose stage 1 runs ~0.7 s an epoch: long enough to be signalled while it
-    trains (3 epochs), or to outlast the start of a second driver (8)."""
+    trains (3 epochs), or to outlast the start of a second driver (4 to 6; a forked driver starts at once)."""
     return ["--datasets", "synthetic", "--root", world["root"], "--learners", "coop", "--seeds", "1", "--clip", "tiny",
             "--out", str(out), "--workers", "0",
             "--backbone-flags", f"--epochs {epochs} --shots 8 --batch-size 1 --feature-cache off --print-every 1000",
@@ -334,7 +337,8 @@ def starts(run_dir) -> int:
 def test_slurm_task_requeued_after_sigterm_continues_and_resubmitted_does_nothing(world, tmp_path):
     """The written array script, run as bash with SLURM_ARRAY_TASK_ID as Slurm would: SIGTERM (preemption,
     time limit) reaches the driver through `exec`, which forwards it to its run and waits for it (no orphan);
-    the requeued task resumes that run and trains the rest; a resubmitted task finds all finished."""
+    the requeued task resumes that run and trains the rest; a resubmitted task finds all finished. Those two run
+    the command the script exec's (its runs forked too: tests/forked.py); the first one runs it all for real."""
     out, job = tmp_path / "runs", tmp_path / "job.sbatch"
     command_line.run_cli(reproduce.main, reproduce.get_args, driver_argv(world, out) + ["--slurm", str(job)])
     bin_dir = tmp_path / "bin"                        # `python` on the node: this interpreter
@@ -354,13 +358,16 @@ def test_slurm_task_requeued_after_sigterm_continues_and_resubmitted_does_nothin
     assert "interrupted (SIGTERM)" in (stage1 / "stdout.txt").read_text()
     assert not checkpoints.read_checkpoint(str(stage1 / "checkpoint.pt"))["finished"] and not dpc.exists()
 
-    requeued = subprocess.run(["bash", str(job)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    exec_line = re.search(r'^exec (.*) --task "\$SLURM_ARRAY_TASK_ID"$', job.read_text(), re.M).group(1)
+    python, driver, *flags = shlex.split(exec_line)
+    assert python == "python" and driver == os.path.join(REPO, "tools", "reproduce.py")
+    requeued = run_script(tmp_path, driver, *flags, "--task", "0", runs_forked=True)
     assert requeued.returncode == 0, requeued.stderr
     assert said(requeued.stdout) == [f"resume: {stage1}", f"done: {stage1}", f"run: {dpc}", f"done: {dpc}"]
     assert "resuming after epoch" in (stage1 / "log.txt").read_text()
     kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (stage1 / "checkpoint.pt", dpc / "checkpoint.pt")}
 
-    resubmitted = subprocess.run(["bash", str(job)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    resubmitted = run_script(tmp_path, driver, *flags, "--task", "0", runs_forked=True)
     assert resubmitted.returncode == 0, resubmitted.stderr
     assert said(resubmitted.stdout) == [f"skip (finished): {stage1}", f"skip (finished): {dpc}"]
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept} == kept
@@ -372,10 +379,9 @@ def test_two_drivers_on_one_out_run_each_run_once(world, tmp_path):
     is done, then finds it finished: every run is trained by one process, once."""
     out = tmp_path / "runs"
     stage1, dpc = out / "synthetic" / "coop" / "seed1", out / "synthetic" / "coop_dpc" / "seed1"
-    first = start(tmp_path, "tools/reproduce.py", *driver_argv(world, out, epochs=8))
+    first = start(tmp_path, "tools/reproduce.py", *driver_argv(world, out, epochs=4), runs_forked=True)
     wait_for(stage1 / "log.txt", first)
-    second = subprocess.run(script("tools/reproduce.py", *driver_argv(world, out, epochs=8)), cwd=tmp_path, env=ENV,
-                            capture_output=True, text=True, timeout=300)
+    second = run_script(tmp_path, "tools/reproduce.py", *driver_argv(world, out, epochs=4), runs_forked=True)
     first_out, first_err = first.communicate(timeout=300)
     assert first.returncode == 0 and second.returncode == 0, (first_err, second.stderr)
     assert said(first_out) == [f"run: {stage1}", f"done: {stage1}", f"run: {dpc}", f"done: {dpc}"]
@@ -395,10 +401,10 @@ def test_a_driver_waits_for_a_run_its_killed_predecessor_left_training(world, tm
     until that run is done instead of starting a second writer, then goes on with the chain."""
     out = tmp_path / "runs"
     stage1, dpc = out / "synthetic" / "coop" / "seed1", out / "synthetic" / "coop_dpc" / "seed1"
-    first = start(tmp_path, "tools/reproduce.py", *driver_argv(world, out, epochs=12))
+    first = start(tmp_path, "tools/reproduce.py", *driver_argv(world, out, epochs=6), runs_forked=True)
     wait_for(stage1 / "log.txt", first)
     orphan = holder_pid(stage1)
-    second = start(tmp_path, "tools/reproduce.py", *driver_argv(world, out, epochs=12))
+    second = start(tmp_path, "tools/reproduce.py", *driver_argv(world, out, epochs=6), runs_forked=True)
     busy = second.stdout.readline() + second.stdout.readline()   # the plan line, then "busy: ..." (the first runs)
     assert f"busy: {stage1} (its chain is run by pid {first.pid} on " in busy, busy
     first.kill()                                                 # its chain lock goes with it; its run trains on
@@ -435,7 +441,7 @@ def every_learner(tmp_path_factory):
     """A run of each learner and a DPC run on each, started with relative paths (--root, --teacher,
     --backbone) as users type them; returns (cwd, [(module, argv)])."""
     cwd = tmp_path_factory.mktemp("every_learner")
-    # 4 train and 2 test images a class (the default: 20 and 10): enough for 2 shots; the flag check this
+    # 4 train and 2 test images a class (the default: 20 and 4): enough for 2 shots; the flag check this
     # is about does not read the data, and each of the 17 runs evaluates on a fifth of the images
     toy_world.make_synthetic_imagefolder(str(cwd / "data"), "synthetic", n_train=4, n_val=0, n_test=2)
     common = ["--data", "synthetic", "--root", "data", "--clip", "tiny", "--epochs", "1", "--shots", "2", "--workers",

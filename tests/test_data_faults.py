@@ -8,8 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -20,6 +18,7 @@ import backbones
 import clip_model
 import data
 import evaluate
+import forked
 import run_folder
 import scoring
 import toy_world
@@ -285,19 +284,29 @@ def test_a_fifo_where_clip_weights_are_read_is_one_error(tmp_path, monkeypatch, 
 @pytest.mark.slow
 def test_two_first_synthetic_runs_at_once_both_read_the_whole_tree(tmp_path):
     """Two processes: the second waits until <root>/synthetic appears and reads it at once, as a run
-    started a moment after the first one would. Both read the whole tree (10 classes x 34 images)."""
+    started a moment after the first one would. Both read the whole tree (10 classes x 28 images)."""
     root, ready = str(tmp_path / "data"), str(tmp_path / "ready")
-    read = f"s = data.load_splits('synthetic', {root!r}, 1, 1)['unsampled']; print(sum(map(len, s.values())))"
-    deadline = "deadline = time.time() + 60"
-    first = f"import data, os, time; {deadline}\nwhile not os.path.exists({ready!r}) and time.time() < deadline: " \
-            f"time.sleep(0.001)\n{read}"
-    second = f"import data, os, time; {deadline}; open({ready!r}, 'w').close()\nwhile not os.path.isdir(" \
-             f"{os.path.join(root, 'synthetic')!r}) and time.time() < deadline: time.sleep(0.001)\n{read}"
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for code in (first, second)]
+
+    def read():
+        print(sum(map(len, data.load_splits("synthetic", root, 1, 1)["unsampled"].values())))
+
+    def wait_for(exists, path):
+        deadline = time.time() + 60
+        while not exists(path) and time.time() < deadline:
+            time.sleep(0.001)
+
+    def first():
+        wait_for(os.path.exists, ready)
+        read()
+
+    def second():
+        open(ready, "w").close()
+        wait_for(os.path.isdir, os.path.join(root, "synthetic"))
+        read()
+    procs = [forked.start_call(target) for target in (first, second)]   # processes of their own
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err.strip().splitlines()[-1:] for _, err in outs]
-    assert [out.strip() for out, _ in outs] == ["340", "340"]
+    assert [out.strip() for out, _ in outs] == ["280", "280"]
 
 
 def test_synthetic_tree_is_never_visible_half_written(tmp_path, monkeypatch):

@@ -208,6 +208,8 @@ def test_sweeps_encode_once_per_distinct_visual_prompt(tmp_path, cache, monkeypa
     """CoOp: one image pass for the whole ω_n sweep (none, even: the training run left them cached);
     PromptSRC: one per distinct P̃_n, where ω_n = 0 twice gives P twice."""
     monkeypatch.chdir(tmp_path)
+    # 4 train and 2 test images a class (the default: 20 and 4): what is counted is passes, not images
+    toy_world.make_synthetic_imagefolder(str(tmp_path / "data"), "synthetic", n_train=4, n_val=0, n_test=2)
     common = ["--data", "synthetic", "--root", str(tmp_path / "data"), "--clip", "tiny", "--workers", "0",
               "--shots", "2", "--feature-cache", cache]
     for name in ("coop", "promptsrc"):

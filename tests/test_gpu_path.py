@@ -20,6 +20,7 @@ import precision
 import prompts
 import run_folder
 import scoring
+import toy_world
 import train_backbone as tb
 import train_dpc
 
@@ -151,6 +152,8 @@ def test_a_resumed_fp16_run_keeps_its_loss_scale(stage, tmp_path, monkeypatch):
     """fp16 autocast with loss scaling (as on a V100/T4), interrupted and resumed: the scaler's state is in the
     checkpoint and comes back, so the resumed run ends bit for bit as the straight one, scale included."""
     monkeypatch.chdir(tmp_path)
+    # 4 train and 2 test images a class (the default: 20 and 4): the scale is what is compared
+    toy_world.make_synthetic_imagefolder(str(tmp_path / "data"), "synthetic", n_train=4, n_val=0, n_test=2)
     monkeypatch.setattr(precision, "autocast", lambda device: torch.autocast("cpu", dtype=torch.float16))
     monkeypatch.setattr(precision, "grad_scaler", lambda device: torch.amp.GradScaler("cpu", init_scale=2.0 ** 8,
                                                                                    growth_interval=2))

@@ -27,7 +27,9 @@ def world(tmp_path_factory):
     """A run and a DPC run of each learner (CoOp also from random vectors, --ctx-init ''), and the prompt
     each stage-1 learner held when train_backbone.py built it (recorded by wrapping build_learner)."""
     cwd = tmp_path_factory.mktemp("interpret")
-    toy_world.make_synthetic_imagefolder(str(cwd / "data"), "synthetic")
+    # 4 train and 2 test images a class (the default: 20 and 4): enough for 2 shots; these tests read the
+    # prompts, not the accuracies
+    toy_world.make_synthetic_imagefolder(str(cwd / "data"), "synthetic", n_train=4, n_val=0, n_test=2)
     common = ["--data", "synthetic", "--root", "data", "--clip", "tiny", "--epochs", "2", "--shots", "2", "--workers",
               "0", "--feature-cache", "off", "--seed", "3"]
     built, real = [], prompts.build_learner

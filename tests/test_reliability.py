@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from PIL import Image
 
 import data
 import evaluate
+import forked
 import prompts
 import run_folder
 import toy_world
@@ -334,10 +333,6 @@ def test_not_enough_disk_space_is_refused_before_training(world, tmp_path, monke
     assert not (tmp_path / "full" / "checkpoint.pt").exists()
 
 
-def script(name, *argv):
-    return [sys.executable, os.path.join(REPO, name), *argv]
-
-
 def interrupted_flags(world):
     return common(world["root"]) + ["--learner", "coop", "--epochs", "3", "--print-every", "1", "--shots", "8"]
 
@@ -346,19 +341,17 @@ def interrupted_flags(world):
 def straight(world, tmp_path_factory):
     """The uninterrupted run the interrupted ones are compared with: the same command, run once."""
     cwd = tmp_path_factory.mktemp("straight")
-    subprocess.run(script("train_backbone.py", *interrupted_flags(world), "--output-dir", "straight"), cwd=cwd,
-                   env=dict(os.environ, PYTHONPATH=REPO), check=True, capture_output=True)
+    assert forked.run(cwd, "train_backbone.py", *interrupted_flags(world), "--output-dir", "straight").returncode == 0
     return cwd / "straight"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
 def test_interrupted_run_resumes_to_identical_results(world, straight, tmp_path, how):
-    """Kill a real run in the middle of epoch 2 (Ctrl-C, SIGTERM or kill -9), resume it, compare bit for bit."""
+    """Kill a run (a process of its own: tests/forked.py) in the middle of epoch 2 (Ctrl-C, SIGTERM or
+    kill -9), resume it, compare bit for bit."""
     flags = interrupted_flags(world)
-    env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.Popen(script("train_backbone.py", *flags, "--output-dir", "cut"), cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = forked.start(tmp_path, "train_backbone.py", *flags, "--output-dir", "cut")
     for line in proc.stdout:  # the progress lines: stop it after the first iteration of epoch 2
         if line.startswith("epoch 2/3 it 1/"):
             proc.send_signal(getattr(signal, how))
@@ -371,8 +364,8 @@ def test_interrupted_run_resumes_to_identical_results(world, straight, tmp_path,
         assert proc.returncode == -signal.SIGKILL
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and not ckpt["finished"]
-    subprocess.run(script("train_backbone.py", *flags, "--output-dir", "cut", "--resume"), cwd=tmp_path, env=env,
-                   check=True, capture_output=True)
+    resumed = forked.run(tmp_path, "train_backbone.py", *flags, "--output-dir", "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
     resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     uncut = torch.load(straight / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(uncut["state"][k], resumed["state"][k]) for k in uncut["state"])

@@ -1,10 +1,11 @@
 """tools/reproduce.py: the whole base-to-new protocol in one command (paper Tab. 1), CPU only.
 
-End to end in the toy world (a smaller copy of its benchmark: its 13 runs take about two minutes on 2 cores):
-coop and promptkd (with its teacher) on two seeds, with --dept (coop + DePT, Fig. 5; none for promptkd),
-interrupted with Ctrl-C while a teacher trains, then rerun in the multi-GPU mode; the second call must
-run exactly what the first left. The other tests plan on fake checkpoints (only their `finished` flag is
-read) and run no training.
+End to end in the toy world (a smaller copy of its benchmark): coop and promptkd (with its teacher) on one
+seed, with --dept (coop + DePT, Fig. 5; none for promptkd), interrupted with Ctrl-C while coop's DPC run
+trains, then rerun in the multi-GPU mode, where both chains have work: the second call must run exactly
+what the first left. The driver and the runs it starts are processes of their own, forked (tests/forked.py):
+test_cluster.py's Slurm task and test_user_inputs.py's closed stdout start the scripts as fresh `python`
+processes. The other tests plan on fake checkpoints (only their `finished` flag is read) and run no training.
 """
 import json
 import os
@@ -13,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -21,6 +23,7 @@ import torch
 import backbones
 import checkpoints
 import command_line
+import forked
 import toy_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,12 +34,16 @@ LINE = re.compile(r"^(skip \(finished\)|resume|run|done|failed): (\S+)")
 DEPT = ["--dept", "--dept-flags", "--epochs 1 --batch-size 8 --workers 0 --shots 4"]   # Fig. 5's + DePT runs
 
 
-def toy_argv(tmp, *more):
+def toy_argv(tmp, *more, seeds="1,2", teacher="--epochs 3 --workers 0 --shots 4 --print-every 1",
+             dpc="--epochs 1 --workers 0 --shots 4"):
     return ["--datasets", "toy", "--root", str(tmp / "data"), "--clip", "toy", "--teacher-clip", "toy",
-            "--seeds", "1,2", "--learners", "coop,promptkd", "--out", str(tmp / "runs"),
-            "--backbone-flags", "--epochs 1 --workers 0 --shots 4",
-            "--teacher-flags", "--epochs 3 --workers 0 --shots 4 --print-every 1",
-            "--dpc-flags", "--epochs 1 --workers 0 --shots 4", *more]
+            "--seeds", seeds, "--learners", "coop,promptkd", "--out", str(tmp / "runs"),
+            "--backbone-flags", "--epochs 1 --workers 0 --shots 4", "--teacher-flags", teacher, "--dpc-flags", dpc, *more]
+
+
+# The end-to-end call: one seed, the DPC runs 2 epochs long (coop's is stopped in its second), the teacher 1.
+END_TO_END = dict(seeds="1", teacher="--epochs 1 --workers 0 --shots 4",
+                  dpc="--epochs 2 --workers 0 --shots 4 --print-every 1")
 
 
 def actions(stdout: str) -> dict:
@@ -57,19 +64,18 @@ def snapshot(runs):
 def toy(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reproduce")
     toy_world.make_toy_dataset(str(tmp / "data"), n_train=16, n_val=0, n_test=4)   # the toy world, fewer images
-    cmd = [sys.executable, os.path.join(REPO, "tools", "reproduce.py")] + toy_argv(tmp, *DEPT)
+    argv = toy_argv(tmp, *DEPT, **END_TO_END)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")      # first call: one chain at a time
-    teacher = tmp / "runs" / "teachers" / "toy" / "seed1"
+    dpc = tmp / "runs" / "toy" / "coop_dpc" / "seed1"
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = forked.start(tmp, "tools/reproduce.py", *argv, env=env, new_session=True, runs_forked=True)
     first = []
     for line in proc.stdout:
         first.append(line)
-        if line.startswith(f"run: {teacher}"):
+        if line.startswith(f"run: {dpc}"):
             break
-    while "epoch 2/3 it 1/" not in ((teacher / "log.txt").read_text() if (teacher / "log.txt").exists() else ""):
-        assert proc.poll() is None and time.time() - t0 < 120, "the teacher never reached epoch 2"
+    while "epoch 2/2 it 1/" not in ((dpc / "log.txt").read_text() if (dpc / "log.txt").exists() else ""):
+        assert proc.poll() is None and time.time() - t0 < 120, "coop's DPC run never reached epoch 2"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C in a terminal: the tool and its run
     out, err = proc.communicate(timeout=60)
@@ -77,8 +83,8 @@ def toy(tmp_path_factory):
     before = {str(p.parent): checkpoints.read_checkpoint(str(p))["finished"] for p in (tmp / "runs").rglob("checkpoint.pt")}
     kept = snapshot(tmp / "runs")
     env["CUDA_VISIBLE_DEVICES"] = "0,1"         # second call: two chains at a time, one per "GPU"
-    second = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
-    return dict(tmp=tmp, first=first, first_rc=proc.returncode, first_err=err, before=before, kept=kept,
+    second = forked.run(tmp, "tools/reproduce.py", *argv, env=env, timeout=300, runs_forked=True)
+    return dict(tmp=tmp, argv=argv, first=first, first_rc=proc.returncode, first_err=err, before=before, kept=kept,
                 second=second, seconds=time.time() - t0)
 
 
@@ -87,24 +93,25 @@ def test_interrupted_then_rerun_runs_only_what_is_missing(toy):
     runs = toy["tmp"] / "runs"
     assert toy["first_rc"] == 130 and toy["first_err"].strip().splitlines()[-1].startswith("interrupted (SIGINT):")
     first = actions(toy["first"])
-    order = [str(runs / "toy" / "coop" / "seed1"), str(runs / "toy" / "coop_dpc" / "seed1"),
-             str(runs / "toy" / "coop_dept" / "seed1"), str(runs / "teachers" / "toy" / "seed1")]
-    assert list(first) == order and first[order[0]] == first[order[1]] == first[order[2]] == ["run", "done"]
-    assert first[order[3]] == ["run"]                                  # stopped during its epoch 2
-    assert toy["before"] == {order[0]: True, order[1]: True, order[2]: True, order[3]: False}
+    coop, coop_dpc = str(runs / "toy" / "coop" / "seed1"), str(runs / "toy" / "coop_dpc" / "seed1")
+    assert list(first) == [coop, coop_dpc] and first[coop] == ["run", "done"]
+    assert first[coop_dpc] == ["run"]                                  # stopped during its epoch 2
+    assert toy["before"] == {coop: True, coop_dpc: False}
 
     assert toy["second"].returncode == 0, toy["second"].stderr
     second = actions(toy["second"].stdout)
-    every = {str(runs / d / f"seed{s}") for s in (1, 2) for d in ("toy/coop", "toy/coop_dpc", "toy/coop_dept",
-                                                                  "toy/promptkd", "toy/promptkd_dpc", "teachers/toy")}
+    every = {str(runs / d / "seed1") for d in ("toy/coop", "toy/coop_dpc", "toy/coop_dept", "toy/promptkd",
+                                               "toy/promptkd_dpc", "teachers/toy")}
     assert set(second) == every
     expected = {True: ["skip (finished)"], False: ["resume", "done"], None: ["run", "done"]}
     for run_dir, said in second.items():   # finished: skipped; interrupted: resumed; never started: run
         assert said == expected[toy["before"].get(run_dir)], (run_dir, toy["second"].stdout)
-    assert re.search(r"\[GPU [01]\]", toy["second"].stdout)           # the chains went to the two devices
+    # both chains had work, and each ran on a "GPU" of its own
+    assert set(re.findall(r"\[GPU ([01])\]", toy["second"].stdout)) == {"0", "1"}, toy["second"].stdout
     after = snapshot(runs)
     assert all(after[p] == kept for p, kept in toy["kept"].items() if toy["before"][os.path.dirname(p)])
-    assert checkpoints.read_checkpoint(os.path.join(order[3], "checkpoint.pt"))["epoch"] == 3
+    assert checkpoints.read_checkpoint(os.path.join(coop_dpc, "checkpoint.pt"))["epoch"] == 2
+    assert "resuming after epoch 1" in open(os.path.join(coop_dpc, "log.txt")).read()
     assert not (runs / "toy" / "promptkd_dept").exists()              # DePT is not defined for PromptKD
     table = (runs / "evaluation" / "table.md").read_text()
     assert "CoOp" in table and "PromptKD" in table and "+ DPC" in table and "+ DePT" in table and "Teacher" not in table
@@ -115,7 +122,7 @@ def test_interrupted_then_rerun_runs_only_what_is_missing(toy):
 
 
 def test_dry_run_after_everything_finished_is_empty(toy, capsys):
-    command_line.run_cli(reproduce.main, reproduce.get_args, toy_argv(toy["tmp"], "--dry-run", *DEPT))
+    command_line.run_cli(reproduce.main, reproduce.get_args, toy["argv"] + ["--dry-run"])
     assert capsys.readouterr().out.strip() == ""
 
 
@@ -256,9 +263,12 @@ def test_bad_input_is_one_line(tmp_path, capsys, flags, message):
 def test_status_lines_of_concurrent_chains_never_run_together():
     """Chains on several GPUs report from threads; print() writes a line and its newline apart, which
     glued lines together on a pipe (seen: a lost "resume:" line). say() writes each line whole."""
-    code = ("import sys, threading; sys.path.insert(0, sys.argv[1]); from reproduce import say\n"
-            "ts = [threading.Thread(target=lambda t=t: [say(f'{t}: x') for _ in range(20000)]) for t in 'ab']\n"
-            "[t.start() for t in ts]; [t.join() for t in ts]\n")
-    out = subprocess.run([sys.executable, "-c", code, os.path.join(REPO, "tools")], capture_output=True, text=True,
-                         check=True).stdout.splitlines()
+    def chains():
+        ts = [threading.Thread(target=lambda t=t: [reproduce.say(f"{t}: x") for _ in range(20000)]) for t in "ab"]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+    proc = forked.start_call(chains)   # a process of its own: its stdout is a pipe
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    out = out.splitlines()
     assert len(out) == 40000 and set(out) == {"a: x", "b: x"}

@@ -11,9 +11,9 @@ epochs (Tab. 5) and the backbone tuned for another 20 (Tab. 3 row 1, TS). Assert
     its base accuracy above it; tuning longer (TS; and 20 epochs against 5) lowers new further;
   - + DPC's new-class accuracy equals the backbone's within 0.5 points (ω_n = 1e-6, Eq. 13), its
     base accuracy is not below the backbone's, and its H is the best of zero-shot, CoOp and TS.
-Reported, not asserted (printed into the test log; docs/toy_world.md has the measured values):
-CoOp at 10 epochs, an ω_b sweep of the trained run (evaluation only, Fig. 6a) and K = 2/4
-retrained at b·K = 32 next to K = 8 (Tab. 4).
+Reported, not asserted (printed into the test log): an ω_b sweep of the trained run (evaluation only,
+Fig. 6a). docs/toy_world.md has the measured values of that and of what the test does not run (CoOp at
+10 epochs, K = 2/4, other seeds), with the commands that give them.
 """
 import contextlib
 import json
@@ -118,8 +118,8 @@ def test_toy_clip_pretraining_repeats_bit_for_bit(tmp_path):
 
 @pytest.fixture(scope="module")
 def toy_runs(tmp_path_factory):
-    """README's main job in a temporary folder; CoOp for 5 and 10 epochs (Tab. 5) and the backbone
-    tuned for another 20 (Tab. 3 row 1, TS); then the K = 2/4 ablation runs (Tab. 4, b·K = 32)."""
+    """README's main job in a temporary folder; CoOp for 5 epochs (Tab. 5) and the backbone tuned for
+    another 20 (Tab. 3 row 1, TS)."""
     base = tmp_path_factory.mktemp("toy")
     with contextlib.chdir(base):
         root = ["--root", str(base / "data"), "--workers", "0", "--print-every", "1000"]
@@ -127,25 +127,20 @@ def toy_runs(tmp_path_factory):
         tb.main(tb.get_args(coop))
         backbone = base / "output" / "toy" / "coop" / "seed1"
         longer = {}   # outside output/toy, so that the table keeps its three rows
-        for epochs in (5, 10):
-            longer[epochs] = base / f"coop{epochs}"
-            tb.main(tb.get_args(coop + ["--epochs", str(epochs), "--output-dir", str(longer[epochs])]))
+        longer[5] = base / "coop5"
+        tb.main(tb.get_args(coop + ["--epochs", "5", "--output-dir", str(longer[5])]))
         longer["ts"] = base / "coop_ts"
         tb.main(tb.get_args(coop + ["--continue-from", str(backbone), "--output-dir", str(longer["ts"])]))
-        runs = {}
-        for k, b in ((8, 4), (4, 8), (2, 16)):
-            out = base / "output" / "toy" / "coop_dpc" / "seed1" if k == 8 else base / f"k{k}"
-            train_dpc.main(train_dpc.get_args(["--backbone", str(backbone), "--topk", str(k), "--batch-size", str(b),
-                                               "--output-dir", str(out), "--workers", "0", "--print-every", "1000"]))
-            runs[k] = out
+        dpc = base / "output" / "toy" / "coop_dpc" / "seed1"
+        train_dpc.main(train_dpc.get_args(["--backbone", str(backbone), "--output-dir", str(dpc), "--workers", "0",
+                                           "--print-every", "1000"]))
         table = evaluate.main(evaluate.get_args([str(base / "output" / "toy"), "--zero-shot", "--workers", "0", "--out",
                                                  str(base / "evaluation")]))
-        sweep = evaluate.main(evaluate.get_args([str(runs[8]), "--sweep", "omega_b", "--values", "0.1,0.2,0.5,1.0",
+        sweep = evaluate.main(evaluate.get_args([str(dpc), "--sweep", "omega_b", "--values", "0.1,0.2,0.5,1.0",
                                                  "--base-inference", "mixed", "--out", str(base / "sweep")]))
-        interpreted = evaluate.main(evaluate.get_args([str(runs[8]), "--interpret", "--out", str(base / "interpret")]))
-        results = {k: json.loads((d / "results.json").read_text()) for k, d in runs.items()}
+        interpreted = evaluate.main(evaluate.get_args([str(dpc), "--interpret", "--out", str(base / "interpret")]))
         longer = {k: json.loads((d / "results.json").read_text()) for k, d in longer.items()}
-        yield dict(table=table, sweep=sweep, k=results, longer=longer, interpreted=interpreted)
+        yield dict(table=table, sweep=sweep, longer=longer, interpreted=interpreted)
 
 
 def row(table, kind):
@@ -157,17 +152,15 @@ def row(table, kind):
 def test_dpc_claims_on_the_toy_world(toy_runs, capsys):
     zero_shot, backbone, dpc = (row(toy_runs["table"], k) for k in ("zeroshot", "backbone", "dpc"))
     longer = toy_runs["longer"]
-    named = (("Zero-shot CLIP", zero_shot), ("CoOp, 5 epochs", longer[5]), ("CoOp, 10 epochs", longer[10]),
+    named = (("Zero-shot CLIP", zero_shot), ("CoOp, 5 epochs", longer[5]),
              ("CoOp (backbone, 20)", backbone), ("CoOp + 20 epochs (TS)", longer["ts"]), ("+ DPC", dpc))
     lines = [f"{name:24s} base {r['base']:6.2f}  new {r['new']:6.2f}  H {r['hm']:6.2f}" for name, r in named]
     lines.append(f"Base-New Trade-off: CoOp new {backbone['new'] - zero_shot['new']:+.2f} vs zero-shot, base "
-                 f"{backbone['base'] - zero_shot['base']:+.2f}; new at 5 / 10 / 20 / 20 + 20 epochs: " + " / ".join(
-                     f"{r['new']:.2f}" for r in (longer[5], longer[10], backbone, longer["ts"])))
+                 f"{backbone['base'] - zero_shot['base']:+.2f}; new at 5 / 20 / 20 + 20 epochs: " + " / ".join(
+                     f"{r['new']:.2f}" for r in (longer[5], backbone, longer["ts"])))
     (sweep,) = toy_runs["sweep"]["runs"]
     lines.append("ω_b sweep (base, mixed inference, P' trained at ω_b = 0.2): " + "  ".join(
         f"{v:g}: {x:.2f}" for v, x in zip(toy_runs["sweep"]["values"], sweep["accuracies"])))
-    lines.append("K (b·K = 32): " + "  ".join(f"K={k}: base {r['base']:.2f} new {r['new']:.2f} H {r['hm']:.2f}"
-                                              for k, r in sorted(toy_runs["k"].items())))
     with capsys.disabled():
         print("\n[toy world claim check]\n  " + "\n  ".join(lines))
     # The problem DPC addresses (paper Fig. 1, Tab. 3 row 1, Tab. 5): tuning on the base classes

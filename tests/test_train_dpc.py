@@ -261,19 +261,29 @@ def test_an_inference_omega_b_never_changes_the_trained_parallel_prompt(name):
 
 
 def small_synthetic(root):
-    """The synthetic set with 4 train and 2 test images a class (not 20 and 10): enough for 2 shots, and a
-    run's evaluation, which these tests do not look at, costs a fifth. Its classes are the default's."""
+    """The synthetic set with 4 train and 2 test images a class (not 20 and 4): enough for 2 shots, and a
+    run's evaluation, which these tests do not look at, costs half. Its classes are the default's."""
     if not os.path.isdir(os.path.join(root, "synthetic")):
         toy_world.make_synthetic_imagefolder(str(root), "synthetic", n_train=4, n_val=0, n_test=2)
 
 
-def train_backbone_b(name, tmp_path, shots):
-    """A 1-epoch backbone of `name` in ./b on synthetic data (PromptKD: with a 1-epoch promptsrc teacher)."""
-    common = ["--data", "synthetic", "--root", str(tmp_path / "data"), "--clip", "tiny", "--workers", "0",
-              "--shots", str(shots)]
+def synthetic_flags(tmp_path, shots):
+    return ["--data", "synthetic", "--root", str(tmp_path / "data"), "--clip", "tiny", "--workers", "0", "--shots", str(shots)]
+
+
+def train_teacher(tmp_path, shots):
+    """PromptKD's teacher: a 1-epoch promptsrc run in ./teacher."""
+    tb.main(tb.get_args(["--learner", "promptsrc", "--epochs", "1", "--batch-size", "8", "--output-dir", "teacher"]
+                        + synthetic_flags(tmp_path, shots)))
+
+
+def train_backbone_b(name, tmp_path, shots, teacher=True):
+    """A 1-epoch backbone of `name` in ./b on synthetic data (PromptKD: with its teacher, trained first unless
+    teacher is False: then ./teacher holds it already)."""
+    common = synthetic_flags(tmp_path, shots)
     if name == "promptkd":
-        tb.main(tb.get_args(["--learner", "promptsrc", "--epochs", "1", "--batch-size", "8", "--output-dir", "teacher"]
-                            + common))
+        if teacher:
+            train_teacher(tmp_path, shots)
         common += ["--teacher", "teacher"]
     tb.main(tb.get_args(["--learner", name, "--epochs", "1", "--batch-size", "8", "--output-dir", "b"] + common))
 
@@ -314,12 +324,14 @@ def test_both_stages_train_under_autocast(name, dtype, tmp_path, monkeypatch):
     """bf16 autocast as on an A100/H100, and fp16 with loss scaling as on a V100/T4: stage 1 and DPC both
     step through the scaler (DPC had none) and end with finite prompts."""
     monkeypatch.chdir(tmp_path)
+    small_synthetic(tmp_path / "data")
+    if name == "promptkd":   # its teacher is a PromptSRC run, trained in fp32: PromptSRC's own case covers it
+        train_teacher(tmp_path, shots=2)
     monkeypatch.setattr(precision, "autocast", lambda device: torch.autocast("cpu", dtype=dtype))
     CountingScaler.calls = 0
     if dtype == torch.float16:
         monkeypatch.setattr(precision, "grad_scaler", lambda device: CountingScaler("cpu", init_scale=2.0 ** 8))
-    small_synthetic(tmp_path / "data")
-    train_backbone_b(name, tmp_path, shots=2)
+    train_backbone_b(name, tmp_path, shots=2, teacher=False)
     stage1_calls = CountingScaler.calls
     res = train_dpc.main(train_dpc.get_args(["--backbone", "b", "--epochs", "1", "--workers", "0", "--shots", "2",
                                              "--output-dir", "d"]))

@@ -125,6 +125,8 @@ def piped(cmd, cwd):
 
 @pytest.mark.slow
 def test_a_closed_stdout_costs_the_view_not_the_record(run, tmp_path):
+    """`| head -1` on each stage, each a fresh `python` (the interpreter's own exit on a closed pipe is the
+    point): the run finishes and keeps its record."""
     rc, err = piped([sys.executable, os.path.join(REPO, "evaluate.py"), str(run / "runs"), "--workers", "0",
                      "--out", str(tmp_path / "ev")], tmp_path)
     assert rc == 0 and "Traceback" not in err and "Broken pipe" not in err, err
@@ -136,6 +138,12 @@ def test_a_closed_stdout_costs_the_view_not_the_record(run, tmp_path):
     assert checkpoints.read_checkpoint(str(tmp_path / "train" / "checkpoint.pt"))["finished"]
     log = (tmp_path / "train" / "log.txt").read_text()
     assert "epoch 3/3" in log and "* accuracy:" in log
+    rc, err = piped([sys.executable, os.path.join(REPO, "train_dpc.py"), "--backbone", str(tmp_path / "train"),
+                     "--epochs", "2", "--shots", "2", "--print-every", "1", "--workers", "0", "--output-dir",
+                     str(tmp_path / "dpc")], tmp_path)
+    assert rc == 0 and "Traceback" not in err, err
+    assert checkpoints.read_checkpoint(str(tmp_path / "dpc" / "checkpoint.pt"))["finished"]
+    assert "epoch 2/2" in (tmp_path / "dpc" / "log.txt").read_text()
 
 
 # -- 3. a missing optional package ------------------------------------------------------------------------
