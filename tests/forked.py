@@ -146,19 +146,31 @@ def _session(pid: int):
         return pid
 
 
-def start_call(target, cwd=".", env=None, new_session=False) -> Forked:
-    """`target()` in a forked child, as a process of its own; its stdout/stderr are text pipes."""
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
+def _fork(target, cwd: str, env, new_session: bool, out_fd: int, err_fd: int) -> int:
+    """Fork a child that runs `target()` with out_fd and err_fd as its stdout and stderr (_child); the parent
+    lets go of its copies of the two fds and gets the child's pid."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        os.close(out_r)
-        os.close(err_r)
-        _child(target, str(cwd), env, new_session, out_w, err_w)
-    os.close(out_w)
-    os.close(err_w)
+        _child(target, cwd, env, new_session, out_fd, err_fd)
+    os.close(out_fd)
+    os.close(err_fd)
+    return pid
+
+
+def _run_script(path: str, argv) -> None:
+    """What `python PATH ARGV...` runs: the file as `__main__`, its own folder first on sys.path."""
+    sys.argv = [path, *map(str, argv)]
+    sys.path.insert(0, os.path.dirname(path))
+    runpy.run_path(path, run_name="__main__")
+
+
+def start_call(target, cwd=".", env=None, new_session=False) -> Forked:
+    """`target()` in a forked child, as a process of its own; its stdout/stderr are text pipes."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = _fork(target, str(cwd), env, new_session, out_w, err_w)   # the child closes the read ends (close_fds)
     while new_session and _session(pid) != pid:   # as Popen(start_new_session=True): its group exists on return
         time.sleep(0.001)
     return Forked(pid, open(out_r, encoding="utf-8", errors="backslashreplace"),
@@ -168,14 +180,10 @@ def start_call(target, cwd=".", env=None, new_session=False) -> Forked:
 def start(cwd, name, *argv, env=None, new_session=False, runs_forked=False) -> Forked:
     """`python REPO/name argv...` started in `cwd`, in a fork: the script runs as `__main__`. runs_forked (for
     tools/reproduce.py): the `python SCRIPT ...` runs the driver starts are forks of it too (popen_forked)."""
-    path = os.path.join(REPO, name)
-
     def main():
         if runs_forked:
             subprocess.Popen = popen_forked   # in the child only
-        sys.argv = [path, *map(str, argv)]
-        sys.path.insert(0, os.path.dirname(path))
-        runpy.run_path(path, run_name="__main__")
+        _run_script(os.path.join(REPO, name), argv)
     return start_call(main, cwd, env, new_session)
 
 
@@ -187,21 +195,9 @@ def popen_forked(cmd, stdout=None, stderr=None, env=None):
     assert cmd[0] == sys.executable and script.endswith(".py"), cmd
     out = os.dup(stdout.fileno() if stdout is not None else 1)
     err = os.dup(out if stderr == subprocess.STDOUT else 2)
-    if hasattr(stdout, "flush"):
+    if stdout is not None:
         stdout.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-
-    def main():
-        sys.argv = [script, *argv]
-        sys.path.insert(0, os.path.dirname(script))
-        runpy.run_path(script, run_name="__main__")
-    pid = os.fork()
-    if pid == 0:
-        _child(main, os.getcwd(), env, False, out, err)
-    os.close(out)
-    os.close(err)
-    return Forked(pid, None, None)
+    return Forked(_fork(lambda: _run_script(script, argv), os.getcwd(), env, False, out, err), None, None)
 
 
 def run(cwd, name, *argv, env=None, timeout=300, runs_forked=False) -> subprocess.CompletedProcess:
