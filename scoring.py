@@ -37,7 +37,7 @@ def tensors_digest(tensors: dict) -> str:
     for name, t in sorted(tensors.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(-1).view(torch.uint8).numpy() if t.numel() else b"")    # the bytes, read in place
     return h.hexdigest()
 
 

@@ -1,8 +1,10 @@
 """CLIP parity, tokenizer ids, loader errors and the prompt hooks of clip_model.py."""
+import copy
 import os
 
 import pytest
 import torch
+from torch import nn
 
 import clip_model
 from clip_model import CLIP, CLIPLoadError, architecture, build_model, random_clip, tokenize
@@ -133,7 +135,7 @@ def test_random_vit_b16_encodes_on_cpu():
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_each_tiny_clip_is_a_fresh_initialisation_of_its_own(seed, monkeypatch):
-    """random_clip('tiny') deep-copies a model built once per seed: built or copied, it equals a fresh
+    """random_clip('tiny') copies a model built once per seed: built or copied, it equals a fresh
     initialisation bit for bit, is a model of its own, and leaves torch's RNG where initialising leaves it."""
     monkeypatch.setattr(clip_model, "_TINY", {})   # the first call builds, the later ones copy
     torch.manual_seed(seed)
@@ -155,6 +157,53 @@ def test_each_tiny_clip_is_a_fresh_initialisation_of_its_own(seed, monkeypatch):
         models[1].positional_embedding.add_(1.0)
     assert torch.equal(models[0].positional_embedding, models[2].positional_embedding)   # no model is shared
     assert not torch.equal(models[0].positional_embedding, models[1].positional_embedding)
+
+
+def test_module_copy_is_deepcopy_and_shares_nothing_it_could_change():
+    """module_copy against copy.deepcopy on a CLIP that holds hooks, a buffer, a tensor attribute and a
+    trainable parameter: the same modules, attributes and values; then every change to the copy (in-place
+    writes to every tensor, a new hook, train mode, a new parameter, buffer or module) leaves the original
+    as it was."""
+    original = random_clip("tiny", 1)
+    original.visual.register_buffer("mean", torch.randn(3))
+    original.ln_final.extra = torch.ones(2)
+    original.visual.proj.requires_grad_(True)
+    original.ln_final.register_forward_hook(lambda module, args, out: None)
+    original.transformer.train()
+    reference, copied = copy.deepcopy(original), clip_model.module_copy(original)
+    for (name, a), (_, b) in zip(reference.named_modules(), copied.named_modules(), strict=True):
+        assert type(a) is type(b) and vars(a).keys() == vars(b).keys() and a.training == b.training, name
+        for key, value in vars(a).items():
+            other = vars(b)[key]
+            if isinstance(value, dict):
+                assert value.keys() == other.keys() and type(value) is type(other), (name, key)
+            elif isinstance(value, torch.Tensor):
+                assert torch.equal(value, other), (name, key)
+            else:
+                assert value == other, (name, key)
+    for (name, a), (_, b) in zip(reference.state_dict(keep_vars=True).items(),
+                                 copied.state_dict(keep_vars=True).items(), strict=True):
+        assert torch.equal(a, b) and type(a) is type(b) and a.requires_grad == b.requires_grad, name
+    before = copy.deepcopy(original)
+    tensors = [t for m in copied.modules() for t in [*m._parameters.values(), *m._buffers.values(),
+                                                      *(v for v in vars(m).values() if isinstance(v, torch.Tensor))]]
+    with torch.no_grad():
+        for t in tensors:
+            if t is not None:
+                t.add_(1.0)
+    copied.ln_final.register_forward_hook(lambda module, args, out: None)
+    copied.visual.register_forward_pre_hook(lambda module, args: None)
+    copied.train()
+    copied.ln_final.register_parameter("p", nn.Parameter(torch.ones(1)))
+    copied.visual.register_buffer("b", torch.ones(1))
+    copied.transformer.resblocks.add_module("extra", nn.Identity())
+    assert len(original.ln_final._forward_hooks) == 1 and not original.visual._forward_pre_hooks
+    assert [m.training for m in original.modules()] == [m.training for m in before.modules()]
+    assert "p" not in original.ln_final._parameters and "b" not in original.visual._buffers
+    assert len(original.transformer.resblocks) == len(before.transformer.resblocks)
+    assert torch.equal(original.ln_final.extra, before.ln_final.extra)
+    for (name, a), (_, b) in zip(original.state_dict().items(), before.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
 
 
 # -- prompt hooks ---------------------------------------------------------------------------------
@@ -202,7 +251,7 @@ def test_visual_prompts_shallow_and_deep(tiny):
         # shallow prompt still matters through block 0
         assert not torch.allclose(tiny.encode_image(x, shallow + 1.0, deep), prompted)
     with pytest.raises(AssertionError):
-        tiny.encode_image(x, shallow, [torch.randn(4, 128) for _ in range(12)])
+        tiny.encode_image(x, shallow, [torch.randn(4, 128) for _ in range(tiny.visual.transformer.layers)])
 
 
 def test_gradients_reach_prompts_not_clip(tiny):

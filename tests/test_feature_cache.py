@@ -1,6 +1,7 @@
 """The image-feature cache of evaluation (scoring.image_features): an optimisation only. A
 result with the cache equals the result without it bitwise; anything that could change the features
 (an image file, the CLIP weights, the transform, the learner's visual prompts) misses it."""
+import hashlib
 import os
 import shutil
 
@@ -92,6 +93,23 @@ def test_a_changed_image_misses(items, cache, tmp_path, monkeypatch):
     assert counter.calls == 1
     assert torch.equal(after[0], scoring.encode_images(learner, mine, "cpu", 0, 100)[0])
     assert not torch.equal(after[0][3], before[0][3]) and torch.equal(after[0][:3], before[0][:3])
+
+
+def test_the_weights_digest_is_sha256_of_names_dtypes_shapes_and_bytes():
+    """Run folders and cache keys hold digests: tensors_digest must keep its definition, for every dtype and
+    layout a state dict can hold (a transposed view is digested as its contiguous copy)."""
+    torch.manual_seed(0)
+    tensors = {"w": torch.randn(3, 4), "half": torch.randn(5).half(), "bf16": torch.randn(2, 3).bfloat16(),
+               "ids": torch.arange(7), "mask": torch.rand(4) > 0.5, "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 3), "t": torch.randn(4, 3).t(), "u8": torch.randint(0, 255, (6,), dtype=torch.uint8)}
+    expected = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        expected.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        raw = t.view(-1).view(torch.uint8).tolist() if t.numel() else []
+        expected.update(bytes(raw))
+    assert scoring.tensors_digest(tensors) == expected.hexdigest()
+    assert scoring.tensors_digest(dict(tensors, w=tensors["w"] + 1e-6)) != expected.hexdigest()
 
 
 @pytest.mark.slow

@@ -245,6 +245,30 @@ def test_fig6_draws_a_curve_per_learner_and_dataset_from_the_seed_means():
     assert numbers["figure"] == "Fig. 6a" and numbers["metric"] == "base-class accuracy (%)"
 
 
+def test_the_pdf_is_drawn_with_the_pngs_layout(tmp_path, monkeypatch):
+    """write_figure runs constrained layout once, for the PNG; the PDF's page is the figure's size and its
+    axes stand where the PNG's do."""
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+    runs = []
+    real = ConstrainedLayoutEngine.execute
+    monkeypatch.setattr(ConstrainedLayoutEngine, "execute", lambda self, fig: runs.append(1) or real(self, fig))
+    fig = figures.new_figure((4.0, 3.0))
+    for ax in fig.subplots(2, 2).flat:
+        ax.plot([0, 1], [0, 1])
+        ax.set_ylabel("a long label\non two lines")
+    positions = []
+    real_savefig = fig.savefig
+    monkeypatch.setattr(fig, "savefig", lambda *a, **k: real_savefig(*a, **k) or
+                        positions.append([ax.get_position().bounds for ax in fig.axes]))
+    figures.write_figure(fig, {}, str(tmp_path / "f"))
+    assert len(runs) == 1 and len(positions) == 2 and positions[0] == positions[1]
+    assert positions[0] != [ax.get_subplotspec().get_position(fig).bounds for ax in fig.axes]   # laid out
+    with open(tmp_path / "f.pdf", "rb") as f:
+        assert b"/MediaBox [ 0 0 288 216 ]" in f.read()                                        # 4 x 3 in
+    with Image.open(tmp_path / "f.png") as image:
+        assert image.size == (4 * figures.FIGURE_DPI, 3 * figures.FIGURE_DPI)
+
+
 def test_omega_axis_puts_zero_on_a_linear_stretch_only_when_drawn():
     assert figures.omega_axis("omega_n", [0.0, 1e-6, 0.01]) == dict(scale="symlog", linthresh=1e-6, linscale=0.5)
     assert figures.omega_axis("omega_n", [1e-6, 0.01, 1.0]) == dict(scale="log")

@@ -241,11 +241,11 @@ def test_maple_deep_prompts_enter_blocks_1_to_depth_minus_1(clip, images, depth)
     assert sum(p.numel() for p in prompts.trainable_parameters(maple).values()) == \
         2 * 128 + (128 * 128 + 128) + (depth - 1) * (2 * 128 + 128 * 128 + 128)
     text = block_inputs(clip.transformer, lambda: maple.encode_text(CLASSES))
-    assert_injected(text, list(maple.compound_prompts_text), slice(1, 3), 12)
+    assert_injected(text, list(maple.compound_prompts_text), slice(1, 3), clip.transformer.layers)
     vision = block_inputs(clip.visual.transformer, lambda: maple.encode_image(images))
     with torch.no_grad():
         coupled = [f(p) for f, p in zip(maple.compound_prompt_projections, maple.compound_prompts_text)]
-    assert_injected(vision, coupled, slice(-2, None), 12)
+    assert_injected(vision, coupled, slice(-2, None), clip.visual.transformer.layers)
     with torch.no_grad():  # block 0 sees ctx (+ positions) in text and ln_pre(proj(ctx)) in vision
         assert torch.allclose(text[0][:, 1:3], (maple.ctx + clip.positional_embedding[1:3]).expand(len(CLASSES), -1, -1))
         assert vision[0].shape[1] == 16 + 1 + 2                                 # CLS + 4x4 patches + 2 prompts
@@ -258,10 +258,10 @@ def test_promptsrc_deep_prompts_enter_blocks_1_to_depth_minus_1(clip, images, de
     assert len(src.text_deep) == len(src.visual_deep) == depth - 1
     assert sum(p.numel() for p in prompts.trainable_parameters(src).values()) == 2 * depth * 4 * 128
     text = block_inputs(clip.transformer, lambda: src.encode_text(CLASSES))
-    assert_injected(text, list(src.text_deep), slice(1, 5), 12)
+    assert_injected(text, list(src.text_deep), slice(1, 5), clip.transformer.layers)
     vision = block_inputs(clip.visual.transformer, lambda: src.encode_image(images))
     assert vision[0].shape[1] == 16 + 1 + 4                                     # appended after the patches
-    assert_injected(vision, list(src.visual_deep), slice(-4, None), 12)
+    assert_injected(vision, list(src.visual_deep), slice(-4, None), clip.visual.transformer.layers)
     with torch.no_grad():  # block 0: ctx + positions in text; ln_pre(visual_prompt), no positions, in vision
         assert torch.allclose(text[0][:, 1:5], (src.ctx + clip.positional_embedding[1:5]).expand(len(CLASSES), -1, -1))
         assert torch.allclose(vision[0][:, -4:], clip.visual.ln_pre(src.visual_prompt).expand(B, -1, -1), atol=1e-5)

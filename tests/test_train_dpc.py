@@ -219,6 +219,9 @@ OMEGAS = [1e-6, 1e-4, 1e-3, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0] + \
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(prompts.LEARNERS))
 def test_an_untrained_dpc_model_is_the_backbone_bitwise_at_every_omega_b(name):
+    """At P' = P every prompt Eq. (5), (13) and inference build is P bit for bit, at each of 64 ω_b and ω_n.
+    The logits are a function of those tensors alone (a deterministic forward on CPU): they are compared
+    with the backbone's at the first 12 pairs (the named ω_b), since at the 52 others they read P too."""
     learner = make_learner(name)
     torch.manual_seed(4)
     with torch.no_grad():   # a tuned P with generic values, not its initialisation
@@ -228,7 +231,7 @@ def test_an_untrained_dpc_model_is_the_backbone_bitwise_at_every_omega_b(name):
     parallel = train_dpc.initial_parallel_prompt(tuned)
     images = torch.randn(3, 3, 32, 32)
     backbone = logits(learner, images, {})
-    for omega_b, omega_n in zip(OMEGAS, reversed(OMEGAS)):
+    for i, (omega_b, omega_n) in enumerate(zip(OMEGAS, reversed(OMEGAS))):
         for mode in ("parallel", "mixed"):
             prompt = base_class_prompt(parallel, tuned, omega_b, mode)
             assert all(torch.equal(prompt[k], tuned[k]) for k in tuned), (omega_b, mode)
@@ -238,8 +241,9 @@ def test_an_untrained_dpc_model_is_the_backbone_bitwise_at_every_omega_b(name):
         for mode in ("parallel", "mixed"):
             pair = train_dpc.inference_prompts(parallel, tuned, omega_b, omega_n, mode)
             assert all(torch.equal(p[k], tuned[k]) for p in pair for k in tuned), (omega_b, omega_n)
-        assert torch.equal(logits(learner, images, base_class_prompt(parallel, tuned, omega_b, "mixed")), backbone)
-        assert torch.equal(logits(learner, images, new), backbone)
+        if i < 12:
+            assert torch.equal(logits(learner, images, base_class_prompt(parallel, tuned, omega_b, "mixed")), backbone)
+            assert torch.equal(logits(learner, images, new), backbone)
 
 
 @pytest.mark.parametrize("name", list(prompts.LEARNERS))
